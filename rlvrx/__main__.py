@@ -1,0 +1,3 @@
+from rlvrx.cli import main
+
+main()

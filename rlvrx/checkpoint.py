@@ -1,0 +1,517 @@
+"""Hugging Face checkpoint directories: lazy per-tensor reads and an atomic, streaming sharded writer.
+
+Reads go through `safetensors.safe_open`, one tensor (or one block of rows) at a time, so no caller
+ever holds a whole model. The writer plans every shard's header up front from the tensors' shapes and
+dtypes, then streams each tensor's bytes straight to its offset: peak memory is one tensor, and the
+files are written into `OUT.tmp-*` and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rlvrx.errors import CheckpointError, UsageError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files copied next to the weights when a checkpoint is derived from another one.
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_BY_STR = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'bfloat16', 'bf16', 'BF16', 'float32'... -> torch dtype."""
+    key = name.strip()
+    if key.upper() in DTYPES:
+        return DTYPES[key.upper()]
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64"}
+    key = aliases.get(key.lower(), key.lower())
+    if key not in DTYPE_BY_STR:
+        raise UsageError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_BY_STR)}")
+    return DTYPE_BY_STR[key]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    path = Path(path)
+    return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory (single-file or sharded safetensors), read lazily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such checkpoint directory")
+        if self.path.is_file():
+            raise CheckpointError(f"{self.path}: is a file; pass the checkpoint directory that holds it")
+        self._file_of = self._map_files()
+        self._handles: dict[Path, object] = {}
+        self._infos: dict[str, TensorInfo] | None = None
+
+    def _map_files(self) -> dict[str, Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            files = {name: self.path / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(files.values())):
+                if not shard.is_file():
+                    raise CheckpointError(f"{index} names shard {shard.name}, which is missing from {self.path}")
+            return files
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            with self._open(single) as f:
+                return {name: single for name in f.keys()}
+        if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
+            raise CheckpointError(
+                f"{self.path}: holds only .bin/.pt weights; rlvrx reads safetensors "
+                "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
+            )
+        if (self.path / "actor").is_dir():
+            raise CheckpointError(
+                f"{self.path}: a verl checkpoint without HF weights; run `rlvrx snapshot convert {self.path}`"
+            )
+        raise CheckpointError(f"{self.path}: not a checkpoint directory (no {SINGLE_NAME} or {INDEX_NAME})")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _open(file: Path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                yield f
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+
+    def _handle(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except SafetensorError as exc:
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+            self._handles[file] = handle
+        return handle
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self._file_of.values()))
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Name -> shape/dtype for every tensor, read from the headers only."""
+        if self._infos is None:
+            infos = {}
+            for file in self.files:
+                handle = self._handle(file)
+                for name in handle.keys():
+                    if self._file_of.get(name) != file:
+                        continue
+                    sl = handle.get_slice(name)
+                    dtype = DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                    infos[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, file)
+            missing = [n for n in self._file_of if n not in infos]
+            if missing:
+                raise CheckpointError(f"{self.path}: the index lists {missing[0]} but its shard does not hold it")
+            self._infos = {name: infos[name] for name in self._file_of}
+        return self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        infos = self.infos()
+        if name not in infos:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        return infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        try:
+            return self._handle(file).get_tensor(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({exc})") from None
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor's first dimension (the whole tensor for scalars)."""
+        file = self._file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        sl = self._handle(file).get_slice(name)
+        if len(sl.get_shape()) == 0:
+            return self.get(name)
+        return sl[start:stop]
+
+    def iter_row_blocks(self, name: str, max_elements: int) -> Iterator[tuple[int, int]]:
+        """(start, stop) row ranges covering the tensor, each holding at most ~max_elements values."""
+        shape = self.info(name).shape
+        if not shape:
+            yield (0, 1)
+            return
+        row = max(1, math.prod(shape[1:]))
+        rows = max(1, max_elements // row)
+        for start in range(0, shape[0], rows):
+            yield (start, min(shape[0], start + rows))
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {info.dtype for info in self.infos().values()}
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """sha256 over the weight files (and index) of a checkpoint, in name order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def compare_structure(a: Checkpoint, b: Checkpoint) -> str | None:
+    """None when both hold the same tensor names, shapes and dtypes, else a line naming the first difference."""
+    ia, ib = a.infos(), b.infos()
+    for name in ia:
+        if name not in ib:
+            return f"tensor {name} is in {a.path} but not in {b.path}"
+    for name in ib:
+        if name not in ia:
+            return f"tensor {name} is in {b.path} but not in {a.path}"
+    for name, info in ia.items():
+        other = ib[name]
+        if info.shape != other.shape:
+            return f"tensor {name} has shape {list(info.shape)} in {a.path} but {list(other.shape)} in {b.path}"
+        if info.dtype != other.dtype:
+            return f"tensor {name} has dtype {DTYPE_NAMES[info.dtype]} in {a.path} but {DTYPE_NAMES[other.dtype]} in {b.path}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic directories
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success rename it to `out`, on failure remove it.
+
+    With overwrite, an existing `out` is replaced only after the new one is complete.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file via a temporary sibling, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def copy_aux_files(source: Path, dest: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files from `source` into `dest`."""
+    copied = []
+    for name in AUX_FILES:
+        src = Path(source) / name
+        if src.is_file():
+            shutil.copyfile(src, Path(dest) / name)
+            copied.append(name)
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming sharded writer
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list[int]]:
+    """Group spec indices into shards of at most max_shard_bytes (a tensor larger than that gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(specs):
+        nbytes = math.prod(shape) * _element_size(dtype)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+class _ShardFile:
+    """One safetensors file whose header is written first, then tensors land at their offsets."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]):
+        self.path = path
+        header: dict[str, object] = {"__metadata__": metadata}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, shape, dtype in specs:
+            nbytes = math.prod(shape) * _element_size(dtype)
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.offsets[name] = (offset, nbytes)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.total = self.data_start + offset
+        self.file = open(path, "wb")
+        self.file.write(len(raw).to_bytes(8, "little"))
+        self.file.write(raw)
+        self.file.truncate(self.total)
+        self.pending = set(self.offsets)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, nbytes = self.offsets[name]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != nbytes:
+            raise CheckpointError(f"tensor {name}: {data.nbytes} bytes written where {nbytes} were planned")
+        self.file.seek(self.data_start + offset)
+        self.file.write(memoryview(data))
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+class ShardedWriter:
+    """Write a checkpoint whose tensor names, shapes and dtypes are known up front, one tensor at a time.
+
+    Use through `write_checkpoint`, or as a context manager inside an `atomic_dir`.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        specs: Iterable[tuple[str, Iterable[int], torch.dtype]],
+        max_shard_bytes: int = 4 << 30,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.specs = [(name, tuple(int(s) for s in shape), dtype) for name, shape, dtype in specs]
+        names = [s[0] for s in self.specs]
+        if len(set(names)) != len(names):
+            raise CheckpointError("duplicate tensor names in the writer's plan")
+        self.shards = plan_shards(self.specs, max_shard_bytes)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        n = len(self.shards)
+        self.shard_names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shard_of: dict[str, int] = {}
+        for k, idxs in enumerate(self.shards):
+            for i in idxs:
+                self._shard_of[self.specs[i][0]] = k
+        self._spec = {name: (shape, dtype) for name, shape, dtype in self.specs}
+        self._open: dict[int, _ShardFile] = {}
+        self._done: set[int] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._spec:
+            raise CheckpointError(f"tensor {name} is not in the writer's plan")
+        shape, dtype = self._spec[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(
+                f"tensor {name}: got shape {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}"
+            )
+        k = self._shard_of[name]
+        if k in self._done:
+            raise CheckpointError(f"tensor {name} written twice")
+        shard = self._open.get(k)
+        if shard is None:
+            specs = [self.specs[i] for i in self.shards[k]]
+            shard = self._open[k] = _ShardFile(self.directory / self.shard_names[k], specs, self.metadata)
+        shard.write(name, tensor)
+        if not shard.pending:
+            shard.close()
+            del self._open[k]
+            self._done.add(k)
+
+    def finish(self) -> None:
+        """Check every planned tensor was written; write the index for sharded output."""
+        missing = [name for name, _, _ in self.specs if self._shard_of[name] not in self._done]
+        if missing:
+            raise CheckpointError(f"tensor {missing[0]} was planned but never written ({len(missing)} missing)")
+        if len(self.shards) > 1:
+            total = sum(math.prod(shape) * _element_size(dtype) for _, shape, dtype in self.specs)
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {name: self.shard_names[self._shard_of[name]] for name, _, _ in self.specs},
+            }
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for shard in self._open.values():
+            shard.file.close()
+        self._open.clear()
+
+
+def write_checkpoint(
+    out: str | os.PathLike,
+    specs: Iterable[tuple[str, Iterable[int], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 4 << 30,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Atomically write a checkpoint dir: stream `tensors` into planned shards, copy aux files from source_dir.
+
+    `tensors` is consumed lazily, so a generator that computes one tensor at a time keeps memory at one
+    tensor. `extra_files` maps file names to text written beside the weights (e.g. provenance JSON).
+    """
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+        try:
+            for name, tensor in tensors:
+                writer.write(name, tensor)
+            writer.finish()
+        finally:
+            writer.abort()
+        if source_dir is not None:
+            copy_aux_files(Path(source_dir), tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out
+
+
+def save_state_dict(
+    out: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    source_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 4 << 30,
+    overwrite: bool = False,
+) -> Path:
+    """Atomically save an in-memory state dict as an HF checkpoint dir (tied tensors are saved once each)."""
+    specs = [(name, tuple(t.shape), t.dtype) for name, t in state_dict.items()]
+    return write_checkpoint(out, specs, state_dict.items(), source_dir, max_shard_bytes, overwrite)

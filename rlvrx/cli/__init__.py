@@ -1,0 +1,67 @@
+"""The `rlvrx` command: one Typer app, one module per command group, thin over the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from rlvrx import __version__
+from rlvrx.cli import common
+from rlvrx.errors import RlvrxError
+
+app = typer.Typer(
+    name="rlvrx",
+    help="Linear dynamics of RLVR training, made usable: train with GRPO and keep the checkpoint trajectory, "
+    "measure how linearly weights and log-probs move, extrapolate future models, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"rlvrx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    common.DEBUG = debug or bool(os.environ.get("RLVRX_DEBUG"))
+
+
+def _register() -> None:
+    from rlvrx.cli import model, recipe, snapshot
+
+    app.add_typer(recipe.app, name="recipe", help="Show, validate and list YAML recipes.")
+    app.add_typer(snapshot.app, name="snapshot", help="Register, list and verify a run's checkpoint trajectory.")
+    app.add_typer(model.app, name="model", help="Build local models (a tiny Qwen2-style model for tests and quickstarts).")
+
+
+_register()
+
+
+def main() -> None:
+    common.quiet_libraries()
+    try:
+        app()
+    except RlvrxError as exc:
+        if common.DEBUG:
+            raise
+        common.fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        common.fail("interrupted", 130)
+    except (MemoryError, OSError) as exc:
+        if common.DEBUG:
+            raise
+        common.fail(f"{type(exc).__name__}: {exc}", 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared CLI plumbing: consoles, one-line errors, JSON summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich.console import Console
+
+DEBUG = False
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and info logs; rlvrx draws its own."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_json(path: str | os.PathLike | None, data: Any) -> None:
+    """Write a machine-readable summary atomically (no-op when path is None)."""
+    if path is None:
+        return
+    from rlvrx.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")

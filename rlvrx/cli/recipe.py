@@ -1,0 +1,46 @@
+"""`rlvrx recipe show|validate|list`."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from rlvrx.cli.common import console, err_console
+from rlvrx.config import RecipeError, find_recipe, load_recipe, recipe_description, recipe_to_yaml, recipes_dirs
+
+app = typer.Typer(no_args_is_help=True)
+
+RECIPE_ARG = typer.Argument(..., help="A recipe YAML file, or the name of a shipped recipe (see `rlvrx recipe list`).")
+OVERRIDES_ARG = typer.Argument(None, help="Overrides as dotted KEY=VALUE, e.g. grpo.lr=1e-5 task.digits=3.", show_default=False)
+
+
+@app.command()
+def show(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+    """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""
+    resolved = load_recipe(recipe, overrides or [])
+    console.print(recipe_to_yaml(resolved), end="", highlight=False, markup=False)
+
+
+@app.command()
+def validate(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+    """Check a recipe: exit 0 when valid, else print every error (with its dotted key) and exit 2."""
+    try:
+        load_recipe(recipe, overrides or [])
+    except RecipeError as exc:
+        err_console.print(f"[bold red]{exc.source}[/]: {len(exc.errors)} error(s)", highlight=False)
+        for line in exc.errors:
+            err_console.print(f"  - {line}", highlight=False, markup=False)
+        raise typer.Exit(2)
+    console.print(f"[green]ok[/] {find_recipe(recipe)}", highlight=False)
+
+
+@app.command("list")
+def list_() -> None:
+    """List the recipes shipped in recipes/ with their one-line description."""
+    table = Table("recipe", "description", "path")
+    for directory in recipes_dirs():
+        for path in sorted(directory.glob("*.y*ml")):
+            table.add_row(path.stem, recipe_description(path), str(path))
+    console.print(table)

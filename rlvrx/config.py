@@ -1,0 +1,277 @@
+"""Recipes: YAML validated into typed config before any work starts.
+
+All errors are reported at once, each naming its dotted key path; unknown keys get a "did you mean"
+suggestion. `a.b.c=value` overrides are applied to the raw YAML before validation, so they are typed
+by the schema like everything else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlvrx.errors import UsageError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Strict):
+    """A Qwen2-style model with random init and a character tokenizer, built locally."""
+
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=8)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    intermediate: int = Field(256, ge=8)
+    max_position: int = Field(128, ge=16)
+    tie_embeddings: bool = True
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    path: Optional[str] = None
+    tiny: Optional[TinyModelConfig] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of model.path (an HF checkpoint dir) or model.tiny (a local tiny model)")
+        return self
+
+
+class TaskConfig(Strict):
+    name: str = "arithmetic"
+    # arithmetic
+    digits: int = Field(2, ge=1, le=6)
+    operators: list[Literal["+", "-", "*"]] = ["+"]
+    n_train: int = Field(2000, ge=0)
+    n_test: int = Field(200, ge=0)
+    seed: int = 0
+    # math and benchmark tasks
+    data: Optional[str] = None
+    data_dir: Optional[str] = None
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    id_key: str = "id"
+    limit: Optional[int] = Field(None, ge=1)
+
+
+class SFTConfig(Strict):
+    enabled: bool = True
+    steps: int = Field(200, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class GRPOConfig(Strict):
+    """Names follow TRL's GRPOConfig and the GRPO/DAPO papers."""
+
+    num_generations: int = Field(8, ge=2)
+    batch_size: int = Field(16, ge=1, description="prompts per step; the step sees batch_size * num_generations samples")
+    mini_batch_size: Optional[int] = Field(None, ge=1, description="prompts per optimizer step; default: the whole batch")
+    ppo_epochs: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: Optional[float] = Field(None, gt=0, description="DAPO clip-higher; default: epsilon")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference model (low-variance k3 estimator)")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    max_new_tokens: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    steps: int = Field(100, ge=0)
+    save_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="greedy test accuracy every N steps (0: at start and end only)")
+    eval_examples: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class RLExtraConfig(Strict):
+    m: int = Field(10, ge=1, description="RL steps per cycle")
+    n: int = Field(10, ge=1, description="steps jumped ahead after each cycle")
+    iterations: int = Field(5, ge=1)
+    anchor: Literal["cycle_start", "window"] = "cycle_start"
+    fit: Literal["two_point", "lstsq"] = "two_point"
+    optimizer_state: Literal["keep", "reset", "rescale"] = "keep"
+    norms: Literal["copy", "extrapolate"] = "copy"
+
+
+class OutputConfig(Strict):
+    dir: str = "runs/default"
+
+
+class Recipe(Strict):
+    description: str = ""
+    backend: Literal["native", "verl"] = "native"
+    model: ModelConfig
+    task: TaskConfig = TaskConfig()
+    sft: SFTConfig = SFTConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rl_extra: Optional[RLExtraConfig] = None
+    output: OutputConfig = OutputConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. grpo.lr=1e-5")
+        try:
+            parsed.append((key.split("."), yaml.safe_load(value) if value.strip() else None))
+        except yaml.YAMLError:
+            parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UsageError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by following `loc` field names from `model`."""
+    for part in loc:
+        if not isinstance(part, str):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def format_errors(exc: ValidationError, schema: type[BaseModel] = Recipe) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(schema, loc[:-1])
+            known = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(str(p) for p in loc[:-1]) + '.' if loc[:-1] else ''}{close[0]}?" if close else ""
+            known_hint = f" (known keys: {', '.join(known)})" if known and not close else ""
+            lines.append(f"{key}: unknown key{hint}{known_hint}")
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            lines.append(f"{key}: {msg}{shown}")
+    return lines
+
+
+class RecipeError(UsageError):
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s) in recipe: " + "; ".join(errors))
+
+
+def recipes_dirs() -> list[Path]:
+    """Where shipped recipes are looked up: $RLVRX_RECIPES, ./recipes, and the source checkout's recipes/."""
+    dirs = []
+    if os.environ.get("RLVRX_RECIPES"):
+        dirs.append(Path(os.environ["RLVRX_RECIPES"]))
+    dirs.append(Path.cwd() / "recipes")
+    dirs.append(Path(__file__).resolve().parents[1] / "recipes")
+    seen, out = set(), []
+    for d in dirs:
+        key = d.resolve() if d.exists() else d
+        if key not in seen and d.is_dir():
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def find_recipe(name: str | os.PathLike) -> Path:
+    """A recipe path, or the name of a shipped recipe (`quickstart` -> recipes/quickstart.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.suffix == "" and path.parent == Path("."):
+        for directory in recipes_dirs():
+            for candidate in (directory / f"{name}.yaml", directory / f"{name}.yml"):
+                if candidate.is_file():
+                    return candidate
+    known = [p.stem for d in recipes_dirs() for p in d.glob("*.y*ml")]
+    close = difflib.get_close_matches(path.stem, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else (f"; shipped recipes: {', '.join(sorted(known))}" if known else "")
+    raise UsageError(f"{name}: no such recipe file{hint}")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a recipe must be a YAML mapping of sections (model, task, grpo, ...)")
+    return raw
+
+
+def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None, schema: type[BaseModel] = Recipe):
+    """Load, override and validate a recipe; raise RecipeError listing every problem."""
+    path = find_recipe(source)
+    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    return validate_recipe(raw, str(path), schema)
+
+
+def validate_recipe(raw: dict, source: str = "recipe", schema: type[BaseModel] = Recipe):
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(source, format_errors(exc, schema)) from None
+
+
+def recipe_to_yaml(recipe: BaseModel) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+def recipe_description(path: Path) -> str:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return "(invalid YAML)"
+    return str(raw.get("description", "")).strip().splitlines()[0] if isinstance(raw, dict) and raw.get("description") else ""

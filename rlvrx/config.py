@@ -58,6 +58,7 @@ class TaskConfig(Strict):
     seed: int = 0
     # math and benchmark tasks
     data: Optional[str] = None
+    test_data: Optional[str] = None
     data_dir: Optional[str] = None
     problem_key: str = "problem"
     answer_key: str = "answer"
@@ -115,6 +116,32 @@ class OutputConfig(Strict):
     dir: str = "runs/default"
 
 
+class VerlConfig(Strict):
+    """backend: verl (Ray + FSDP2 + vLLM rollouts). The grpo/task/model sections map onto verl's
+    Hydra config (rlvrx.backends.verl.overrides); these are the cluster, rollout and checkpoint
+    settings, and `overrides` are raw Hydra overrides for verl.trainer.main_ppo, applied last."""
+
+    python: Optional[str] = Field(None, description="interpreter that has verl installed; default: the one running rlvrx")
+    nnodes: int = Field(1, ge=1)
+    n_gpus_per_node: int = Field(8, ge=1)
+    rollout: Literal["vllm", "sglang"] = "vllm"
+    rollout_tp: int = Field(1, ge=1, description="tensor-parallel size of each rollout engine")
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    max_prompt_length: int = Field(1024, ge=1)
+    ppo_max_token_len_per_gpu: int = Field(32768, ge=1, description="dynamic batch size: tokens per GPU per micro-batch")
+    micro_batch_size_per_gpu: Optional[int] = Field(None, ge=1, description="fixed micro-batches instead of dynamic batch size")
+    param_offload: bool = False
+    optimizer_offload: bool = False
+    save_contents: list[Literal["model", "optimizer", "extra", "hf_model"]] = ["model", "optimizer", "extra", "hf_model"]
+    max_ckpt_to_keep: Optional[int] = Field(None, ge=1)
+    checkpoint_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of HF weights converted from FSDP shards")
+    rl_extra_mode: Literal["in_process", "restart"] = Field("in_process", description="RL-Extra: jumps inside one Ray job, or the restart loop")
+    project_name: str = "rlvrx"
+    logger: list[str] = ["console"]
+    data_dir: Optional[str] = Field(None, description="where the verl parquet files go; default: RUN/verl_data")
+    overrides: list[str] = []
+
+
 class Recipe(Strict):
     description: str = ""
     backend: Literal["native", "verl"] = "native"
@@ -124,6 +151,7 @@ class Recipe(Strict):
     grpo: GRPOConfig = GRPOConfig()
     rl_extra: Optional[RLExtraConfig] = None
     output: OutputConfig = OutputConfig()
+    verl: VerlConfig = VerlConfig()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,18 +172,54 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     return parsed
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for path, value in parse_overrides(overrides):
+def apply_overrides(raw: dict, overrides: list[str], schema: type[BaseModel] | None = None) -> dict:
+    """Set each dotted KEY=VALUE in `raw`. Values are YAML-typed, except that a scalar aimed at a string
+    field of `schema` keeps its text (model.path=001 stays '001', description=yes stays 'yes')."""
+    for item in overrides:
+        ((path, value),) = parse_overrides([item])
+        if schema is not None and not isinstance(value, (str, list, dict, type(None))) and _is_str_field(schema, path):
+            value = item.partition("=")[2].strip()
         node = raw
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, dict) or (schema is not None and _is_value_field(schema, path[: i + 1])):
                 raise UsageError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
             node = child
         node[path[-1]] = value
     return raw
+
+
+def _is_value_field(schema: type[BaseModel], path: list[str]) -> bool:
+    """True when `path` names a schema field that holds a value rather than a section."""
+    parent = _model_at(schema, tuple(path[:-1]))
+    return parent is not None and path[-1] in parent.model_fields and _model_at(schema, tuple(path)) is None
+
+
+def _is_str_field(schema: type[BaseModel], path: list[str]) -> bool:
+    parent = _model_at(schema, tuple(path[:-1]))
+    field = parent.model_fields.get(path[-1]) if parent else None
+    if field is None:
+        return False
+    annotation = field.annotation
+    return annotation is str or (str in getattr(annotation, "__args__", ()) and getattr(annotation, "__origin__", None) is not list)
+
+
+# Names used elsewhere (TRL, verl, papers) for keys rlvrx spells differently.
+KEY_ALIASES = {"learning_rate": "lr", "kl_coef": "beta", "kl_coeff": "beta", "clip_ratio": "epsilon", "group_size": "num_generations"}
+
+
+def suggest_key(name: str, known: list[str]) -> str | None:
+    """The known key a mistyped one most likely meant: an alias, a close spelling, or shared words (lr_rate -> lr)."""
+    if KEY_ALIASES.get(name) in known:
+        return KEY_ALIASES[name]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    words = set(name.lower().replace("-", "_").split("_")) - {""}
+    sharing = [k for k in known if words and (set(k.split("_")) <= words or words <= set(k.split("_")))]
+    return max(sharing, key=lambda k: difflib.SequenceMatcher(None, name, k).ratio()) if sharing else None
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -183,7 +247,7 @@ def format_errors(exc: ValidationError, schema: type[BaseModel] = Recipe) -> lis
         if err["type"] == "extra_forbidden":
             parent = _model_at(schema, loc[:-1])
             known = list(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            close = [c for c in [suggest_key(str(loc[-1]), known)] if c]
             hint = f"; did you mean {'.'.join(str(p) for p in loc[:-1]) + '.' if loc[:-1] else ''}{close[0]}?" if close else ""
             known_hint = f" (known keys: {', '.join(known)})" if known and not close else ""
             lines.append(f"{key}: unknown key{hint}{known_hint}")
@@ -243,6 +307,9 @@ def read_yaml(path: Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start and mark and start.line != mark.line:  # e.g. an unclosed bracket: say where it opened
+            problem += f" ({context} at line {start.line + 1})"
         raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
     if raw is None:
         return {}
@@ -254,7 +321,7 @@ def read_yaml(path: Path) -> dict:
 def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None, schema: type[BaseModel] = Recipe):
     """Load, override and validate a recipe; raise RecipeError listing every problem."""
     path = find_recipe(source)
-    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    raw = apply_overrides(read_yaml(path), list(overrides or []), schema)
     return validate_recipe(raw, str(path), schema)
 
 
@@ -266,7 +333,7 @@ def validate_recipe(raw: dict, source: str = "recipe", schema: type[BaseModel] =
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=float("inf"))
 
 
 def recipe_description(path: Path) -> str:
@@ -274,4 +341,5 @@ def recipe_description(path: Path) -> str:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return "(invalid YAML)"
-    return str(raw.get("description", "")).strip().splitlines()[0] if isinstance(raw, dict) and raw.get("description") else ""
+    text = str(raw.get("description") or "").strip() if isinstance(raw, dict) else ""
+    return text.splitlines()[0] if text else ""

@@ -37,11 +37,19 @@ def _root(
 
 
 def _register() -> None:
-    from rlvrx.cli import model, recipe, snapshot
+    from rlvrx.cli import model, recipe, rl_extra, snapshot, train
 
     app.add_typer(recipe.app, name="recipe", help="Show, validate and list YAML recipes.")
     app.add_typer(snapshot.app, name="snapshot", help="Register, list and verify a run's checkpoint trajectory.")
+    app.command("train")(train.train)
+    app.command("rl-extra")(rl_extra.rl_extra)
     app.add_typer(model.app, name="model", help="Build local models (a tiny Qwen2-style model for tests and quickstarts).")
+    from rlvrx.cli import extrapolate
+
+    app.add_typer(extrapolate.app, name="extrapolate", help="Predict future models from earlier checkpoints: extrapolate weights or logits.")
+    from rlvrx.cli import linearity
+
+    app.add_typer(linearity.app, name="linearity", help="Measure how linearly weights and token log-probs move with the training step.")
 
 
 _register()

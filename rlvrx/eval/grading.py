@@ -1,0 +1,463 @@
+"""Grade (completion, gold, kind) items, in-process or in a pool of worker processes.
+
+Kinds name a grader `(completion, gold) -> (correct, extracted, answer_key)`:
+  - "arithmetic": the leading integer of the completion (rlvrx.tasks.arithmetic); cheap, no sympy.
+  - "math": math-verify, gold parsed first (rlvrx.tasks.math); GSM8K's plain-number golds too.
+  - "package.module:function": any importable function with that signature (it may also return
+    just a bool, or (bool, extracted)).
+  - "_hang", "_crash", "_probe": test-only kinds for the pool (stall forever with SIGALRM blocked /
+    exit the worker / report which heavy modules the worker has imported). Never grade_one "_hang".
+
+Why worker processes: math-verify's own timeouts use SIGALRM, which works in the main thread only,
+and an alarm can be lost or never acted on: with math-verify's 5 s timeout, the input of
+math-verify issue #65 (`\\dfrac{5^{(5^{(5^{(5^5)})} - 4)} - 5}{16}`) ran past 25 s here, and C code
+that never checks for signals cannot be interrupted at all. Each worker is a plain `python -c`
+subprocess (not multiprocessing: spawn would re-import the caller's `__main__`, which may import
+torch) that imports only this module and the graders it needs. The parent sends one item at a time
+over a pipe; if no answer comes within `timeout` seconds it kills the worker, starts a new one,
+marks the item wrong with status "timeout" and carries on. Inside the worker our own SIGALRM at
+0.8 * timeout (math-verify's are switched off) stops graders stuck in Python code without the cost
+of a restart; it stops the issue #65 input too. A pool is not thread-safe: one caller at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+from rlvrx.errors import RlvrxError, UsageError
+
+__all__ = [
+    "GradeItem",
+    "GradeResult",
+    "GradingPool",
+    "grade_one",
+    "grade_many",
+    "default_workers",
+    "BUILTIN_KINDS",
+    "DEFAULT_TIMEOUT",
+]
+
+DEFAULT_TIMEOUT = 10.0
+SOFT_TIMEOUT_FRACTION = 0.8
+STARTUP_TIMEOUT = 120.0
+BUILTIN_KINDS = ("arithmetic", "math")
+_TEST_KINDS = ("_hang", "_crash", "_probe")
+_HEAVY_MODULES = ("torch", "transformers", "numpy", "sympy", "math_verify")
+
+
+class GradeItem(NamedTuple):
+    completion: str
+    gold: str
+    kind: str = "math"
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """correct: the verdict; extracted: the answer found in the completion (None if none);
+    answer_key: a normalised form of it for majority voting (equal keys = the same answer);
+    status: "ok" | "timeout" | "error"; error: what went wrong, for status != "ok"."""
+
+    correct: bool
+    extracted: str | None = None
+    answer_key: str | None = None
+    status: str = "ok"
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_workers() -> int:
+    """min(4, usable CPUs)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+# ----------------------------------------------------------------------------------------------
+# Graders (shared by the in-process path and the workers)
+
+
+def _grader(kind: str) -> Callable:
+    if kind == "arithmetic":
+        from rlvrx.tasks.arithmetic import grade_arithmetic
+
+        return grade_arithmetic
+    if kind == "math":
+        from rlvrx.tasks.math import grade_math
+
+        return grade_math
+    if kind in _TEST_KINDS:
+        return _TEST_GRADERS[kind]
+    if ":" in kind:
+        import importlib
+
+        module_name, _, attr = kind.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UsageError(f"grading kind {kind!r}: cannot import module {module_name!r} ({e})") from e
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise UsageError(f"grading kind {kind!r}: {module_name} has no function {attr!r}")
+        return fn
+    raise UsageError(f"unknown grading kind {kind!r}; use one of {', '.join(BUILTIN_KINDS)} or 'package.module:function'")
+
+
+def _check_kind(kind: str) -> None:
+    if kind in BUILTIN_KINDS or kind in _TEST_KINDS:
+        return
+    module_name, sep, attr = kind.partition(":")
+    if not (sep and module_name and attr):
+        raise UsageError(f"unknown grading kind {kind!r}; use one of {', '.join(BUILTIN_KINDS)} or 'package.module:function'")
+
+
+def _normalise(value) -> tuple[bool, str | None, str | None]:
+    if isinstance(value, tuple):
+        correct = bool(value[0])
+        extracted = None if len(value) < 2 or value[1] is None else str(value[1])
+        key = str(value[2]) if len(value) > 2 and value[2] is not None else extracted
+        return correct, extracted, key
+    return bool(value), None, None
+
+
+def _hang(completion: str, gold: str):
+    """Stall like C code that never checks for signals: the soft alarm cannot stop it, only a kill."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    while True:
+        time.sleep(3600)
+
+
+def _crash(completion: str, gold: str):
+    os._exit(3)
+
+
+def _probe(completion: str, gold: str):
+    loaded = ",".join(m for m in _HEAVY_MODULES if m in sys.modules)
+    return True, loaded, loaded
+
+
+_TEST_GRADERS = {"_hang": _hang, "_crash": _crash, "_probe": _probe}
+
+
+class _SoftTimeout(BaseException):
+    """Raised by SIGALRM inside a grader; a BaseException so graders' `except Exception` let it pass."""
+
+
+def _on_alarm(signum, frame):
+    raise _SoftTimeout()
+
+
+def _grade_guarded(grader: Callable, completion: str, gold: str, soft_timeout: float | None) -> GradeResult:
+    """Run one grader, with a SIGALRM soft timeout when called in the main thread."""
+    use_alarm = bool(soft_timeout) and threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    previous = None
+    if use_alarm:
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, soft_timeout)
+    try:
+        correct, extracted, key = _normalise(grader(completion, gold))
+        return GradeResult(correct, extracted, key)
+    except _SoftTimeout:
+        return GradeResult(False, status="timeout", error=f"grading stopped after {soft_timeout:g}s")
+    except RlvrxError as e:
+        return GradeResult(False, status="error", error=str(e))
+    except Exception as e:  # a grader bug or a pathological input: wrong, and say why
+        return GradeResult(False, status="error", error=f"{type(e).__name__}: {e}"[:500])
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def grade_one(completion: str, gold: str, kind: str = "math", timeout: float | None = DEFAULT_TIMEOUT) -> GradeResult:
+    """Grade one item in this process. `timeout` is enforced with SIGALRM in the main thread only and
+    cannot stop a grader stuck in C code: use `GradingPool` for untrusted model output at scale."""
+    _check_kind(kind)
+    return _grade_guarded(_grader(kind), completion, str(gold), timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side: `python -c "from rlvrx.eval.grading import _worker_main; _worker_main()" SOFT`
+# Protocol, one JSON object per line. Parent -> worker: {"load": [kinds]} or {"c", "g", "k"}.
+# Worker -> parent: {"ready": true} / {"ready": false, "error"} or a GradeResult dict.
+
+
+def _worker_main() -> None:
+    soft_timeout = float(sys.argv[1]) if len(sys.argv) > 1 else None
+    # Our replies go to a private copy of stdout; anything a library prints lands on stderr.
+    reply = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it closes us.
+    _die_with_parent()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    graders: dict[str, Callable] = {}
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "load" in message:
+            try:
+                for kind in message["load"]:
+                    graders[kind] = _grader(kind)
+                    if kind == "math":  # warm up the LaTeX parser so the first item is not slow
+                        _grade_guarded(graders[kind], "\\boxed{1}", "1", None)
+                answer = {"ready": True}
+            except BaseException as e:
+                answer = {"ready": False, "error": f"{type(e).__name__}: {e}"}
+        else:
+            kind = message["k"]
+            grader = graders.get(kind)
+            if grader is None:
+                try:
+                    grader = graders[kind] = _grader(kind)
+                except Exception as e:
+                    answer = GradeResult(False, status="error", error=str(e)).to_dict()
+                    reply.write(json.dumps(answer) + "\n")
+                    reply.flush()
+                    continue
+            answer = _grade_guarded(grader, message["c"], message["g"], soft_timeout).to_dict()
+        reply.write(json.dumps(answer) + "\n")
+        reply.flush()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, so a worker stuck in C code is never orphaned."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:
+        pass
+    if os.getppid() == 1:  # the parent is already gone
+        os._exit(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side
+
+
+class _Worker:
+    def __init__(self, kinds: list[str], soft_timeout: float):
+        env = dict(os.environ)
+        # The worker must import what we import: rlvrx itself and any dotted grader module.
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from rlvrx.eval.grading import _worker_main; _worker_main()", f"{soft_timeout:.3f}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+        )
+        self.fd = self.proc.stdout.fileno()
+        self.buffer = bytearray()
+        self.kinds = set(kinds)
+        self.state = "starting"  # starting -> idle <-> busy; "stale" after an interrupted batch
+        self.loads_pending = 0
+        self.index: int | None = None
+        self.deadline = 0.0
+        self.load(self.kinds)
+
+    def load(self, kinds) -> None:
+        self.kinds |= set(kinds)
+        self.state = "starting"
+        self.loads_pending += 1
+        self.deadline = time.monotonic() + STARTUP_TIMEOUT
+        self.send({"load": sorted(self.kinds)})
+
+    def send(self, message: dict) -> bool:
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode("utf-8"))
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def read_lines(self) -> list[dict] | None:
+        """The complete lines now available; None at end of file (the worker died)."""
+        chunk = os.read(self.fd, 1 << 16)
+        if not chunk:
+            return None
+        self.buffer.extend(chunk)
+        lines = []
+        while (end := self.buffer.find(b"\n")) >= 0:
+            lines.append(json.loads(self.buffer[:end]))
+            del self.buffer[: end + 1]
+        return lines
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def close(self, grace: float = 2.0) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.kill()
+
+
+class GradingPool:
+    """A pool of grading worker processes with a hard per-item timeout. Workers start lazily (only as
+    many as there are items), stay up between calls, and stop on `close()` / leaving a `with` block.
+
+    >>> with GradingPool(workers=2, timeout=10) as pool:
+    ...     results = pool.grade([("\\\\boxed{1/2}", "0.5", "math"), ("52", "52", "arithmetic")])
+    """
+
+    def __init__(self, workers: int | None = None, timeout: float = DEFAULT_TIMEOUT):
+        workers = default_workers() if workers is None else workers
+        if not isinstance(workers, int) or workers < 1:
+            raise UsageError(f"grading workers must be a positive integer, got {workers!r}")
+        if not timeout or timeout <= 0:
+            raise UsageError(f"grading timeout must be > 0 seconds, got {timeout!r}")
+        self.workers = workers
+        self.timeout = float(timeout)
+        self.restarts = 0  # workers replaced after a timeout or a crash, over the pool's life
+        self._pool: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _shutdown, self._pool)
+
+    def __enter__(self) -> "GradingPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for worker in self._pool:
+            worker.close()
+        self._pool.clear()
+
+    def grade(self, items: Iterable, on_result: Callable[[int, GradeResult], None] | None = None) -> list[GradeResult]:
+        """Grade all items; results in input order. `on_result(index, result)` as each finishes."""
+        items = list(items)
+        results: list[GradeResult | None] = [None] * len(items)
+        for index, result in self.imap_unordered(items):
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+        return results  # type: ignore[return-value]
+
+    def imap_unordered(self, items: Iterable) -> Iterator[tuple[int, GradeResult]]:
+        """Yield (index, result) as items finish. Items are GradeItem or (completion, gold[, kind])."""
+        items = [GradeItem(*item) if not isinstance(item, GradeItem) else item for item in items]
+        if not items:
+            return
+        kinds = sorted({item.kind for item in items})
+        for kind in kinds:
+            _check_kind(kind)
+        if any(":" in kind for kind in kinds):  # fail fast, in the caller, on a bad dotted path
+            for kind in kinds:
+                if ":" in kind:
+                    _grader(kind)
+
+        soft_timeout = max(0.05, self.timeout * SOFT_TIMEOUT_FRACTION)
+        for worker in list(self._pool):
+            if worker.state == "stale" or worker.proc.poll() is not None:
+                self._replace(worker, kinds, soft_timeout, count=False)
+            elif not set(kinds) <= worker.kinds:
+                worker.load(kinds)
+        while len(self._pool) < min(self.workers, len(items)):
+            self._pool.append(_Worker(kinds, soft_timeout))
+
+        pending = deque(range(len(items)))
+        unfinished = len(items)
+        try:
+            while unfinished:
+                now = time.monotonic()
+                for worker in self._pool:
+                    if worker.state == "idle" and pending:
+                        index = pending.popleft()
+                        item = items[index]
+                        if worker.send({"c": item.completion, "g": str(item.gold), "k": item.kind}):
+                            worker.state, worker.index, worker.deadline = "busy", index, now + self.timeout
+                        else:
+                            pending.appendleft(index)
+                            self._replace(worker, kinds, soft_timeout)
+                waiting = [w for w in self._pool if w.state in ("starting", "busy")]
+                wait = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+                readable, _, _ = select.select([w.fd for w in waiting], [], [], wait)
+                for worker in waiting:
+                    if worker.fd in readable:
+                        lines = worker.read_lines()
+                        if lines is None:  # the worker died
+                            code = worker.proc.wait()
+                            if worker.state == "starting":
+                                raise RlvrxError(f"a grading worker failed to start (exit code {code}); see its error above")
+                            index = worker.index
+                            self._replace(worker, kinds, soft_timeout)
+                            unfinished -= 1
+                            yield index, GradeResult(False, status="error", error=f"the grading worker died (exit code {code})")
+                            continue
+                        for message in lines:
+                            if "ready" in message:
+                                if not message["ready"]:
+                                    raise RlvrxError(f"a grading worker could not load graders {kinds}: {message.get('error')}")
+                                worker.loads_pending -= 1
+                                if worker.loads_pending == 0 and worker.state == "starting":
+                                    worker.state = "idle"
+                            elif worker.state == "busy":
+                                index = worker.index
+                                worker.state, worker.index = "idle", None
+                                unfinished -= 1
+                                yield index, GradeResult(**message)
+                    elif time.monotonic() >= worker.deadline:
+                        if worker.state == "starting":
+                            raise RlvrxError(f"a grading worker did not start within {STARTUP_TIMEOUT:g}s")
+                        index = worker.index
+                        self._replace(worker, kinds, soft_timeout)
+                        unfinished -= 1
+                        yield index, GradeResult(
+                            False, status="timeout", error=f"no verdict within {self.timeout:g}s; the worker was killed and replaced"
+                        )
+        except BaseException:
+            # Interrupted mid-batch (an error, Ctrl-C, or the caller stopped iterating): busy workers
+            # hold stale items, so they are replaced on the next call.
+            for worker in self._pool:
+                if worker.state == "busy":
+                    worker.state = "stale"
+            raise
+
+    def _replace(self, worker: _Worker, kinds: list[str], soft_timeout: float, count: bool = True) -> None:
+        worker.kill()
+        position = self._pool.index(worker)
+        self._pool[position] = _Worker(sorted(set(kinds) | worker.kinds), soft_timeout)
+        if count:
+            self.restarts += 1
+
+
+def grade_many(items: Iterable, workers: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[GradeResult]:
+    """One-shot: start a pool, grade `items` (GradeItem or (completion, gold[, kind])), stop the pool."""
+    with GradingPool(workers=workers, timeout=timeout) as pool:
+        return pool.grade(items)

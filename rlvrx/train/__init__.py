@@ -1,0 +1,1 @@
+"""Native GRPO training (SFT warm-up, GRPO, RL-Extra)."""

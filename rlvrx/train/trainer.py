@@ -1,0 +1,484 @@
+"""The native (embedded) GRPO trainer: SFT warm-up, then GRPO with checkpoints, metrics and resume.
+
+One run directory holds everything: recipe.yaml, trajectory.json, checkpoints/step_NNNNNN (HF dirs with
+trainer_state.pt beside the weights), metrics.jsonl. A rerun of the same recipe resumes from the last
+checkpoint and reaches the same weights as an uninterrupted run: the prompts and sampling seed of every
+step are derived from (seed, step), and optimizer, scheduler and RNG states are saved with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rlvrx.checkpoint import atomic_dir, atomic_write_text
+from rlvrx.config import Recipe, recipe_to_yaml
+from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.generation import SamplingParams, batch_token_logprobs, generate
+from rlvrx.train.grpo import group_advantages, policy_loss, zero_std_fraction
+from rlvrx.trajectory import Trajectory, step_dir_name
+
+TRAINER_STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(recipe: Recipe, device: torch.device):
+    """(model, tokenizer) from model.path or a freshly built model.tiny."""
+    cfg = recipe.model
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.tiny is not None:
+        from rlvrx.tiny import build_tiny_model
+
+        model, tokenizer = build_tiny_model(**cfg.tiny.model_dump())
+        return model.to(device=device, dtype=dtype), tokenizer
+    return load_pretrained(cfg.path, device, dtype)
+
+
+def load_pretrained(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"model path {path} is not a directory")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise UsageError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); save the tokenizer next to the weights")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def build_task(recipe: Recipe):
+    """The recipe's task: the task.* settings it accepts, with a clear error for set ones it does not."""
+    from rlvrx.tasks.registry import get_task, task_options
+
+    cfg = recipe.task
+    accepted = task_options(cfg.name)
+    explicit = {k: v for k, v in cfg.model_dump(exclude_unset=True).items() if k != "name"}
+    if accepted is None:
+        return get_task(cfg.name, **explicit)
+    ignored = sorted(k for k, v in explicit.items() if k not in accepted and v is not None)
+    if ignored:
+        raise UsageError(f"task.{ignored[0]} does not apply to task {cfg.name!r}; its settings: {', '.join(sorted(accepted))}")
+    options = {k: v for k, v in cfg.model_dump().items() if k in accepted}
+    return get_task(cfg.name, **options)
+
+
+def _lr_lambda(warmup: int) -> Callable[[int], float]:
+    return lambda i: min(1.0, (i + 1) / warmup) if warmup > 0 else 1.0
+
+
+@dataclass
+class StepBatch:
+    """One GRPO step's rollouts, padded: prompts left-aligned to the right edge, responses right-padded."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, console=None):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir or recipe.output.dir)
+        self.force = force
+        self.console = console
+        self.device = resolve_device(recipe.model.device)
+        self.cfg = recipe.grpo
+        self.num_generations = self.cfg.num_generations
+        self._check_recipe_shape()
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _check_recipe_shape(self) -> None:
+        cfg = self.cfg
+        if cfg.num_generations < 2:
+            raise UsageError("grpo.num_generations must be >= 2: advantages are relative to the group")
+        if cfg.mini_batch_size is not None and cfg.batch_size % cfg.mini_batch_size:
+            raise UsageError(
+                f"grpo.batch_size ({cfg.batch_size}) is not divisible by grpo.mini_batch_size ({cfg.mini_batch_size})"
+            )
+
+    def _claim_run_dir(self) -> None:
+        """Write recipe.yaml, or check the run dir holds this recipe (refuse a different one unless force)."""
+        saved = self.run_dir / "recipe.yaml"
+        text = recipe_to_yaml(self.recipe)
+        if saved.is_file() and saved.read_text() != text and not self.force:
+            raise UsageError(
+                f"{self.run_dir} holds a different recipe ({saved}); use another output.dir, or pass --force to continue with this one"
+            )
+        atomic_write_text(saved, text)
+
+    def setup(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_run_dir()
+        torch.manual_seed(self.cfg.seed)
+        self.model, self.tokenizer = load_model(self.recipe, self.device)
+        self.task = build_task(self.recipe)
+        self.train_examples = list(self.task.train_examples())
+        self.test_examples = list(self.task.test_examples())
+        if not self.train_examples:
+            raise UsageError(f"task {self.recipe.task.name!r} yields no training prompts; check task settings (n_train, data, limit)")
+        self.trajectory = Trajectory.load(self.run_dir, create=True)
+        self.ref_model = None
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg.warmup_steps))
+        self.step = 0
+        self.grad_step = 0
+        self.elapsed = 0.0
+        self._pool = None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.run_dir / "checkpoints" / step_dir_name(step)
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "grad_step": self.grad_step,
+            "elapsed": self.elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save(self, kind: str = "rl", extra_state: dict | None = None) -> Path:
+        """Write the live model (and trainer state) as checkpoints/step_N, atomically, and register it."""
+        out = self.checkpoint_dir(self.step)
+        with atomic_dir(out, overwrite=True) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({**self.trainer_state(), **(extra_state or {})}, tmp / TRAINER_STATE)
+        self.trajectory.add(self.step, out, kind=kind, replace=True, grad_step=self.grad_step)
+        self.trajectory.save()
+        return out
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest registered checkpoint that carries trainer state (where a rerun resumes)."""
+        for entry in reversed(self.trajectory.entries):
+            path = self.trajectory.resolve(entry)
+            if (path / TRAINER_STATE).is_file():
+                return path
+        return None
+
+    def restore(self, path: Path) -> dict:
+        from safetensors.torch import load_file
+
+        state_dict = {}
+        for file in sorted(path.glob("*.safetensors")):
+            state_dict.update(load_file(file, device=str(self.device)))
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise RlvrxError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if self.model.config.tie_word_embeddings:
+            self.model.tie_weights()
+        state = torch.load(path / TRAINER_STATE, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.grad_step = int(state["grad_step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        return state
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines past the resumed step: they are recomputed."""
+        if not self.metrics_path.is_file():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def greedy_accuracy(self, examples=None, limit: int | None = None) -> float:
+        examples = list(self.test_examples if examples is None else examples)[: limit or self.cfg.eval_examples]
+        if not examples:
+            return float("nan")
+        prompts = [self.task.encode_prompt(ex, self.tokenizer) for ex in examples]
+        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens, seed=0)
+        gens = generate(self.model, self.tokenizer, prompts, n=1, params=params, batch_size=256)
+        return float(np.mean(self.task.rewards([g.text for g in gens], examples, pool=self.grading_pool())))
+
+    def grading_pool(self):
+        """Worker processes with a hard per-answer timeout for math grading; None for cheap verifiers."""
+        if self.task.grading_kind != "math":
+            return None
+        if self._pool is None:
+            from rlvrx.eval.grading import GradingPool
+
+            self._pool = GradingPool()
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    # -- SFT warm-up ----------------------------------------------------------------------------
+
+    def sft(self, progress=None) -> list[dict]:
+        from rlvrx.train.sft import run_sft
+
+        return run_sft(self, progress=progress)
+
+    # -- GRPO -----------------------------------------------------------------------------------
+
+    def step_examples(self, step: int) -> list:
+        rng = np.random.default_rng([self.cfg.seed, step])
+        n = len(self.train_examples)
+        idx = rng.choice(n, size=self.cfg.batch_size, replace=self.cfg.batch_size > n)
+        return [self.train_examples[i] for i in idx]
+
+    def rollout(self, step: int) -> tuple[StepBatch, dict]:
+        examples = self.step_examples(step)
+        prompts = [self.task.encode_prompt(ex, self.tokenizer) for ex in examples]
+        params = SamplingParams(
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            top_k=self.cfg.top_k,
+            max_new_tokens=self.cfg.max_new_tokens,
+            seed=self.cfg.seed * 1_000_003 + step,
+        )
+        gens = generate(self.model, self.tokenizer, prompts, n=self.num_generations, params=params)
+        rewards = torch.tensor(
+            self.task.rewards([g.text for g in gens], [examples[g.prompt_index] for g in gens], pool=self.grading_pool()),
+            dtype=torch.float32,
+        )
+        advantages = group_advantages(rewards, self.num_generations, self.cfg.scale_rewards)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        p_len = max(len(g.prompt_ids) for g in gens)
+        r_len = max(1, max(len(g.token_ids) for g in gens))
+        ids = torch.full((len(gens), p_len + r_len), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        resp = torch.zeros((len(gens), r_len), dtype=torch.float32)
+        for row, g in enumerate(gens):
+            p, r = g.prompt_ids, g.token_ids
+            ids[row, p_len - len(p):p_len] = torch.tensor(p)
+            attn[row, p_len - len(p):p_len] = 1
+            if r:
+                ids[row, p_len:p_len + len(r)] = torch.tensor(r)
+                attn[row, p_len:p_len + len(r)] = 1
+                resp[row, : len(r)] = 1
+        lengths = resp.sum(1)
+        stats = {
+            "reward_mean": float(rewards.mean()),
+            "accuracy": float((rewards >= 1.0).float().mean()),
+            "reward_std": float(rewards.std()),
+            "advantage_std": float(advantages.std()),
+            "frac_zero_std": zero_std_fraction(rewards, self.num_generations),
+            "response_length": float(lengths.mean()),
+        }
+        batch = StepBatch(ids.to(self.device), attn.to(self.device), resp.to(self.device), rewards, advantages.to(self.device))
+        return batch, stats
+
+    def _logprobs(self, model, batch: StepBatch, rows=slice(None), with_entropy=False):
+        return batch_token_logprobs(
+            model,
+            batch.input_ids[rows],
+            batch.attention_mask[rows],
+            logits_to_keep=batch.response_mask.shape[1],
+            temperature=self.cfg.temperature,
+            with_entropy=with_entropy,
+        )
+
+    def grpo_step(self) -> dict:
+        """One GRPO step at self.step: rollout, then ppo_epochs x mini-batches of clipped updates."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        batch, stats = self.rollout(self.grad_step)
+        n_rows = batch.input_ids.shape[0]
+        mini = (cfg.mini_batch_size or cfg.batch_size) * self.num_generations
+        # Fully on-policy (one update per rollout): the old policy is the current one, detached; no extra forward.
+        on_policy = cfg.ppo_epochs == 1 and mini >= n_rows
+        with torch.no_grad():
+            old_logprobs = None if on_policy else self._logprobs(self.model, batch)[0]
+            ref_logprobs = self._logprobs(self.ref_model, batch)[0] if self.ref_model is not None else None
+        losses, kls, entropies, grad_norms, clip_fracs = [], [], [], [], []
+        self.model.train()
+        for _ in range(cfg.ppo_epochs):
+            for start in range(0, n_rows, mini):
+                rows = slice(start, start + mini)
+                logprobs, entropy = self._logprobs(self.model, batch, rows, with_entropy=True)
+                loss, lstats = policy_loss(
+                    logprobs,
+                    logprobs.detach() if on_policy else old_logprobs[rows],
+                    batch.advantages[rows],
+                    batch.response_mask[rows],
+                    epsilon=cfg.epsilon,
+                    epsilon_high=cfg.epsilon_high,
+                    loss_agg=cfg.loss_agg,
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
+                    beta=cfg.beta,
+                )
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise NonFiniteLoss(self.step)
+                self.optimizer.step()
+                self.scheduler.step()
+                mask = batch.response_mask[rows]
+                losses.append(lstats.loss)
+                kls.append(lstats.kl)
+                clip_fracs.append(lstats.clip_fraction)
+                entropies.append(float((entropy * mask).sum() / mask.sum().clamp(min=1)))
+                grad_norms.append(float(grad_norm))
+        self.model.eval()
+        self.step += 1
+        self.grad_step += 1
+        return {
+            "step": self.step,
+            "grad_step": self.grad_step,
+            **stats,
+            "loss": float(np.mean(losses)),
+            "kl": float(np.mean(kls)),
+            "clip_fraction": float(np.mean(clip_fracs)),
+            "entropy": float(np.mean(entropies)),
+            "grad_norm": float(np.mean(grad_norms)),
+            "lr": self.scheduler.get_last_lr()[0],
+            "step_time": time.perf_counter() - t0,
+        }
+
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def total_grad_steps(self) -> int:
+        return self.cfg.steps
+
+    def should_save(self) -> bool:
+        return self.grad_step % self.cfg.save_every == 0 or self.grad_step == self.total_grad_steps()
+
+    def should_eval(self) -> bool:
+        every = self.cfg.eval_every
+        return self.grad_step == self.total_grad_steps() or bool(every and self.grad_step % every == 0)
+
+    def on_start(self, resumed_state: dict | None) -> None:
+        """Hook: called once before the first GRPO step (after a resume, with the saved trainer state)."""
+
+    def after_step(self, record: dict) -> None:
+        """Hook: called after each GRPO step is logged, before the step's checkpoint is saved."""
+
+    def fit(self, show_progress: bool = True) -> dict:
+        """Resume from the last checkpoint, or SFT + save step 0; then GRPO steps until the budget is spent."""
+        self.setup()
+        try:
+            return self._fit(show_progress)
+        finally:
+            self.close()
+
+    def _fit(self, show_progress: bool) -> dict:
+        from rlvrx.train.progress import TrainProgress
+
+        t_start = time.perf_counter()
+        summary: dict = {"run_dir": str(self.run_dir), "resumed_from": None}
+        with TrainProgress(enabled=show_progress) as progress:
+            latest = self.latest_checkpoint()
+            state = None
+            if latest is not None:
+                state = self.restore(latest)
+                self.truncate_metrics(self.step)
+                summary["resumed_from"] = self.step
+            else:
+                if self.metrics_path.exists():
+                    self.metrics_path.unlink()
+                if self.recipe.sft.enabled and self.recipe.sft.steps > 0:
+                    progress.start("SFT warm-up", self.recipe.sft.steps)
+                    self.sft(progress=progress.sft_update)
+                self.log({"stage": "grpo", "step": 0, "grad_step": 0, "elapsed": 0.0, "test_accuracy": self.greedy_accuracy()})
+                self.save()
+            if self.cfg.beta > 0:
+                self.ref_model = load_pretrained(self.checkpoint_dir(0), self.device, self.model.dtype)[0].eval()
+            self.on_start(state)
+            progress.start(self.progress_label, self.total_grad_steps(), completed=self.grad_step)
+            clock = time.perf_counter()
+            while self.grad_step < self.total_grad_steps():
+                try:
+                    record = self.grpo_step()
+                except NonFiniteLoss as exc:
+                    raise RlvrxError(
+                        f"{exc}; training stopped, the last good checkpoint {self.latest_checkpoint()} is kept "
+                        "(lower grpo.lr or grpo.max_grad_norm)"
+                    ) from None
+                self.elapsed += time.perf_counter() - clock
+                clock = time.perf_counter()
+                record["stage"] = "grpo"
+                if self.should_eval():
+                    record["test_accuracy"] = self.greedy_accuracy()
+                record["elapsed"] = self.elapsed
+                self.log(record)
+                self.after_step(record)
+                if self.should_save():
+                    self.save()
+                self.elapsed += time.perf_counter() - clock
+                clock = time.perf_counter()
+                progress.grpo_update(record)
+        summary.update(self.summary())
+        summary["wall_time_s"] = time.perf_counter() - t_start
+        return summary
+
+    progress_label = "GRPO"
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def summary(self) -> dict:
+        records = self.records()
+        grpo = [r for r in records if r.get("stage") == "grpo" and "reward_mean" in r]
+        evals = [r for r in records if "test_accuracy" in r]
+        return {
+            "steps": self.step,
+            "grad_steps": self.grad_step,
+            "checkpoints": len(self.trajectory),
+            "test_accuracy_start": evals[0]["test_accuracy"] if evals else None,
+            "test_accuracy_end": evals[-1]["test_accuracy"] if evals else None,
+            "reward_first": grpo[0]["reward_mean"] if grpo else None,
+            "reward_last": float(np.mean([r["reward_mean"] for r in grpo[-5:]])) if grpo else None,
+            "train_time_s": self.elapsed,
+        }
+
+
+class NonFiniteLoss(RlvrxError):
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"non-finite loss or gradient at step {step}")
+
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, show_progress: bool = True) -> dict:
+    """Run (or resume) SFT + GRPO as the recipe says; return a summary."""
+    return Trainer(recipe, run_dir, force=force).fit(show_progress=show_progress)

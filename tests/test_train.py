@@ -1,0 +1,203 @@
+"""Native GRPO trainer and RL-Extra on a tiny model: bookkeeping, resume bit-identity, jump formula."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlvrx.config import validate_recipe
+from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.train.rl_extra import RLExtraTrainer, jump_tensor, lstsq_predict
+from rlvrx.train.trainer import Trainer
+from rlvrx.trajectory import Trajectory
+
+TINY = {
+    "model": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_position": 24}},
+    "task": {"name": "arithmetic", "digits": 1, "n_train": 60, "n_test": 12},
+    "sft": {"steps": 30, "batch_size": 16, "lr": 3e-3},
+    "grpo": {"num_generations": 4, "batch_size": 4, "lr": 1e-3, "steps": 6, "save_every": 2, "max_new_tokens": 3, "eval_examples": 12},
+}
+
+
+def recipe(tmp_path, name="run", **sections):
+    raw = json.loads(json.dumps(TINY))
+    for key, value in sections.items():
+        raw.setdefault(key, {})
+        if isinstance(value, dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    raw["output"] = {"dir": str(tmp_path / name)}
+    return validate_recipe(raw)
+
+
+def weights(run_dir: Path, step: int) -> dict:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_trajectory_metrics_and_checkpoints(tmp_path):
+    r = recipe(tmp_path)
+    summary = Trainer(r).fit(show_progress=False)
+    run = tmp_path / "run"
+    traj = Trajectory.load(run)
+    assert traj.steps == [0, 2, 4, 6]
+    assert all(e.kind == "rl" for e in traj)
+    assert summary["steps"] == 6 and summary["grad_steps"] == 6
+    records = [m for m in metrics(run) if m["stage"] == "grpo" and m["step"] > 0]
+    assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward_mean", "accuracy", "advantage_std", "frac_zero_std", "loss", "kl", "entropy", "response_length", "grad_norm", "step_time"):
+        assert all(key in m for m in records), key
+    assert 0.0 <= summary["test_accuracy_end"] <= 1.0
+    assert (run / "recipe.yaml").is_file()
+    # the step-0 checkpoint is loadable by transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(run / "checkpoints/step_000000")
+    AutoTokenizer.from_pretrained(run / "checkpoints/step_000000")
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = recipe(tmp_path, "full")
+    Trainer(full).fit(show_progress=False)
+    # Same recipe, interrupted after the step-2 checkpoint: later checkpoints never written.
+    part = recipe(tmp_path, "part")
+    Trainer(part).fit(show_progress=False)
+    run = tmp_path / "part"
+    for step in (4, 6):
+        shutil.rmtree(run / "checkpoints" / f"step_{step:06d}")
+    traj = Trajectory.load(run)
+    traj.entries = [e for e in traj.entries if e.step <= 2]
+    traj.save()
+    summary = Trainer(part).fit(show_progress=False)
+    assert summary["resumed_from"] == 2
+    assert_same_weights(weights(tmp_path / "full", 6), weights(run, 6))
+    steps = [m["step"] for m in metrics(run) if m["stage"] == "grpo"]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]  # no duplicated or lost lines
+
+
+def test_rerun_of_finished_run_does_nothing_and_other_recipe_is_refused(tmp_path):
+    r = recipe(tmp_path)
+    Trainer(r).fit(show_progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    Trainer(r).fit(show_progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    other = recipe(tmp_path, grpo={"lr": 2e-3})
+    with pytest.raises(UsageError, match="different recipe"):
+        Trainer(other).fit(show_progress=False)
+
+
+def test_bad_batch_shapes_and_empty_task(tmp_path):
+    with pytest.raises(UsageError, match="not divisible"):
+        Trainer(recipe(tmp_path, grpo={"mini_batch_size": 3}))
+    with pytest.raises(UsageError, match="no training prompts"):
+        Trainer(recipe(tmp_path, task={"n_train": 0})).fit(show_progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    r = recipe(tmp_path, grpo={"lr": 1e30, "steps": 6})
+    with pytest.raises(RlvrxError, match="non-finite"):
+        Trainer(r).fit(show_progress=False)
+    # whatever was saved before the blow-up is intact and registered
+    assert Trajectory.load(tmp_path / "run").verify() == []
+
+
+def test_jump_formula_exact():
+    anchor = torch.randn(5, 7, dtype=torch.float64)
+    current = torch.randn(5, 7, dtype=torch.float64)
+    for alpha in (2.0, 1.5, 3.0):
+        expected = anchor + alpha * (current - anchor)
+        assert torch.equal(jump_tensor(anchor, current, alpha), expected)
+
+
+def test_lstsq_predict_recovers_exact_line():
+    a, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    m = 5
+    points = [a + b * t for t in range(m + 1)]
+    s_y = sum(points)
+    s_ty = sum(t * p for t, p in enumerate(points))
+    assert torch.allclose(lstsq_predict(s_y, s_ty, m, 9.0), a + 9 * b, atol=1e-12)
+
+
+def _rl_extra(tmp_path, name="rx", **x):
+    settings = {"m": 2, "n": 3, "iterations": 2}
+    settings.update(x)
+    return recipe(tmp_path, name, rl_extra=settings, grpo={"save_every": 1})
+
+
+def test_rl_extra_bookkeeping_and_jump_in_place(tmp_path):
+    r = _rl_extra(tmp_path)
+    summary = RLExtraTrainer(r).fit(show_progress=False)
+    run = tmp_path / "rx"
+    traj = Trajectory.load(run)
+    # cycle 1: steps 0,1,2 (grad 0..2), jump -> 5 (grad 2); cycle 2: 6,7 (grad 3,4), jump -> 10 (grad 4)
+    assert [(e.step, e.kind, e.grad_step) for e in traj] == [
+        (0, "rl", 0), (1, "rl", 1), (2, "rl", 2), (5, "extrapolated", 2), (6, "rl", 3), (7, "rl", 4), (10, "extrapolated", 4),
+    ]
+    assert summary["grad_steps"] == 4 and summary["steps"] == 10
+    # the jumped state equals W_a + ((m + n) / m) (W_b - W_a) exactly, norms copied from W_b
+    for anchor, before, after in ((0, 2, 5), (5, 7, 10)):
+        wa, wb, wj = weights(run, anchor), weights(run, before), weights(run, after)
+        for name in wa:
+            if "norm" in name:
+                assert torch.equal(wj[name], wb[name]), name
+            else:
+                assert torch.equal(wj[name], jump_tensor(wa[name], wb[name], 5 / 2)), name
+    jumps = [m for m in metrics(run) if m["stage"] == "jump"]
+    assert [(m["step"], m["grad_step"]) for m in jumps] == [(5, 2), (10, 4)]
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset", "rescale"])
+def test_optimizer_state_policies(tmp_path, policy):
+    r = _rl_extra(tmp_path, f"opt-{policy}", optimizer_state=policy, iterations=1)
+    trainer = RLExtraTrainer(r)
+    trainer.fit(show_progress=False)
+    state = torch.load(tmp_path / f"opt-{policy}" / "checkpoints/step_000005/trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    before = torch.load(tmp_path / f"opt-{policy}" / "checkpoints/step_000002/trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    if policy == "reset":
+        assert state == {}
+    else:
+        assert state.keys() == before.keys()
+        for k in state:
+            assert torch.equal(state[k]["exp_avg_sq"], before[k]["exp_avg_sq"])
+            if policy == "keep":
+                assert torch.equal(state[k]["exp_avg"], before[k]["exp_avg"])
+            else:
+                assert not state[k]["exp_avg"].any()
+
+
+@pytest.mark.parametrize("fit", ["two_point", "lstsq"])
+def test_rl_extra_resume_across_a_jump_is_bit_identical(tmp_path, fit):
+    full = _rl_extra(tmp_path, f"full-{fit}", fit=fit)
+    RLExtraTrainer(full).fit(show_progress=False)
+    part = _rl_extra(tmp_path, f"part-{fit}", fit=fit)
+    RLExtraTrainer(part).fit(show_progress=False)
+    run = tmp_path / f"part-{fit}"
+    # interrupted right after the pre-jump save of cycle 2's first step... keep steps <= 6
+    traj = Trajectory.load(run)
+    for e in traj.entries:
+        if e.step > 6:
+            shutil.rmtree(traj.resolve(e))
+    traj.entries = [e for e in traj.entries if e.step <= 6]
+    traj.save()
+    RLExtraTrainer(part).fit(show_progress=False)
+    assert_same_weights(weights(tmp_path / f"full-{fit}", 10), weights(run, 10))
+    # and interrupted between the pre-jump save and the jump itself
+    traj = Trajectory.load(run)
+    shutil.rmtree(traj.path_of(10))
+    traj.entries = [e for e in traj.entries if e.step != 10]
+    traj.save()
+    RLExtraTrainer(part).fit(show_progress=False)
+    assert_same_weights(weights(tmp_path / f"full-{fit}", 10), weights(run, 10))

@@ -15,11 +15,30 @@ from rlvrx.train.trainer import Trainer
 from rlvrx.trajectory import Trajectory
 
 TINY = {
-    "model": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_position": 24}},
     "task": {"name": "arithmetic", "digits": 1, "n_train": 60, "n_test": 12},
-    "sft": {"steps": 30, "batch_size": 16, "lr": 3e-3},
+    "sft": {"enabled": False},
     "grpo": {"num_generations": 4, "batch_size": 4, "lr": 1e-3, "steps": 6, "save_every": 2, "max_new_tokens": 3, "eval_examples": 12},
 }
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    """A tiny model after a short SFT warm-up: it gets some answers right, so GRPO groups carry signal."""
+    out = tmp_path_factory.mktemp("sft")
+    raw = {
+        "model": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_position": 24}},
+        "task": TINY["task"],
+        "sft": {"steps": 100, "batch_size": 16, "lr": 3e-3},
+        "grpo": {"steps": 0, "eval_examples": 12},
+        "output": {"dir": str(out / "run")},
+    }
+    Trainer(validate_recipe(raw)).fit(show_progress=False)
+    return out / "run" / "checkpoints" / "step_000000"
+
+
+@pytest.fixture(autouse=True)
+def _use_sft_model(sft_model, monkeypatch):
+    monkeypatch.setitem(TINY, "model", {"path": str(sft_model)})
 
 
 def recipe(tmp_path, name="run", **sections):
@@ -84,6 +103,8 @@ def test_resume_is_bit_identical(tmp_path):
     summary = Trainer(part).fit(show_progress=False)
     assert summary["resumed_from"] == 2
     assert_same_weights(weights(tmp_path / "full", 6), weights(run, 6))
+    start, end = weights(run, 0), weights(run, 6)
+    assert any(not torch.equal(start[k], end[k]) for k in start)  # training moved the weights
     steps = [m["step"] for m in metrics(run) if m["stage"] == "grpo"]
     assert steps == [0, 1, 2, 3, 4, 5, 6]  # no duplicated or lost lines
 
@@ -106,12 +127,16 @@ def test_bad_batch_shapes_and_empty_task(tmp_path):
         Trainer(recipe(tmp_path, task={"n_train": 0})).fit(show_progress=False)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    r = recipe(tmp_path, grpo={"lr": 1e30, "steps": 6})
-    with pytest.raises(RlvrxError, match="non-finite"):
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # An absurd learning rate blows the weights up after the first update with a learning signal.
+    r = recipe(tmp_path, grpo={"lr": 1e30, "steps": 6, "save_every": 1, "max_grad_norm": 1e30})
+    with pytest.raises(RlvrxError, match="non-finite.*last good checkpoint .*step_0000"):
         Trainer(r).fit(show_progress=False)
-    # whatever was saved before the blow-up is intact and registered
-    assert Trajectory.load(tmp_path / "run").verify() == []
+    traj = Trajectory.load(tmp_path / "run")
+    assert traj.verify() == []
+    for entry in traj:  # every registered checkpoint holds finite weights
+        for tensor in load_file(str(traj.resolve(entry) / "model.safetensors")).values():
+            assert torch.isfinite(tensor).all()
 
 
 def test_jump_formula_exact():
@@ -147,6 +172,7 @@ def test_rl_extra_bookkeeping_and_jump_in_place(tmp_path):
         (0, "rl", 0), (1, "rl", 1), (2, "rl", 2), (5, "extrapolated", 2), (6, "rl", 3), (7, "rl", 4), (10, "extrapolated", 4),
     ]
     assert summary["grad_steps"] == 4 and summary["steps"] == 10
+    assert any(m.get("frac_zero_std", 1.0) < 1.0 for m in metrics(run))  # GRPO had a learning signal
     # the jumped state equals W_a + ((m + n) / m) (W_b - W_a) exactly, norms copied from W_b
     for anchor, before, after in ((0, 2, 5), (5, 7, 10)):
         wa, wb, wj = weights(run, anchor), weights(run, before), weights(run, after)

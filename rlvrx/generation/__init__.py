@@ -13,6 +13,8 @@ from rlvrx.generation.sampler import (
     process_logits,
 )
 from rlvrx.generation.scoring import (
+    PackedBatch,
+    pack_prompt_response,
     ResponseScores,
     batch_token_logprobs,
     positions_from_mask,
@@ -25,6 +27,7 @@ __all__ = [
     "Generation",
     "LogitsSource",
     "ModelSource",
+    "PackedBatch",
     "ResponseScores",
     "SamplingParams",
     "batch_token_logprobs",
@@ -33,6 +36,7 @@ __all__ = [
     "left_pad",
     "model_max_positions",
     "model_vocab_size",
+    "pack_prompt_response",
     "positions_from_mask",
     "process_logits",
     "score_responses",

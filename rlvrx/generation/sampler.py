@@ -25,7 +25,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import RlvrxError, UsageError
 
 __all__ = [
     "SamplingParams",
@@ -120,6 +120,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     return torch.log_softmax(x, dim=-1)
+
+
+class NonFiniteLogits(RlvrxError):
+    """A model whose logits are NaN or inf cannot be sampled from."""
 
 
 def _inverse_cdf_sample(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -405,6 +409,8 @@ def _decode_rows(source, prompt_ids, rows, limits, uniforms, params, stop_ids, p
     try:
         logits = source.prefill(input_ids, mask, row_map)
         for t in range(steps):
+            if not torch.isfinite(logits).all():
+                raise NonFiniteLogits(f"the model produced non-finite logits (NaN or inf) at generation step {t}; its weights are likely diverged")
             processed = process_logits(logits, params)
             if uniforms is None:
                 next_tokens = processed.argmax(-1)

@@ -117,6 +117,40 @@ def token_logprobs(
     return [s.logprobs for s in score_responses(model, prompt_ids, response_ids, batch_size)]
 
 
+@dataclass
+class PackedBatch:
+    """Left-padded prompts followed by right-padded responses: [B, P + R], responses in the last R columns.
+
+    response_mask [B, R] lines up with `batch_token_logprobs(model, input_ids, attention_mask,
+    logits_to_keep=response_width)`.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    response_width: int
+
+
+def pack_prompt_response(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int = 0, device=None
+) -> PackedBatch:
+    if len(prompt_ids) != len(response_ids) or not prompt_ids:
+        raise UsageError(f"need one prompt per response, got {len(prompt_ids)} prompts and {len(response_ids)} responses")
+    p_width = max(len(p) for p in prompt_ids)
+    r_width = max(1, max(len(r) for r in response_ids))
+    batch = len(prompt_ids)
+    ids = torch.full((batch, p_width + r_width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, p_width + r_width), dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        if not len(p):
+            raise UsageError(f"prompt {row} is empty; a response needs at least one prompt token before it")
+        ids[row, p_width - len(p):p_width] = torch.as_tensor(list(p), dtype=torch.long)
+        ids[row, p_width:p_width + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[row, p_width - len(p):p_width + len(r)] = 1
+    response_mask = mask[:, p_width:].clone()
+    return PackedBatch(ids.to(device), mask.to(device), response_mask.to(device), r_width)
+
+
 def batch_token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

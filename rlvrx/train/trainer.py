@@ -21,7 +21,8 @@ import torch
 from rlvrx.checkpoint import atomic_dir, atomic_write_text
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx.errors import RlvrxError, UsageError
-from rlvrx.generation import SamplingParams, batch_token_logprobs, generate
+from rlvrx.generation import SamplingParams, batch_token_logprobs, generate, pack_prompt_response
+from rlvrx.generation.sampler import NonFiniteLogits
 from rlvrx.train.grpo import group_advantages, policy_loss, zero_std_fraction
 from rlvrx.trajectory import Trajectory, step_dir_name
 
@@ -147,6 +148,7 @@ class Trainer:
         self.step = 0
         self.grad_step = 0
         self.elapsed = 0.0
+        self.eval_seconds = 0.0
         self._pool = None
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -224,13 +226,17 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
 
     def greedy_accuracy(self, examples=None, limit: int | None = None) -> float:
+        """Greedy accuracy on the test split (its time is kept out of the training wall time)."""
+        t0 = time.perf_counter()
         examples = list(self.test_examples if examples is None else examples)[: limit or self.cfg.eval_examples]
         if not examples:
             return float("nan")
         prompts = [self.task.encode_prompt(ex, self.tokenizer) for ex in examples]
         params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens, seed=0)
         gens = generate(self.model, self.tokenizer, prompts, n=1, params=params, batch_size=256)
-        return float(np.mean(self.task.rewards([g.text for g in gens], examples, pool=self.grading_pool())))
+        accuracy = float(np.mean(self.task.rewards([g.text for g in gens], examples, pool=self.grading_pool())))
+        self.eval_seconds += time.perf_counter() - t0
+        return accuracy
 
     def grading_pool(self):
         """Worker processes with a hard per-answer timeout for math grading; None for cheap verifiers."""
@@ -279,19 +285,8 @@ class Trainer:
         )
         advantages = group_advantages(rewards, self.num_generations, self.cfg.scale_rewards)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        p_len = max(len(g.prompt_ids) for g in gens)
-        r_len = max(1, max(len(g.token_ids) for g in gens))
-        ids = torch.full((len(gens), p_len + r_len), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        resp = torch.zeros((len(gens), r_len), dtype=torch.float32)
-        for row, g in enumerate(gens):
-            p, r = g.prompt_ids, g.token_ids
-            ids[row, p_len - len(p):p_len] = torch.tensor(p)
-            attn[row, p_len - len(p):p_len] = 1
-            if r:
-                ids[row, p_len:p_len + len(r)] = torch.tensor(r)
-                attn[row, p_len:p_len + len(r)] = 1
-                resp[row, : len(r)] = 1
+        packed = pack_prompt_response([g.prompt_ids for g in gens], [g.token_ids for g in gens], pad_id=pad, device=self.device)
+        resp = packed.response_mask.to(torch.float32)
         lengths = resp.sum(1)
         stats = {
             "reward_mean": float(rewards.mean()),
@@ -301,7 +296,7 @@ class Trainer:
             "frac_zero_std": zero_std_fraction(rewards, self.num_generations),
             "response_length": float(lengths.mean()),
         }
-        batch = StepBatch(ids.to(self.device), attn.to(self.device), resp.to(self.device), rewards, advantages.to(self.device))
+        batch = StepBatch(packed.input_ids, packed.attention_mask, resp, rewards, advantages.to(self.device))
         return batch, stats
 
     def _logprobs(self, model, batch: StepBatch, rows=slice(None), with_entropy=False):
@@ -425,27 +420,35 @@ class Trainer:
                 self.ref_model = load_pretrained(self.checkpoint_dir(0), self.device, self.model.dtype)[0].eval()
             self.on_start(state)
             progress.start(self.progress_label, self.total_grad_steps(), completed=self.grad_step)
+            self.eval_seconds = 0.0
             clock = time.perf_counter()
+
+            def tick():
+                # training wall time: everything but greedy evaluation
+                nonlocal clock
+                now = time.perf_counter()
+                self.elapsed += now - clock - self.eval_seconds
+                self.eval_seconds = 0.0
+                clock = now
+
             while self.grad_step < self.total_grad_steps():
                 try:
                     record = self.grpo_step()
-                except NonFiniteLoss as exc:
+                except (NonFiniteLoss, NonFiniteLogits) as exc:
                     raise RlvrxError(
                         f"{exc}; training stopped, the last good checkpoint {self.latest_checkpoint()} is kept "
                         "(lower grpo.lr or grpo.max_grad_norm)"
                     ) from None
-                self.elapsed += time.perf_counter() - clock
-                clock = time.perf_counter()
                 record["stage"] = "grpo"
                 if self.should_eval():
                     record["test_accuracy"] = self.greedy_accuracy()
+                tick()
                 record["elapsed"] = self.elapsed
                 self.log(record)
                 self.after_step(record)
                 if self.should_save():
                     self.save()
-                self.elapsed += time.perf_counter() - clock
-                clock = time.perf_counter()
+                tick()
                 progress.grpo_update(record)
         summary.update(self.summary())
         summary["wall_time_s"] = time.perf_counter() - t_start

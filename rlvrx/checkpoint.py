@@ -117,6 +117,8 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             files = {name: self.path / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
                 if not shard.is_file():
@@ -191,7 +193,9 @@ class Checkpoint:
                     infos[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, file)
             missing = [n for n in self._file_of if n not in infos]
             if missing:
-                raise CheckpointError(f"{self.path}: the index lists {missing[0]} but its shard does not hold it")
+                raise CheckpointError(
+                    f"{self.path / INDEX_NAME}: lists tensor {missing[0]} in {self._file_of[missing[0]].name}, which does not hold it"
+                )
             self._infos = {name: infos[name] for name in self._file_of}
         return self._infos
 
@@ -252,21 +256,22 @@ def checkpoint_sha256(path: Path) -> str:
 
 
 def compare_structure(a: Checkpoint, b: Checkpoint) -> str | None:
-    """None when both hold the same tensor names, shapes and dtypes, else a line naming the first difference."""
+    """None when both hold the same tensor names, shapes and dtypes, else a line naming the first difference
+    (and how many more there are)."""
     ia, ib = a.infos(), b.infos()
-    for name in ia:
-        if name not in ib:
-            return f"tensor {name} is in {a.path} but not in {b.path}"
-    for name in ib:
-        if name not in ia:
-            return f"tensor {name} is in {b.path} but not in {a.path}"
+    diffs = [f"tensor {name} is in {a.path} but not in {b.path}" for name in ia if name not in ib]
+    diffs += [f"tensor {name} is in {b.path} but not in {a.path}" for name in ib if name not in ia]
     for name, info in ia.items():
-        other = ib[name]
+        other = ib.get(name)
+        if other is None:
+            continue
         if info.shape != other.shape:
-            return f"tensor {name} has shape {list(info.shape)} in {a.path} but {list(other.shape)} in {b.path}"
-        if info.dtype != other.dtype:
-            return f"tensor {name} has dtype {DTYPE_NAMES[info.dtype]} in {a.path} but {DTYPE_NAMES[other.dtype]} in {b.path}"
-    return None
+            diffs.append(f"tensor {name} has shape {list(info.shape)} in {a.path} but {list(other.shape)} in {b.path}")
+        elif info.dtype != other.dtype:
+            diffs.append(f"tensor {name} has dtype {DTYPE_NAMES[info.dtype]} in {a.path} but {DTYPE_NAMES[other.dtype]} in {b.path}")
+    if not diffs:
+        return None
+    return diffs[0] + (f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +303,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get the usual mode
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
@@ -305,8 +311,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
                     os.fsync(f.fileno())
         _fsync_dir(tmp)
         if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -317,12 +323,27 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is racy across threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file via a temporary sibling, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -434,6 +455,7 @@ class ShardedWriter:
         self._spec = {name: (shape, dtype) for name, shape, dtype in self.specs}
         self._open: dict[int, _ShardFile] = {}
         self._done: set[int] = set()
+        self._written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._spec:
@@ -443,14 +465,15 @@ class ShardedWriter:
             raise CheckpointError(
                 f"tensor {name}: got shape {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}"
             )
-        k = self._shard_of[name]
-        if k in self._done:
+        if name in self._written:
             raise CheckpointError(f"tensor {name} written twice")
+        k = self._shard_of[name]
         shard = self._open.get(k)
         if shard is None:
             specs = [self.specs[i] for i in self.shards[k]]
             shard = self._open[k] = _ShardFile(self.directory / self.shard_names[k], specs, self.metadata)
         shard.write(name, tensor)
+        self._written.add(name)
         if not shard.pending:
             shard.close()
             del self._open[k]
@@ -458,9 +481,11 @@ class ShardedWriter:
 
     def finish(self) -> None:
         """Check every planned tensor was written; write the index for sharded output."""
-        missing = [name for name, _, _ in self.specs if self._shard_of[name] not in self._done]
+        missing = [name for name, _, _ in self.specs if name not in self._written]
         if missing:
             raise CheckpointError(f"tensor {missing[0]} was planned but never written ({len(missing)} missing)")
+        if not self.specs:  # an empty plan still gets a (valid, empty) weights file
+            _ShardFile(self.directory / self.shard_names[0], [], self.metadata).close()
         if len(self.shards) > 1:
             total = sum(math.prod(shape) * _element_size(dtype) for _, shape, dtype in self.specs)
             index = {
@@ -512,6 +537,23 @@ def save_state_dict(
     max_shard_bytes: int = 4 << 30,
     overwrite: bool = False,
 ) -> Path:
-    """Atomically save an in-memory state dict as an HF checkpoint dir (tied tensors are saved once each)."""
-    specs = [(name, tuple(t.shape), t.dtype) for name, t in state_dict.items()]
-    return write_checkpoint(out, specs, state_dict.items(), source_dir, max_shard_bytes, overwrite)
+    """Atomically save an in-memory state dict as an HF checkpoint dir.
+
+    Tied tensors (the same storage, offset, shape and stride under several names, e.g. lm_head.weight and
+    model.embed_tokens.weight) are saved once, under their first name, as `save_pretrained` does; so the
+    result has the same tensor names as the source checkpoint, and `from_pretrained` re-ties them.
+    """
+    tensors = dict(_untied(state_dict))
+    specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    return write_checkpoint(out, specs, tensors.items(), source_dir, max_shard_bytes, overwrite)
+
+
+def _untied(state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    seen = set()
+    for name, tensor in state_dict.items():
+        if tensor.numel() > 0:
+            key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+        yield name, tensor

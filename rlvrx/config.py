@@ -34,6 +34,14 @@ class TinyModelConfig(Strict):
     tie_embeddings: bool = True
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ValueError(f"hidden ({self.hidden}) / heads ({self.heads}) must be an even head size (rotary embeddings)")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        return self
+
 
 class ModelConfig(Strict):
     path: Optional[str] = None

@@ -44,10 +44,16 @@ def char_tokenizer():
 def tiny_config(vocab_size: int, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=256, max_position=128, tie_embeddings=True, **ids):
     from transformers import Qwen2Config
 
+    sizes = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate, max_position=max_position)
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1 (got {value})")
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
+    if (hidden // heads) % 2:
+        raise ValueError(f"the head size hidden/heads ({hidden // heads}) must be even for rotary embeddings")
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden,

@@ -56,15 +56,17 @@ def _entry_from_json(raw: object, where: str) -> Entry:
         raise UsageError(f"{where}: path must be a non-empty string")
     if kind not in KINDS:
         raise UsageError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
-    return Entry(
-        step=step,
-        path=path,
-        kind=kind,
-        sha256=raw.get("sha256"),
-        bytes=int(raw.get("bytes") or 0),
-        grad_step=raw.get("grad_step"),
-        meta=raw.get("meta") or {},
-    )
+    sha256, size, grad_step, meta = raw.get("sha256"), raw.get("bytes"), raw.get("grad_step"), raw.get("meta")
+    size, meta = (0 if size is None else size), ({} if meta is None else meta)
+    if sha256 is not None and not isinstance(sha256, str):
+        raise UsageError(f"{where}: sha256 must be a hex string or null, got {sha256!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise UsageError(f"{where}: bytes must be a non-negative integer, got {size!r}")
+    if grad_step is not None and (not isinstance(grad_step, int) or isinstance(grad_step, bool) or grad_step < 0):
+        raise UsageError(f"{where}: grad_step must be a non-negative integer or null, got {grad_step!r}")
+    if not isinstance(meta, dict):
+        raise UsageError(f"{where}: meta must be an object, got {meta!r}")
+    return Entry(step=step, path=path, kind=kind, sha256=sha256, bytes=size, grad_step=grad_step, meta=meta)
 
 
 class Trajectory:
@@ -170,6 +172,8 @@ class Trajectory:
         ckpt = Checkpoint(path)  # validates the directory and its headers
         ckpt.infos()
         existing = [e for e in self.entries if e.step == step]
+        if existing and not replace and existing[0].kind == kind and self.resolve(existing[0]).resolve() == path.resolve():
+            return existing[0]  # already registered: adding it again (e.g. re-running a scan with --base) is a no-op
         if existing and not replace:
             raise UsageError(f"step {step} is already in {self.manifest} ({existing[0].path}); pass --replace to replace it")
         entry = Entry(
@@ -209,7 +213,7 @@ class Trajectory:
         if dup:
             raise UsageError(f"{directory}: more than one checkpoint for step {dup[0]}")
         added = []
-        for step, path in found:
+        for step, path in sorted(found):
             known = [e for e in self.entries if e.step == step]
             if known and self.resolve(known[0]).resolve() == path.resolve() and not replace:
                 continue
@@ -253,6 +257,7 @@ class Trajectory:
 
 def parse_step_paths(pairs: Iterable[str]) -> Trajectory:
     """`STEP=PATH` pairs from the command line -> an in-memory trajectory (steps must be distinct)."""
+    pairs = list(pairs)
     entries = []
     for pair in pairs:
         step, sep, path = pair.partition("=")

@@ -50,13 +50,19 @@ def _register() -> None:
     from rlvrx.cli import linearity
 
     app.add_typer(linearity.app, name="linearity", help="Measure how linearly weights and token log-probs move with the training step.")
+    from rlvrx.cli import eval as eval_cli
+
+    app.command("eval")(eval_cli.eval_)
+    from rlvrx.cli import slurm
+
+    app.command("slurm")(slurm.slurm)
 
 
+common.quiet_libraries()  # before any module imports transformers
 _register()
 
 
 def main() -> None:
-    common.quiet_libraries()
     try:
         app()
     except RlvrxError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -20,7 +21,7 @@ OVERRIDES_ARG = typer.Argument(None, help="Overrides as dotted KEY=VALUE, e.g. g
 def show(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""
     resolved = load_recipe(recipe, overrides or [])
-    console.print(recipe_to_yaml(resolved), end="", highlight=False, markup=False)
+    console.print(recipe_to_yaml(resolved), end="", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -29,9 +30,9 @@ def validate(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDE
     try:
         load_recipe(recipe, overrides or [])
     except RecipeError as exc:
-        err_console.print(f"[bold red]{exc.source}[/]: {len(exc.errors)} error(s)", highlight=False)
+        err_console.print(f"[bold red]{exc.source}[/]: {len(exc.errors)} error(s)", highlight=False, soft_wrap=True)
         for line in exc.errors:
-            err_console.print(f"  - {line}", highlight=False, markup=False)
+            err_console.print(f"  - {line}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2)
     console.print(f"[green]ok[/] {find_recipe(recipe)}", highlight=False)
 
@@ -40,7 +41,11 @@ def validate(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDE
 def list_() -> None:
     """List the recipes shipped in recipes/ with their one-line description."""
     table = Table("recipe", "description", "path")
+    table.columns[0].no_wrap = True
+    table.columns[1].overflow = table.columns[2].overflow = "fold"  # never cut short with an ellipsis
+    cwd = Path.cwd().resolve()
     for directory in recipes_dirs():
         for path in sorted(directory.glob("*.y*ml")):
-            table.add_row(path.stem, recipe_description(path), str(path))
+            shown = path.resolve().relative_to(cwd) if path.resolve().is_relative_to(cwd) else path
+            table.add_row(path.stem, recipe_description(path), str(shown))
     console.print(table)

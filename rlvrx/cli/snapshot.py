@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rlvrx.cli.common import console, err_console, write_json
-from rlvrx.trajectory import Trajectory
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -34,10 +34,15 @@ def scan(
     replace: bool = typer.Option(False, help="Re-register steps that are already in the manifest."),
 ) -> None:
     """Discover checkpoints under DIRECTORY and register them in RUN/trajectory.json."""
+    from rlvrx.trajectory import Trajectory  # imports torch: only when a command runs
+
     traj = Trajectory.load(run, create=True)
     added = []
     if base is not None:
-        added.append(traj.add(0, base, kind="base", hash=not no_hash, replace=replace))
+        known = list(traj.entries)
+        entry = traj.add(0, base, kind="base", hash=not no_hash, replace=replace)
+        if not any(entry is e for e in known):  # re-running the same scan registers nothing new
+            added.append(entry)
     added += traj.scan(directory, hash=not no_hash, replace=replace)
     if not traj.entries:
         err_console.print(f"[yellow]no checkpoints found under {directory}[/]")
@@ -56,6 +61,8 @@ def add(
     replace: bool = typer.Option(False, help="Replace an existing entry at this step."),
 ) -> None:
     """Register one checkpoint at a step."""
+    from rlvrx.trajectory import Trajectory  # imports torch: only when a command runs
+
     traj = Trajectory.load(run, create=True)
     entry = traj.add(step, path, kind=kind, hash=not no_hash, replace=replace)
     traj.save()
@@ -71,6 +78,8 @@ def list_(
     from rlvrx.checkpoint import DTYPE_NAMES, Checkpoint
     from rlvrx.errors import CheckpointError
 
+    from rlvrx.trajectory import Trajectory  # imports torch: only when a command runs
+
     traj = Trajectory.load(run)
     table = Table("step", "kind", "size", "dtype", "path", title=str(traj.manifest))
     rows = []
@@ -78,9 +87,10 @@ def list_(
         try:
             dtypes = ",".join(sorted(DTYPE_NAMES[d].lower() for d in Checkpoint(traj.resolve(entry)).dtypes()))
         except CheckpointError:
-            dtypes = "[red]unreadable[/]"
+            dtypes = "unreadable"
         label = str(entry.step) if entry.grad_step is None else f"{entry.step} (grad {entry.grad_step})"
-        table.add_row(label, entry.kind, _human(entry.bytes), dtypes, entry.path)
+        shown = "[red]unreadable[/]" if dtypes == "unreadable" else dtypes
+        table.add_row(label, entry.kind, _human(entry.bytes), shown, entry.path)
         rows.append({**entry.to_json(), "dtype": dtypes})
     console.print(table)
     write_json(json_path, rows)
@@ -92,11 +102,44 @@ def verify(
     no_hash: bool = typer.Option(False, "--no-hash", help="Skip the sha256 check."),
 ) -> None:
     """Check every checkpoint exists, matches its hash, and shares tensor names, shapes and dtypes."""
+    from rlvrx.trajectory import Trajectory  # imports torch: only when a command runs
+
     traj = Trajectory.load(run)
     problems = traj.verify(hash=not no_hash)
     if problems:
         for line in problems:
-            err_console.print(f"[red]x[/] {line}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]x[/] {escape(line)}", highlight=False, soft_wrap=True)
         err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {traj.manifest}", highlight=False)
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {len(traj)} checkpoints, steps {traj.steps}", highlight=False)
+
+
+@app.command()
+def convert(
+    path: Path = typer.Argument(..., help="A verl checkpoint: global_step_N (or its actor/ dir) holding FSDP shards."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output HF dir (default: global_step_N/huggingface, which `scan` finds)."),
+    dtype: str = typer.Option(
+        "bfloat16", "--dtype",
+        help="bfloat16 (verl's model merger as is), float32 (keep full precision: use it for linearity and "
+        "extrapolation of small-lr runs) or auto (the dtype the shards hold).",
+    ),
+    run: Optional[Path] = typer.Option(None, "--run", help="Also register the result in RUN/trajectory.json."),
+    step: Optional[int] = typer.Option(None, "--step", help="Step to register at (default: N of global_step_N)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output dir (only once the new one is complete)."),
+    no_hash: bool = NO_HASH,
+) -> None:
+    """Merge verl FSDP shards into HF safetensors with verl's own model merger (needs verl installed)."""
+    from rlvrx.backends.verl.convert import convert_fsdp_checkpoint, step_of
+    from rlvrx.errors import UsageError
+    from rlvrx.trajectory import Trajectory
+
+    written = convert_fsdp_checkpoint(path, out=out, dtype=dtype, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {escape(str(written))} ({dtype})", highlight=False)
+    if run is not None:
+        step = step if step is not None else step_of(path)
+        if step is None:
+            raise UsageError(f"{path}: no global_step_N in the path; pass --step to register it")
+        traj = Trajectory.load(run, create=True)
+        traj.add(step, written, kind="rl", hash=not no_hash, replace=overwrite)
+        traj.save()
+        console.print(f"registered step {step} in {escape(str(traj.manifest))}", highlight=False)

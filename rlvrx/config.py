@@ -8,6 +8,7 @@ by the schema like everything else.
 from __future__ import annotations
 
 import difflib
+import re
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -120,6 +121,17 @@ class RLExtraConfig(Strict):
     norms: Literal["copy", "extrapolate"] = "copy"
 
 
+class StageConfig(Strict):
+    """One step of `rlvrx run`: an rlvrx command with its arguments (see rlvrx.pipeline)."""
+
+    kind: Literal[
+        "train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval"
+    ]
+    name: Optional[str] = Field(None, description="unique stage name (default: kind); used by --only / --from")
+    args: list[str] = Field(default_factory=list, description="positional arguments; {run} and {recipe} are filled in")
+    options: dict[str, Any] = Field(default_factory=dict, description="command options by long name, e.g. {sample: 0.001}")
+
+
 class OutputConfig(Strict):
     dir: str = "runs/default"
 
@@ -159,6 +171,7 @@ class Recipe(Strict):
     grpo: GRPOConfig = GRPOConfig()
     rl_extra: Optional[RLExtraConfig] = None
     output: OutputConfig = OutputConfig()
+    stages: list[StageConfig] = Field(default_factory=list)
     verl: VerlConfig = VerlConfig()
 
 
@@ -170,7 +183,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     parsed = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        key = key.strip()
+        key = re.sub(r"\[(\d+)\]", r".\1", key.strip())  # stages[2].name -> stages.2.name
         if not sep or not key or any(not part for part in key.split(".")):
             raise UsageError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. grpo.lr=1e-5")
         try:
@@ -185,18 +198,32 @@ def apply_overrides(raw: dict, overrides: list[str], schema: type[BaseModel] | N
     field of `schema` keeps its text (model.path=001 stays '001', description=yes stays 'yes')."""
     for item in overrides:
         ((path, value),) = parse_overrides([item])
-        if schema is not None and not isinstance(value, (str, list, dict, type(None))) and _is_str_field(schema, path):
+        if schema is not None and not isinstance(value, (str, list, dict, type(None))) and _is_str_field(schema, [p for p in path if not p.isdigit()]):
             value = item.partition("=")[2].strip()
         node = raw
         for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict) or (schema is not None and _is_value_field(schema, path[: i + 1])):
+            if isinstance(node, list):
+                child = node[_list_index(node, path[: i + 1])]
+            else:
+                child = node.get(part)
+                fields = [p for p in path[: i + 1] if not p.isdigit()]
+                if child is None and not (schema is not None and _is_value_field(schema, fields)):
+                    child = node[part] = {}
+            if not isinstance(child, (dict, list)):
                 raise UsageError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, path)] = value
+        else:
+            node[path[-1]] = value
     return raw
+
+
+def _list_index(items: list, path: list[str]) -> int:
+    part = path[-1]
+    if not part.isdigit() or int(part) >= len(items):
+        raise UsageError(f"override {'.'.join(path)}: {'.'.join(path[:-1])} is a list of {len(items)}; use an index from 0 to {len(items) - 1}")
+    return int(part)
 
 
 def _is_value_field(schema: type[BaseModel], path: list[str]) -> bool:

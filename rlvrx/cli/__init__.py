@@ -37,12 +37,14 @@ def _root(
 
 
 def _register() -> None:
-    from rlvrx.cli import model, recipe, rl_extra, snapshot, train
+    from rlvrx.cli import model, recipe, report, rl_extra, run, snapshot, train
 
     app.add_typer(recipe.app, name="recipe", help="Show, validate and list YAML recipes.")
     app.add_typer(snapshot.app, name="snapshot", help="Register, list and verify a run's checkpoint trajectory.")
     app.command("train")(train.train)
     app.command("rl-extra")(rl_extra.rl_extra)
+    app.command("run")(run.run)
+    app.command("report")(report.report)
     app.add_typer(model.app, name="model", help="Build local models (a tiny Qwen2-style model for tests and quickstarts).")
     from rlvrx.cli import extrapolate
 

@@ -28,10 +28,19 @@ def show(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_AR
 def validate(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Check a recipe: exit 0 when valid, else print every error (with its dotted key) and exit 2."""
     try:
-        load_recipe(recipe, overrides or [])
+        resolved = load_recipe(recipe, overrides or [])
+        errors = []
+        if resolved.stages:
+            from rlvrx.pipeline import check_stages
+
+            errors = check_stages(resolved)
     except RecipeError as exc:
-        err_console.print(f"[bold red]{exc.source}[/]: {len(exc.errors)} error(s)", highlight=False, soft_wrap=True)
-        for line in exc.errors:
+        source, errors = exc.source, exc.errors
+    else:
+        source = str(find_recipe(recipe))
+    if errors:
+        err_console.print(f"[bold red]{source}[/]: {len(errors)} error(s)", highlight=False, soft_wrap=True)
+        for line in errors:
             err_console.print(f"  - {line}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2)
     console.print(f"[green]ok[/] {find_recipe(recipe)}", highlight=False)

@@ -1,0 +1,282 @@
+"""`rlvrx report RUN`: what a run directory holds, as terminal tables and one self-contained HTML page.
+
+Reads what the commands left behind (metrics.jsonl, trajectory.json, stages/*.json, linearity/ and
+compare.png); draws the training curves and a few parameters' trajectories with their fitted lines into
+RUN/report/*.png; embeds every plot in the HTML as a data URI, so the page is one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rlvrx.errors import UsageError
+
+STAGE_ORDER = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def gather(run_dir: str | Path) -> dict:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UsageError(f"{run}: no such run directory")
+    metrics = []
+    if (run / "metrics.jsonl").is_file():
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    stages = {}
+    for path in sorted((run / "stages").glob("*.json")):
+        stages[path.stem] = _read_json(path)
+    if "linearity-weights" not in stages and (run / "linearity/weights/summary.json").is_file():
+        stages["linearity-weights"] = _read_json(run / "linearity/weights/summary.json")
+    if "linearity-logprobs" not in stages and (run / "linearity/logprobs/summary.json").is_file():
+        stages["linearity-logprobs"] = _read_json(run / "linearity/logprobs/summary.json")
+    if not metrics and not stages and not (run / "trajectory.json").is_file():
+        raise UsageError(f"{run}: nothing to report (no metrics.jsonl, stages/ or trajectory.json)")
+    images = {}
+    for sub in ("linearity/weights", "linearity/logprobs"):
+        for png in sorted((run / sub).glob("*.png")):
+            images[f"{sub}/{png.name}"] = png
+    if (run / "compare.png").is_file():
+        images["compare.png"] = run / "compare.png"
+    recipe = (run / "recipe.yaml").read_text() if (run / "recipe.yaml").is_file() else None
+    return {"run": run, "metrics": metrics, "stages": stages, "images": images, "recipe": recipe}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(metrics: list[dict], out: Path) -> Path | None:
+    steps = [m for m in metrics if m.get("stage") == "grpo" and "reward_mean" in m]
+    evals = [m for m in metrics if "test_accuracy" in m]
+    if not steps and not evals:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if steps:
+        ax.plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], lw=1, alpha=0.7, label="reward (train rollouts)")
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["test_accuracy"] for m in evals], "o-", ms=4, label="greedy test accuracy")
+    jumps = [m["step"] for m in metrics if m.get("stage") == "jump"]
+    for j, step in enumerate(jumps):
+        ax.axvline(step, color="grey", lw=0.6, ls=":", label="RL-Extra jump" if j == 0 else None)
+    ax.set_xlabel("step (effective)")
+    ax.set_ylabel("reward / accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_parameter_trajectories(run: Path, out: Path, n_params: int = 6, seed: int = 0) -> Path | None:
+    """A few parameters (those that moved most in two tensors) against step, each with its least-squares line."""
+    from rlvrx.trajectory import Trajectory
+
+    try:
+        traj = Trajectory.load(run)
+        entries = traj.select(("base", "rl"))
+        if len(entries) < 3:
+            return None
+        ckpts = traj.checkpoints(entries)
+    except Exception:
+        return None
+    steps = np.array([s for s, _ in ckpts], dtype=np.float64)
+    infos = ckpts[0][1].infos()
+    names = [n for n, i in infos.items() if i.dtype.is_floating_point and len(i.shape) == 2 and "embed" not in n]
+    if not names:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = [names[i] for i in sorted(rng.choice(len(names), size=min(2, len(names)), replace=False))]
+    series = []
+    for name in chosen:
+        rows = min(infos[name].shape[0], 64)
+        stack = np.stack([c.get_rows(name, 0, rows).float().numpy().reshape(-1) for _, c in ckpts])  # [K, P]
+        moved = stack.max(0) - stack.min(0)
+        for p in np.argsort(-moved)[: n_params // len(chosen)]:
+            series.append((f"{name.replace('model.', '')}[{p}]", stack[:, p]))
+    plt = _plt()
+    cols = 3
+    rows_n = int(np.ceil(len(series) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(10, 2.8 * rows_n), squeeze=False)
+    for ax, (label, y) in zip(axes.flat, series):
+        slope, intercept = np.polyfit(steps, y, 1)
+        r2 = float(np.corrcoef(steps, y)[0, 1] ** 2) if np.std(y) > 0 else float("nan")
+        ax.plot(steps, y, "o", ms=3)
+        ax.plot(steps, intercept + slope * steps, "-", lw=1)
+        ax.set_title(f"{label}\nR² = {r2:.3f}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def make_plots(data: dict) -> dict[str, Path]:
+    report_dir = data["run"] / "report"
+    made = {}
+    for key, path in (
+        ("report/training.png", plot_training(data["metrics"], report_dir / "training.png")),
+        ("report/trajectories.png", plot_parameter_trajectories(data["run"], report_dir / "trajectories.png")),
+    ):
+        if path is not None:
+            made[key] = path
+    return {**made, **data["images"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables (rows shared by the terminal and the HTML page)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """[(title, header, rows)] for every part of the run that is present."""
+    tables = []
+    stages = data["stages"]
+    for key in ("train", "rl-extra"):
+        s = stages.get(key)
+        if isinstance(s, dict) and "RL-Extra" in s:  # rl-extra --baseline writes {label: summary}
+            s = s["RL-Extra"]
+        if isinstance(s, dict):
+            rows = [[label, _fmt(s.get(k))] for k, label in (
+                ("grad_steps", "gradient steps"), ("steps", "effective steps"), ("checkpoints", "checkpoints"),
+                ("test_accuracy_start", "greedy test accuracy, start"), ("test_accuracy_end", "greedy test accuracy, end"),
+                ("reward_first", "reward, first step"), ("reward_last", "reward, last 5 steps"), ("train_time_s", "training time (s)"),
+            )]
+            tables.append((f"training ({key})", ["", "value"], rows))
+    for key, count in (("linearity-weights", "n_params"), ("linearity-logprobs", "n_tokens")):
+        s = stages.get(key)
+        if isinstance(s, dict):
+            rows = [[label, _fmt(s.get(k))] for k, label in (
+                ("median_r2", "median R²"), ("mean_r2", "mean R²"), ("frac_r2_gt_0_7", "fraction R² > 0.7"),
+                ("frac_r2_gt_0_9", "fraction R² > 0.9"), (count, count.replace("n_", "counted ")), ("n_filtered", "filtered out"),
+            )]
+            if "direction_cosine" in s:
+                rows.append(["direction cosine (successive deltas)", _fmt(s.get("direction_cosine"))])
+            if "holdout_rel_error" in s:
+                rows.append(["held-out relative error (last checkpoint)", _fmt(s.get("holdout_rel_error"))])
+            steps = s.get("steps") or []
+            rows.append(["checkpoints (steps)", f"{len(steps)} ({steps[0]}..{steps[-1]})" if steps else "-"])
+            tables.append((key.replace("-", " "), ["", "value"], rows))
+    rows = []
+    for key in ("extrapolate-weights", "extrapolate-logits"):
+        s = stages.get(key)
+        if isinstance(s, dict):
+            inputs = ", ".join(f"{i.get('role')} {i.get('step')}" for i in s.get("inputs", []))
+            rows.append([key.split("-")[1], s.get("method", "-"), inputs, _fmt(s.get("target_step")), _fmt(s.get("alpha")), str(s.get("out", "-"))])
+    if rows:
+        tables.append(("extrapolation", ["kind", "method", "inputs", "target", "alpha", "output"], rows))
+    ev = stages.get("eval")
+    if isinstance(ev, dict) and ev:
+        models = list(ev)
+        tasks = sorted({t for m in models for t in ev[m] if t != "overall"})
+        for task in tasks:
+            metrics = sorted({k for m in models for k in ev[m].get(task, {}) if k.startswith(("pass@", "maj@")) or k in ("avg", "n")},
+                             key=lambda k: (k[0] != "n", k[0] != "a", k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0))
+            rows = [[metric] + [_fmt(ev[m].get(task, {}).get(metric)) for m in models] for metric in metrics]
+            tables.append((f"eval: {task}", ["metric"] + models, rows))
+    return tables
+
+
+def print_summary(data: dict, console) -> None:
+    from rich.table import Table
+
+    for title, header, rows in summary_tables(data):
+        table = Table(*header, title=title)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def render_html(data: dict, plots: dict[str, Path]) -> str:
+    run = data["run"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>rlvrx report: {html.escape(run.name)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}"
+        "th{background:#f3f3f3}img{max-width:100%;margin:0.5em 0}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}"
+        "h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}</style></head><body>",
+        f"<h1>rlvrx report: {html.escape(str(run))}</h1>",
+    ]
+    sections = [
+        ("Training", ["report/training.png"]),
+        ("Weight linearity", ["linearity/weights/r2_hist.png", "linearity/weights/r2_heatmap.png", "report/trajectories.png"]),
+        ("Log-prob linearity", [k for k in plots if k.startswith("linearity/logprobs/")]),
+        ("RL-Extra vs baseline", ["compare.png"]),
+    ]
+    tables = summary_tables(data)
+    for title, keys in sections:
+        present = [k for k in keys if k in plots]
+        section_tables = [t for t in tables if t[0].lower().startswith(title.split()[0].lower()) or (title == "Weight linearity" and t[0] == "linearity weights") or (title == "Log-prob linearity" and t[0] == "linearity logprobs")]
+        if not present and not section_tables:
+            continue
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        for t in section_tables:
+            parts.append(_html_table(*t))
+        parts += [_img(plots[k]) for k in present]
+    rest = [t for t in tables if t[0].startswith(("extrapolation", "eval"))]
+    if rest:
+        parts.append("<h2>Extrapolation and evaluation</h2>")
+        parts += [_html_table(*t) for t in rest]
+    if data["recipe"]:
+        parts.append("<h2>Resolved recipe</h2><pre>" + html.escape(data["recipe"]) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run_dir: str | Path, html_path: str | Path | None = None) -> tuple[dict, Path]:
+    """Gather, plot and write the HTML page (default RUN/report/index.html); return (data, html path)."""
+    from rlvrx.checkpoint import atomic_write_text
+
+    data = gather(run_dir)
+    plots = make_plots(data)
+    out = Path(html_path) if html_path else data["run"] / "report" / "index.html"
+    atomic_write_text(out, render_html(data, plots))
+    return data, out

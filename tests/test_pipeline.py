@@ -1,0 +1,104 @@
+"""`rlvrx run` end to end on the quickstart recipe (smaller settings), then `rlvrx report`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlvrx.config import load_recipe
+from rlvrx.errors import UsageError
+from rlvrx.pipeline import check_stages, run_pipeline, stage_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "sft.steps=150",
+    "grpo.steps=12",
+    "grpo.batch_size=16",
+    "grpo.save_every=2",
+    "grpo.eval_every=6",
+    "task.n_test=40",
+    "stages.2.options.generate=8",
+    "stages.3.options={base: 6, second: 10, target: 12}",
+    "stages.4.options={base: 6, second: 10, target: 12, task: arithmetic, samples: 2, limit: 20}",
+    'stages.5.args=["{run}:12", "{run}/extrapolated/step_000012"]',
+    "stages.5.options.generations={run}/extrapolated/logits-s6-s10-t12/arithmetic.jsonl",
+    "stages.5.options.limit=20",
+    "stages.5.options.samples=2",
+    "stages.5.options.name=[real, weights, logits]",
+]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pipe") / "quick"
+    overrides = [f"output.dir={run}"] + SMALL
+    results = run_pipeline(ROOT / "recipes/quickstart.yaml", overrides, echo=lambda line: None)
+    return run, overrides, results
+
+
+def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
+    run, _, results = quickstart_run
+    assert [r["status"] for r in results] == ["done"] * 6
+    stages = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json")}
+    assert set(stages) == {"train", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval"}
+    train = stages["train"]
+    assert train["steps"] == 12 and train["checkpoints"] == 7
+    assert 0 <= train["test_accuracy_end"] <= 1
+    lin = stages["linearity-weights"]
+    assert lin["steps"] == [0, 2, 4, 6, 8, 10, 12]
+    assert 0 <= lin["median_r2"] <= 1 and 0 <= lin["frac_r2_gt_0_9"] <= lin["frac_r2_gt_0_7"] <= 1
+    assert lin["n_params"] > 0
+    assert (run / "linearity/weights/r2_hist.png").is_file() and (run / "linearity/weights/r2_heatmap.png").is_file()
+    assert stages["linearity-logprobs"]["steps"] == lin["steps"]
+    assert stages["extrapolate-weights"]["alpha"] == pytest.approx((12 - 6) / (10 - 6))
+    assert (run / "extrapolated/step_000012/model.safetensors").is_file()
+    assert (run / "extrapolated/logits-s6-s10-t12/arithmetic.jsonl").is_file()
+    ev = stages["eval"]
+    assert set(ev) == {"real", "weights", "logits"}
+    for model in ev.values():
+        metrics = model["arithmetic"]
+        assert metrics["problems"] == 20 and metrics["n"] == 2
+        assert 0 <= metrics["pass@1"] <= metrics["pass@2"] <= 1
+
+
+def test_rerun_does_no_work(quickstart_run):
+    run, overrides, _ = quickstart_run
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    results = run_pipeline(ROOT / "recipes/quickstart.yaml", overrides, echo=lambda line: None)
+    assert [r["status"] for r in results] == ["skipped"] * 6
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_report_html_and_pngs(quickstart_run):
+    run, _, _ = quickstart_run
+    out = subprocess.run([sys.executable, "-m", "rlvrx", "report", str(run)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    assert out.returncode == 0, out.stderr
+    assert "median R²" in out.stdout and "eval: arithmetic" in out.stdout
+    page = (run / "report/index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4
+    assert "Resolved recipe" in page and "grpo:" in page
+    assert (run / "report/training.png").is_file() and (run / "report/trajectories.png").is_file()
+
+
+def test_stage_options_are_checked_before_any_work(tmp_path):
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", ["stages.1.options={sampel: 0.001}", f"output.dir={tmp_path / 'x'}"])
+    problems = check_stages(recipe)
+    assert problems == ["stages[1] (linearity-weights).options.sampel: unknown option; did you mean sample?"]
+    with pytest.raises(UsageError, match="sampel"):
+        run_pipeline(ROOT / "recipes/quickstart.yaml", ["stages.1.options={sampel: 0.001}", f"output.dir={tmp_path / 'x'}"], echo=lambda l: None)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UsageError, match="no such stage"):
+        run_pipeline(ROOT / "recipes/quickstart.yaml", [f"output.dir={tmp_path / 'x'}"], only="evl", echo=lambda l: None)
+
+
+def test_stage_command_line(tmp_path):
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", [f"output.dir={tmp_path}"])
+    argv = stage_argv(recipe.stages[5], tmp_path, Path("r.yaml"), [], tmp_path / "stages/eval.json")
+    assert argv[:3] == ["eval", f"{tmp_path}:200", f"{tmp_path}/extrapolated/step_000200"]
+    assert argv[argv.index("--generations") + 1] == f"{tmp_path}/extrapolated/logits-s100-s150-t200/arithmetic.jsonl"
+    assert argv.count("--name") == 3
+    assert argv[argv.index("--json") + 1] == str(tmp_path / "stages/eval.json")

@@ -324,7 +324,7 @@ def find_recipe(name: str | os.PathLike) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    if path.suffix == "" and path.parent == Path("."):
+    if path.suffix not in (".yaml", ".yml") and path.parent == Path("."):
         for directory in recipes_dirs():
             for candidate in (directory / f"{name}.yaml", directory / f"{name}.yml"):
                 if candidate.is_file():

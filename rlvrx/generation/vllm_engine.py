@@ -131,7 +131,7 @@ class VLLMEngine:
         if tensor_parallel_size < 1:
             raise UsageError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         vllm = require_vllm()
-        if tensor_parallel_size > torch.cuda.device_count():
+        if "distributed_executor_backend" not in engine_kwargs and tensor_parallel_size > torch.cuda.device_count():
             raise UsageError(
                 f"tensor_parallel_size {tensor_parallel_size} needs that many GPUs; {torch.cuda.device_count()} visible"
             )

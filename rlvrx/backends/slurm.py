@@ -1,0 +1,259 @@
+"""sbatch scripts for rlvrx commands, and what a Slurm job tells a process about itself.
+
+Two shapes:
+  verl training (train, rl-extra): one job on N nodes. Ray's head starts on the first node of
+    `scontrol show hostnames $SLURM_JOB_NODELIST`, a worker on each other node (srun -w NODE), the
+    script waits until all N nodes have joined, then runs `rlvrx train RECIPE verl.nnodes=$SLURM_NNODES`
+    on the head with RAY_ADDRESS exported, so verl's job runs on that cluster.
+  analysis (linearity): a job array whose task I of K runs `--shard I/K` (from SLURM_ARRAY_TASK_ID and
+    SLURM_ARRAY_TASK_COUNT), then a merge job submitted with --dependency=afterok:ARRAY_JOB.
+  eval: one job on one node.
+Scripts are written next to a submit.sh that submits them in order; `submit()` does the same.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlvrx.errors import RlvrxError, UsageError
+
+COMMANDS = ("train", "rl-extra", "eval", "linearity")
+RAY_PORT = 6379
+
+
+@dataclass
+class SlurmOptions:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    shards: int | None = None
+    python: str = field(default_factory=lambda: sys.executable)
+    sbatch_args: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.nodes < 1:
+            raise UsageError(f"--nodes must be >= 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise UsageError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise UsageError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
+        if self.shards is not None and self.shards < 1:
+            raise UsageError(f"--shards must be >= 1, got {self.shards}")
+
+
+@dataclass
+class Script:
+    name: str
+    path: Path
+    text: str
+    depends_on: str | None = None  # the name of the script whose jobs must succeed first
+
+
+# ----------------------------------------------------------------------------------------------
+# The environment of a Slurm job
+
+
+def slurm_env(env: dict | None = None) -> dict | None:
+    """SLURM_* facts about this process (None outside a Slurm job): job id, rank, tasks, nodes, array."""
+    env = os.environ if env is None else env
+    if "SLURM_JOB_ID" not in env:
+        return None
+
+    def number(key):
+        value = env.get(key)
+        return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+    return {
+        "job_id": env.get("SLURM_JOB_ID"),
+        "procid": number("SLURM_PROCID"),
+        "ntasks": number("SLURM_NTASKS"),
+        "nnodes": number("SLURM_NNODES") or number("SLURM_JOB_NUM_NODES"),
+        "nodelist": env.get("SLURM_JOB_NODELIST"),
+        "array_task_id": number("SLURM_ARRAY_TASK_ID"),
+        "array_task_count": number("SLURM_ARRAY_TASK_COUNT"),
+        "array_task_min": number("SLURM_ARRAY_TASK_MIN"),
+    }
+
+
+def array_shard(env: dict | None = None) -> tuple[int, int] | None:
+    """(I, N) for `--shard I/N` inside an array task: I counts from the array's first index."""
+    info = slurm_env(env)
+    if not info or info["array_task_id"] is None or info["array_task_count"] is None:
+        return None
+    first = info["array_task_min"] or 0
+    return info["array_task_id"] - first, info["array_task_count"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _header(opts: SlurmOptions, job_name: str, log_dir: Path, nodes: int, gpus: int, array: str | None = None) -> list[str]:
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --output={log_dir}/%x-%A{'_%a' if array else ''}.out",
+    ]
+    if gpus > 0:
+        lines.append(f"#SBATCH --gpus-per-node={gpus}")
+    if opts.cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={opts.cpus_per_task}")
+    if array:
+        lines.append(f"#SBATCH --array={array}")
+    for key in ("partition", "time", "account"):
+        value = getattr(opts, key)
+        if value:
+            lines.append(f"#SBATCH --{key}={value}")
+    lines += [f"#SBATCH {arg}" for arg in opts.sbatch_args]
+    lines += ["", "set -euo pipefail", f"PY={shlex.quote(opts.python)}", ""]
+    return lines
+
+
+class Raw(str):
+    """An argument written into the script as is (it holds shell variables such as $SLURM_NNODES)."""
+
+
+def _rlvrx(args: list[str]) -> str:
+    """`"$PY" -m rlvrx ARGS`: user arguments quoted, Raw ones left for the shell to expand."""
+    return '"$PY" -m rlvrx ' + " ".join(a if isinstance(a, Raw) else shlex.quote(a) for a in args)
+
+
+def render_verl_job(
+    command: str, recipe: str, overrides: list[str], opts: SlurmOptions, log_dir: Path, job_name: str
+) -> str:
+    """Ray head on the first node, workers on the rest, then the rlvrx command on the head."""
+    gpus = opts.gpus_per_node
+    ray_resources = f"--num-gpus={gpus} " if gpus else ""
+    cpus = '--num-cpus="${SLURM_CPUS_PER_TASK:-$(nproc)}"'
+    lines = _header(opts, job_name, log_dir, opts.nodes, gpus)
+    lines += [
+        "# Nodes of this job, one name per line (scontrol expands ranges like node[01-04]).",
+        'mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        'head_node="${nodes[0]}"',
+        'head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk \'{print $1}\')',
+        f'export RAY_ADDRESS="$head_ip:{RAY_PORT}"',
+        'echo "Ray head: $head_node ($RAY_ADDRESS), ${#nodes[@]} node(s)"',
+        "",
+        f'srun --nodes=1 --ntasks=1 -w "$head_node" "$PY" -m ray.scripts.scripts start --head '
+        f'--node-ip-address="$head_ip" --port={RAY_PORT} {ray_resources}{cpus} --block &',
+        "sleep 10",
+        'for ((i = 1; i < ${#nodes[@]}; i++)); do',
+        f'    srun --nodes=1 --ntasks=1 -w "${{nodes[$i]}}" "$PY" -m ray.scripts.scripts start '
+        f'--address="$RAY_ADDRESS" {ray_resources}{cpus} --block &',
+        "done",
+        "",
+        "# Wait until every node has joined the Ray cluster.",
+        'for _ in $(seq 120); do',
+        '    alive=$("$PY" -c "import ray; ray.init(address=\'auto\', logging_level=40); '
+        "print(sum(n['Alive'] for n in ray.nodes()))\" 2>/dev/null || echo 0)",
+        '    [ "$alive" -ge "${#nodes[@]}" ] && break',
+        "    sleep 5",
+        "done",
+        "",
+        "# The driver runs on the head node next to Ray's head (--overlap: it shares the step's resources).",
+        'srun --overlap --nodes=1 --ntasks=1 -w "$head_node" '
+        + _rlvrx([command, recipe, *overrides, Raw('verl.nnodes="$SLURM_NNODES"'), f"verl.n_gpus_per_node={gpus}"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_single_job(args: list[str], opts: SlurmOptions, log_dir: Path, job_name: str) -> str:
+    lines = _header(opts, job_name, log_dir, 1, opts.gpus_per_node)
+    lines += [_rlvrx(args), ""]
+    return "\n".join(lines)
+
+
+def render_array_job(args: list[str], shards: int, opts: SlurmOptions, log_dir: Path, job_name: str) -> str:
+    """Task I of the array runs ARGS --shard I/K (I from the array's first index)."""
+    lines = _header(opts, job_name, log_dir, 1, opts.gpus_per_node, array=f"0-{shards - 1}")
+    lines += [
+        'shard=$((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}))',
+        _rlvrx([*args, "--shard", Raw('"${shard}/${SLURM_ARRAY_TASK_COUNT}"')]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def linearity_scripts(run_dir: Path, extra: list[str], opts: SlurmOptions, out_dir: Path, job_name: str) -> list[Script]:
+    """`linearity weights RUN --shard I/K` as an array, then `linearity merge` of the K parts."""
+    shards = opts.shards or 4
+    parts_dir = run_dir / "linearity" / "weights"
+    weights = ["linearity", "weights", str(run_dir), "--out", str(parts_dir), *extra]
+    parts = [str(parts_dir / f"part-{i}-of-{shards}.json") for i in range(shards)]
+    merge = ["linearity", "merge", *parts, "--json", str(run_dir / "linearity" / "weights.json"), "--out", str(parts_dir)]
+    cpu_opts = SlurmOptions(**{**opts.__dict__, "gpus_per_node": 0})
+    return [
+        Script(f"{job_name}", out_dir / f"{job_name}.sbatch", render_array_job(weights, shards, cpu_opts, out_dir, job_name)),
+        Script(
+            f"{job_name}-merge",
+            out_dir / f"{job_name}-merge.sbatch",
+            render_single_job(merge, cpu_opts, out_dir, f"{job_name}-merge"),
+            depends_on=job_name,
+        ),
+    ]
+
+
+def render_submit(scripts: list[Script]) -> str:
+    """A shell script that submits the scripts in order, each after the one it depends on."""
+    lines = ["#!/bin/bash", "set -euo pipefail", 'cd "$(dirname "$0")"']
+    for s in scripts:
+        var = s.name.replace("-", "_") + "_id"
+        dep = f"--dependency=afterok:${{{s.depends_on.replace('-', '_')}_id}} " if s.depends_on else ""
+        lines.append(f"{var}=$(sbatch --parsable {dep}{shlex.quote(s.path.name)})")
+        lines.append(f'echo "{s.name}: job ${{{var}}}"')
+    return "\n".join(lines) + "\n"
+
+
+def build_scripts(
+    command: str, recipe_source: str, overrides: list[str], run_dir: Path, extra: list[str], opts: SlurmOptions, out_dir: Path
+) -> list[Script]:
+    opts.check()
+    if command not in COMMANDS:
+        raise UsageError(f"--command {command!r}: use one of {', '.join(COMMANDS)}")
+    job_name = f"rlvrx-{command}-{run_dir.name}"
+    if command in ("train", "rl-extra"):
+        text = render_verl_job(command, recipe_source, overrides, opts, out_dir, job_name)
+        return [Script(job_name, out_dir / f"{job_name}.sbatch", text)]
+    if command == "linearity":
+        return linearity_scripts(run_dir, extra, opts, out_dir, job_name)
+    return [Script(job_name, out_dir / f"{job_name}.sbatch", render_single_job(["eval", *extra], opts, out_dir, job_name))]
+
+
+def write_scripts(scripts: list[Script], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s in scripts:
+        s.path.write_text(s.text)
+        s.path.chmod(0o755)
+    submit_sh = out_dir / "submit.sh"
+    submit_sh.write_text(render_submit(scripts))
+    submit_sh.chmod(0o755)
+    return submit_sh
+
+
+def submit(scripts: list[Script], sbatch: str = "sbatch") -> dict[str, str]:
+    """sbatch each script (with --dependency=afterok on the one it depends on); {name: job id}."""
+    ids: dict[str, str] = {}
+    for s in scripts:
+        cmd = [sbatch, "--parsable"]
+        if s.depends_on:
+            cmd.append(f"--dependency=afterok:{ids[s.depends_on]}")
+        cmd.append(str(s.path))
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, cwd=s.path.parent)
+        except FileNotFoundError:
+            raise UsageError(f"{sbatch}: not found; run on a Slurm login node, or submit {s.path.parent / 'submit.sh'} there") from None
+        if result.returncode != 0:
+            raise RlvrxError(f"sbatch {s.path.name} failed: {result.stderr.strip() or result.stdout.strip()}")
+        ids[s.name] = result.stdout.strip().split(";")[0]
+    return ids

@@ -1,0 +1,252 @@
+"""`rlvrx linearity weights|logprobs|merge`: how linearly weights and log-probs move with the step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rlvrx.cli.common import console, warn, write_json
+from rlvrx.errors import UsageError
+
+app = typer.Typer(no_args_is_help=True)
+
+RUN_ARG = typer.Argument(None, help="Run directory holding trajectory.json (or pass --checkpoint instead).", show_default=False)
+CHECKPOINT_OPT = typer.Option(
+    [], "--checkpoint", "-c", help="STEP=PATH of one checkpoint; repeat, in increasing step order (instead of RUN)."
+)
+WINDOW_OPT = typer.Option(None, "--window", help="Only steps in A:B (inclusive; either end may be left out).")
+EXTRAPOLATED_OPT = typer.Option(False, "--include-extrapolated", help="Also use the run's extrapolated checkpoints (default: base + rl).")
+OUT_OPT = typer.Option(None, "--out", help="Output directory (default: RUN/linearity/weights or .../logprobs; ./linearity/... without RUN).")
+JSON_OPT = typer.Option(None, "--json", help="Write the machine-readable summary here.")
+NO_PLOTS_OPT = typer.Option(False, "--no-plots", help="Skip the PNG plots.")
+
+
+def parse_window(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    lo, sep, hi = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        window = (int(lo) if lo.strip() else 0, int(hi) if hi.strip() else 2**62)
+    except ValueError:
+        raise UsageError(f"--window {text!r}: expected A:B (steps, inclusive), e.g. 100:800 or 200:") from None
+    if window[0] > window[1]:
+        raise UsageError(f"--window {text!r}: the start is after the end")
+    return window
+
+
+def resolve_checkpoints(run: Path | None, pairs: list[str], window: str | None, include_extrapolated: bool):
+    """[(step, Checkpoint)] from a run directory or STEP=PATH pairs, after the window; same structure checked."""
+    from rlvrx.linearity.stats import check_steps
+    from rlvrx.trajectory import Trajectory, parse_step_paths
+
+    bounds = parse_window(window)
+    if run is not None and pairs:
+        raise UsageError("pass either a RUN directory or --checkpoint STEP=PATH pairs, not both")
+    if run is None and not pairs:
+        raise UsageError("pass a RUN directory or at least three --checkpoint STEP=PATH pairs")
+    if pairs:
+        raw_steps = [p.partition("=")[0].strip() for p in pairs]
+        traj = parse_step_paths(pairs)
+        order = [int(s) for s in raw_steps if s.lstrip("-").isdigit()]
+        if order != sorted(order):
+            raise UsageError(f"--checkpoint steps are not in increasing order ({order}); list them sorted by step")
+        entries = traj.select(("rl",), bounds)
+    else:
+        traj = Trajectory.load(run)
+        kinds = ("base", "rl", "extrapolated") if include_extrapolated else ("base", "rl")
+        entries = traj.select(kinds, bounds)
+    what = "checkpoints" + (f" in window {window}" if window else "")
+    check_steps([e.step for e in entries], what)
+    return traj.checkpoints(entries)
+
+
+def _task_options(pairs: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--task-option {pair!r}: expected KEY=VALUE, e.g. limit=20")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _default_out(run: Path | None, name: str) -> Path:
+    return (run / "linearity" / name) if run is not None else Path("linearity") / name
+
+
+def _print_weights(summary: dict, written: list[Path]) -> None:
+    from rlvrx.linearity import weights
+    from rlvrx.report import text_histogram
+
+    for tbl in weights.tables(summary):
+        console.print(tbl)
+    console.print(weights.global_line(summary), highlight=False)
+    if summary["n_params"]:
+        console.print(text_histogram(summary["histogram"], bins=20), highlight=False)
+    else:
+        warn("every parameter was filtered out; no R² statistics (lower --min-abs-change / --min-unique?)")
+    for path in written:
+        console.print(f"[green]wrote[/] {path}", highlight=False)
+
+
+@app.command()
+def weights(
+    run: Optional[Path] = RUN_ARG,
+    checkpoint: List[str] = CHECKPOINT_OPT,
+    window: Optional[str] = WINDOW_OPT,
+    include_extrapolated: bool = EXTRAPOLATED_OPT,
+    sample: Optional[float] = typer.Option(None, "--sample", help="Fraction of parameters per tensor (the paper: 0.001); default every parameter."),
+    min_per_tensor: int = typer.Option(50, "--min-per-tensor", help="With --sample: at least this many parameters per tensor."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-tensor samples."),
+    min_abs_change: float = typer.Option(1e-4, "--min-abs-change", help="Drop parameters whose max - min over the steps is below this."),
+    min_unique: int = typer.Option(4, "--min-unique", help="Drop parameters with fewer distinct values over the steps."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: analyse only part I (0-based) of N tensor parts and write a part file for `merge`."),
+    memory_mb: int = typer.Option(512, "--memory-mb", help="Working memory for one block of rows read from all checkpoints."),
+    out: Optional[Path] = OUT_OPT,
+    json_path: Optional[Path] = JSON_OPT,
+    no_plots: bool = NO_PLOTS_OPT,
+) -> None:
+    """Per-parameter R² of weight against step, streamed over every tensor of every checkpoint."""
+    from rlvrx.linearity import weights as lw
+    from rlvrx.report import progress_bar
+
+    settings = lw.WeightSettings(
+        min_abs_change=min_abs_change, min_unique=min_unique, sample=sample, min_per_tensor=min_per_tensor, seed=seed, memory_mb=memory_mb
+    )
+    part = lw.parse_shard(shard) if shard else None
+    checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
+    out = out or _default_out(run, "weights")
+    todo = lw.selected_tensors(checkpoints, part)
+    position = {name: i for i, (name, _) in enumerate(todo)}
+    with progress_bar(console, count=False) as bar:
+        task = bar.add_task("weights", total=sum(n for _, n in todo) or 1)
+
+        def advance(name: str, n: int) -> None:
+            bar.update(task, advance=n, description=f"[{position[name] + 1}/{len(todo)}] {name}")
+
+        state = lw.analyze_weights(checkpoints, settings, part, advance)
+    if part is not None:
+        path = json_path or out / f"part-{part[0]}-of-{part[1]}.json"
+        write_json(path, state.to_json())
+        summary = lw.summarize(state)
+        console.print(f"part {part[0]}/{part[1]}: {len(state.tensors)} of {state.structure['n_tensors']} tensors, "
+                      f"{summary['n_params']:,} parameters with R²", highlight=False)
+        console.print(f"[green]wrote[/] {path}; combine all parts with `rlvrx linearity merge PARTS... --json OUT`", highlight=False)
+        return
+    summary = lw.summarize(state)
+    written = lw.write_outputs(summary, out, plots=not no_plots)
+    if json_path is not None:
+        write_json(json_path, lw.public_json(summary))
+        written.append(json_path)
+    _print_weights(summary, written)
+
+
+@app.command()
+def merge(
+    parts: List[Path] = typer.Argument(..., help="Part files written by `rlvrx linearity weights --shard I/N`.", show_default=False),
+    json_path: Path = typer.Option(..., "--json", help="Write the combined summary here (same keys as `weights --json`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for the table files and plots (default: the first part's directory)."),
+    no_plots: bool = NO_PLOTS_OPT,
+) -> None:
+    """Combine the parts of a sharded `linearity weights` run into the result of one run."""
+    from rlvrx.linearity import weights as lw
+
+    states = []
+    for path in parts:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such part file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON ({exc.msg})") from None
+        states.append(lw.WeightState.from_json(data, str(path)))
+    summary = lw.summarize(lw.merge_states(states, [str(p) for p in parts]))
+    written = lw.write_outputs(summary, out or parts[0].parent, plots=not no_plots)
+    write_json(json_path, lw.public_json(summary))
+    _print_weights(summary, written + [json_path])
+
+
+@app.command()
+def logprobs(
+    run: Optional[Path] = RUN_ARG,
+    checkpoint: List[str] = CHECKPOINT_OPT,
+    window: Optional[str] = WINDOW_OPT,
+    include_extrapolated: bool = EXTRAPOLATED_OPT,
+    probes: Optional[Path] = typer.Option(None, "--probes", help="JSONL of {prompt, response} or {prompt, responses: [...]} (with --generate: prompts only)."),
+    generate: Optional[int] = typer.Option(None, "--generate", help="Sample this many probe responses from the first checkpoint."),
+    task: Optional[str] = typer.Option(None, "--task", help="With --generate: take prompts from this task (e.g. arithmetic, math500) instead of --probes."),
+    task_option: List[str] = typer.Option([], "--task-option", help="KEY=VALUE option of --task (repeat), e.g. data_dir=../shared/data/benchmarks."),
+    split: str = typer.Option("test", "--split", help="With --task: which split's prompts."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="With --generate: response length limit."),
+    temperature: float = typer.Option(1.0, "--temperature", help="With --generate: sampling temperature."),
+    top_p: float = typer.Option(1.0, "--top-p", help="With --generate: nucleus sampling threshold."),
+    seed: int = typer.Option(0, "--seed", help="With --generate: sampling seed."),
+    min_logprob_change: float = typer.Option(0.2, "--min-logprob-change", help="Drop tokens whose log-prob moves less than this (max - min)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Probes scored per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the forward passes."),
+    out: Optional[Path] = OUT_OPT,
+    json_path: Optional[Path] = JSON_OPT,
+    no_plots: bool = NO_PLOTS_OPT,
+) -> None:
+    """Per-token R² of teacher-forced log-probs against step, one checkpoint loaded at a time."""
+    from rlvrx.generation import SamplingParams
+    from rlvrx.linearity import logprobs as ll
+    from rlvrx.report import progress_bar, text_histogram
+
+    if task is not None and generate is None:
+        raise UsageError("--task gives prompts only; add --generate N to sample probe responses for them")
+    if task is not None and probes is not None:
+        raise UsageError("pass either --probes FILE or --task NAME as the source of prompts, not both")
+    if probes is None and task is None:
+        raise UsageError("pass --probes FILE (JSONL with prompt and response(s)), or --generate N with --task NAME or --probes FILE of prompts")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
+    paths = [(step, ckpt.path) for step, ckpt in checkpoints]
+    out = out or _default_out(run, "logprobs")
+    first = paths[0][1]
+    if generate is not None:
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        with console.status(f"sampling {generate} probe responses from step {paths[0][0]}"):
+            if task is not None:
+                prompts = ll.task_prompts(task, ll.load_tokenizer(first), split, _task_options(task_option))
+            else:
+                prompts = ll.load_prompts(probes)
+            items = ll.generate_probes(first, prompts, generate, params, batch_size, device)
+        out.mkdir(parents=True, exist_ok=True)
+        from rlvrx.checkpoint import atomic_write_text
+
+        atomic_write_text(out / "probes.jsonl", "".join(json.dumps(p.to_json()) + "\n" for p in items))
+    else:
+        items = ll.load_probes(probes)
+        needs_tokenizer = any(p.prompt_ids is None or p.response_ids is None for p in items)
+        ll.tokenize_probes(items, ll.load_tokenizer(first) if needs_tokenizer else None)
+    ll.check_probes(items, ll.context_length(first))
+    with progress_bar(console) as bar:
+        task = bar.add_task("scoring", total=len(items) * len(paths))
+
+        def advance(step: int, n: int) -> None:
+            bar.update(task, advance=n, description=f"scoring step {step}")
+
+        lp, lg = ll.score_checkpoints(paths, items, batch_size, device, advance)
+    summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change)
+    written = ll.write_outputs(summary, out, plots=not no_plots)
+    if json_path is not None:
+        write_json(json_path, ll.public_json(summary))
+        written.append(json_path)
+    for tbl in ll.tables(summary):
+        console.print(tbl)
+    console.print(ll.global_line(summary), highlight=False)
+    if summary["n_tokens"]:
+        console.print(text_histogram(summary["histogram"], bins=20), highlight=False)
+    else:
+        warn(f"every token was filtered out (log-prob change < {min_logprob_change:g}); lower --min-logprob-change?")
+    for path in written:
+        console.print(f"[green]wrote[/] {path}", highlight=False)

@@ -1,0 +1,417 @@
+"""Weight linearity against numpy/scipy on synthetic trajectories with known structure."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from rlvrx.checkpoint import Checkpoint
+from rlvrx.cli import app
+from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.linearity import stats
+from rlvrx.linearity.weights import (
+    PUBLIC_KEYS,
+    WeightSettings,
+    WeightState,
+    analyze_weights,
+    layer_of,
+    merge_states,
+    module_of,
+    plan_shards,
+    public_json,
+    sample_indices,
+    summarize,
+)
+
+STEPS = [0, 10, 20, 30, 45, 60, 80]
+SHAPES = {
+    "model.embed_tokens.weight": (50, 8),
+    "model.layers.0.self_attn.q_proj.weight": (16, 8),
+    "model.layers.0.self_attn.q_proj.bias": (16,),
+    "model.layers.0.mlp.down_proj.weight": (8, 24),
+    "model.layers.0.input_layernorm.weight": (8,),
+    "model.layers.1.self_attn.k_proj.weight": (8, 8),
+    "model.layers.1.mlp.up_proj.weight": (24, 8),
+    "model.norm.weight": (8,),
+    "lm_head.weight": (50, 8),
+}
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], n_files: int = 3) -> Path:
+    """A sharded HF-style checkpoint: tensors spread over n_files safetensors files plus an index."""
+    path.mkdir(parents=True)
+    names = list(tensors)
+    weight_map = {}
+    for f in range(n_files):
+        chunk = {n: tensors[n].contiguous() for i, n in enumerate(names) if i % n_files == f}
+        if chunk:
+            file = f"model-{f + 1:05d}-of-{n_files:05d}.safetensors"
+            save_file(chunk, str(path / file))
+            weight_map.update({n: file for n in chunk})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def write_trajectory(root: Path, series: dict[str, np.ndarray], steps=STEPS, dtype=torch.float32, run: bool = False, kinds=None):
+    """series[name]: array [K, *shape]. Returns [(step, Checkpoint)] (and writes trajectory.json when run)."""
+    out = []
+    entries = []
+    for k, step in enumerate(steps):
+        path = write_checkpoint(root / "checkpoints" / f"step_{step:06d}", {n: torch.from_numpy(np.ascontiguousarray(v[k])).to(dtype) for n, v in series.items()})
+        out.append((step, Checkpoint(path)))
+        entries.append({"step": step, "path": str(path.relative_to(root)), "kind": (kinds or {}).get(step, "base" if k == 0 else "rl")})
+    if run:
+        (root / "trajectory.json").write_text(json.dumps(entries))
+    return out
+
+
+def noisy_lines(seed: int, steps=STEPS, noise: float = 0.3, shapes=SHAPES) -> dict[str, np.ndarray]:
+    """value = a + b*step + noise: a spread of R² values."""
+    rng = np.random.default_rng(seed)
+    t = np.asarray(steps, dtype=np.float64)
+    out = {}
+    for name, shape in shapes.items():
+        a = rng.normal(size=shape)
+        b = rng.normal(size=shape) * 1e-2
+        eps = rng.normal(size=(len(t), *shape)) * noise * rng.uniform(0, 1, size=shape)
+        out[name] = a + b * t.reshape(-1, *[1] * len(shape)) + eps
+    return out
+
+
+def numpy_r2(series: np.ndarray, steps=STEPS) -> np.ndarray:
+    """R² per parameter by np.corrcoef, one parameter at a time (NaN for constants)."""
+    flat = series.reshape(len(steps), -1)
+    out = np.empty(flat.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for j in range(flat.shape[1]):
+            out[j] = np.corrcoef(np.asarray(steps, dtype=np.float64), flat[:, j])[0, 1] ** 2
+    return out
+
+
+def stored(series: dict[str, np.ndarray], dtype=torch.float32) -> dict[str, np.ndarray]:
+    """The values as the checkpoints store them (rounded to dtype), in float64."""
+    return {n: torch.from_numpy(v).to(dtype).double().numpy() for n, v in series.items()}
+
+
+def everything(**kw) -> WeightSettings:
+    """Keep every parameter's R² value (sample fraction 1) and no filters unless given."""
+    return WeightSettings(**{"sample": 1.0, "min_abs_change": 0.0, "min_unique": 1, **kw})
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_module_and_layer_names():
+    assert [module_of(n) for n in SHAPES] == ["embed", "q", "q", "down", "norm", "k", "up", "norm", "head"]
+    assert [layer_of(n) for n in SHAPES] == [None, 0, 0, 0, 0, 1, 1, None, None]
+
+
+def test_r2_columns_matches_scipy_linregress():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(len(STEPS), 120)) + np.outer(STEPS, rng.normal(size=120)) * 0.02
+    r2, _ = stats.r2_columns(torch.from_numpy(y), STEPS)
+    try:
+        from scipy.stats import linregress
+
+        expected = np.array([linregress(STEPS, y[:, j]).rvalue ** 2 for j in range(y.shape[1])])
+    except ImportError:  # pragma: no cover
+        expected = numpy_r2(y)
+    np.testing.assert_allclose(r2.numpy(), expected, rtol=0, atol=1e-10)
+    assert r2.min() < 0.2 and r2.max() > 0.85  # a real spread, not a degenerate case
+
+
+def test_exact_lines_give_r2_one(tmp_path):
+    rng = np.random.default_rng(0)
+    t = np.asarray(STEPS, dtype=np.float64)
+    series = {n: rng.normal(size=s) + rng.normal(size=s) * 1e-2 * t.reshape(-1, *[1] * len(s)) for n, s in SHAPES.items()}
+    ckpts = write_trajectory(tmp_path, series, dtype=torch.float64)
+    summary = summarize(analyze_weights(ckpts, everything()))
+    assert summary["n_params"] == sum(math.prod(s) for s in SHAPES.values())
+    assert summary["frac_r2_gt_0_9"] == 1.0 and summary["frac_r2_gt_0_7"] == 1.0
+    assert abs(summary["mean_r2"] - 1.0) < 1e-12
+    assert abs(summary["median_r2"] - 1.0) < 1e-12
+    # Exactly linear motion: every delta points the same way and the line predicts the last step.
+    assert abs(summary["direction_cosine"] - 1.0) < 1e-12
+    assert summary["holdout_rel_error"] < 1e-9
+
+
+def test_pure_noise_matches_numpy_per_parameter(tmp_path):
+    rng = np.random.default_rng(2)
+    series = {n: rng.normal(size=(len(STEPS), *s)) for n, s in SHAPES.items()}
+    ckpts = write_trajectory(tmp_path, series)
+    state = analyze_weights(ckpts, everything())
+    values = stored(series)
+    for record in state.tensors:
+        np.testing.assert_allclose(record.values, numpy_r2(values[record.name]), rtol=0, atol=1e-10)
+    summary = summarize(state)
+    all_r2 = np.concatenate([numpy_r2(values[n]) for n in SHAPES])
+    assert summary["median_r2"] == pytest.approx(float(np.median(all_r2)), abs=1e-15)
+    assert summary["median_r2"] < 0.25  # noise: no linear trend (median of Beta(1/2, 5/2) is ~0.09)
+    assert summary["frac_r2_gt_0_7"] == int((all_r2 > 0.7).sum()) / all_r2.size
+    # Full coverage (histogram medians) agrees with the exact values within the documented resolution.
+    full = summarize(analyze_weights(ckpts, everything(sample=None)))
+    assert abs(full["median_r2"] - float(np.median(all_r2))) <= 1.0 / stats.FINE_BINS
+    assert full["mean_r2"] == pytest.approx(float(all_r2.mean()), abs=1e-12)
+    assert full["n_params"] == all_r2.size
+    for entry in full["tensors"]:
+        exact = float(np.median(numpy_r2(values[entry["name"]])))
+        assert abs(entry["median_r2"] - exact) <= 1.0 / stats.FINE_BINS, entry["name"]
+
+
+def test_known_fraction_mix(tmp_path):
+    """30% of parameters move on a line, 70% go down and back up symmetrically (R² = 0 exactly)."""
+    steps = [0, 10, 20, 30, 40, 50, 60]
+    t = np.asarray(steps, dtype=np.float64)
+    rng = np.random.default_rng(3)
+    n = 1000
+    linear = rng.normal(size=n) + np.outer(t, rng.uniform(0.5, 1.0, size=n)) * 1e-2
+    vee = rng.normal(size=n) + np.outer(np.abs(t - 30), rng.uniform(0.5, 1.0, size=n)) * 1e-2
+    is_linear = rng.permutation(n) < 300
+    mixed = np.where(is_linear, linear, vee).reshape(len(steps), 40, 25)
+    ckpts = write_trajectory(tmp_path, {"model.layers.0.mlp.gate_proj.weight": mixed}, steps=steps, dtype=torch.float64)
+    summary = summarize(analyze_weights(ckpts, WeightSettings()))
+    assert summary["n_params"] == n and summary["n_filtered"] == 0
+    assert summary["frac_r2_gt_0_7"] == 0.3
+    assert summary["frac_r2_gt_0_9"] == 0.3
+    assert summary["mean_r2"] == pytest.approx(0.3, abs=1e-9)
+    assert summary["median_r2"] <= 1.0 / stats.FINE_BINS  # the median parameter is a "V": R² = 0
+
+
+def test_filters_are_counted_and_never_nan(tmp_path):
+    steps = STEPS
+    k = len(steps)
+    rng = np.random.default_rng(4)
+    good = rng.normal(size=(k, 10)) + np.outer(steps, np.ones(10)) * 1e-2  # kept
+    constant = np.repeat(rng.normal(size=(1, 7)), k, axis=0)  # constant
+    tiny = rng.normal(size=(1, 5)) + rng.uniform(0, 5e-5, size=(k, 5))  # max - min < 1e-4
+    few = rng.normal(size=(1, 6)) + np.array([0, 1, 0, 1, 2, 1, 0])[:, None] * 0.1  # 3 distinct values
+    values = np.concatenate([good, constant, tiny, few], axis=1)
+    ckpts = write_trajectory(tmp_path, {"w.weight": values}, dtype=torch.float64)
+    summary = summarize(analyze_weights(ckpts, WeightSettings()))
+    assert summary["filters"] == {"constant": 7, "min_abs_change": 5, "min_unique": 6}
+    assert summary["n_filtered"] == 18 and summary["n_params"] == 10
+    expected = numpy_r2(good, steps)
+    assert summary["mean_r2"] == pytest.approx(float(expected.mean()), abs=1e-12)
+    # Loosening a filter lets those parameters in; constants stay out whatever the settings.
+    loose = summarize(analyze_weights(ckpts, WeightSettings(min_abs_change=0.0, min_unique=1)))
+    assert loose["filters"] == {"constant": 7, "min_abs_change": 0, "min_unique": 0}
+    assert loose["n_params"] == 21
+    assert all(math.isfinite(loose[key]) for key in ("mean_r2", "median_r2", "frac_r2_gt_0_7"))
+    # A trajectory where nothing survives reports None, not NaN.
+    flat = summarize(analyze_weights(write_trajectory(tmp_path / "flat", {"w.weight": constant}), WeightSettings()))
+    assert flat["n_params"] == 0 and flat["mean_r2"] is None and flat["median_r2"] is None
+
+
+def test_bfloat16_checkpoints(tmp_path):
+    series = noisy_lines(5, shapes={"model.layers.0.self_attn.v_proj.weight": (32, 16)}, noise=0.05)
+    ckpts = write_trajectory(tmp_path, series, dtype=torch.bfloat16)
+    state = analyze_weights(ckpts, WeightSettings(sample=1.0, min_abs_change=0.0, min_unique=1))
+    values = stored(series, torch.bfloat16)["model.layers.0.self_attn.v_proj.weight"]
+    expected = numpy_r2(values)
+    defined = np.isfinite(expected)
+    np.testing.assert_allclose(state.tensors[0].values, expected[defined], rtol=0, atol=1e-10)
+
+
+def test_blocks_do_not_change_results(tmp_path):
+    series = noisy_lines(6)
+    ckpts = write_trajectory(tmp_path, series)
+    one = summarize(analyze_weights(ckpts, WeightSettings()))
+    # 60-element blocks: every matrix is read in several row blocks (the 50x8 embedding in 7).
+    many = summarize(analyze_weights(ckpts, WeightSettings(max_block_elements=60)))
+    from rlvrx.linearity.weights import block_elements
+
+    assert block_elements(len(STEPS), 4, 512) > 400  # the default reads each tensor here in one block
+    for key in ("n_params", "n_filtered", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "median_r2"):
+        assert one[key] == many[key], key
+    for key in ("mean_r2", "direction_cosine", "holdout_rel_error"):
+        assert one[key] == pytest.approx(many[key], rel=1e-12), key
+
+
+def test_direction_cosine_and_holdout_match_numpy(tmp_path):
+    series = noisy_lines(7, noise=0.05)
+    ckpts = write_trajectory(tmp_path, series)
+    summary = summarize(analyze_weights(ckpts, WeightSettings()))
+    values = stored(series)
+    t = np.asarray(STEPS, dtype=np.float64)
+    k = len(STEPS)
+    dots = np.zeros(k - 2)
+    sq = np.zeros(k - 1)
+    err_total = last_total = whole_total = 0.0
+    by_name = {e["name"]: e for e in summary["tensors"]}
+    for name, v in values.items():
+        flat = v.reshape(k, -1)
+        deltas = np.diff(flat, axis=0)
+        d_dots = np.einsum("ij,ij->i", deltas[:-1], deltas[1:])
+        d_sq = np.einsum("ij,ij->i", deltas, deltas)
+        cos = d_dots / np.sqrt(d_sq[:-1] * d_sq[1:])
+        assert by_name[name]["direction_cosine"] == pytest.approx(float(cos.mean()), rel=1e-10)
+        coef = np.polyfit(t[:-1], flat[:-1], 1)  # [2, n]: slope, intercept per parameter
+        predicted = coef[0] * t[-1] + coef[1]
+        err = np.sum((predicted - flat[-1]) ** 2)
+        last = np.sum((flat[-1] - flat[-2]) ** 2)
+        assert by_name[name]["holdout_rel_error"] == pytest.approx(math.sqrt(err / last), rel=1e-8)
+        dots += d_dots
+        sq += d_sq
+        err_total += err
+        last_total += last
+        whole_total += np.sum((flat[-1] - flat[0]) ** 2)
+    overall = dots / np.sqrt(sq[:-1] * sq[1:])
+    assert summary["direction_cosine"] == pytest.approx(float(overall.mean()), rel=1e-10)
+    assert summary["holdout_rel_error"] == pytest.approx(math.sqrt(err_total / last_total), rel=1e-8)
+    assert summary["holdout_rel_error_total"] == pytest.approx(math.sqrt(err_total / whole_total), rel=1e-8)
+    assert 0 < summary["holdout_rel_error"] < 1 and 0 < summary["direction_cosine"] < 1
+
+
+def test_sampling_reproducible_and_independent_of_shards(tmp_path):
+    series = noisy_lines(8)
+    ckpts = write_trajectory(tmp_path, series)
+    settings = WeightSettings(sample=0.1, min_per_tensor=12, seed=3, min_abs_change=0.0, min_unique=1)
+    a = analyze_weights(ckpts, settings)
+    b = analyze_weights(ckpts, settings)
+    other = analyze_weights(ckpts, WeightSettings(sample=0.1, min_per_tensor=12, seed=4, min_abs_change=0.0, min_unique=1))
+    values = stored(series)
+    differ = 0
+    for ra, rb, ro in zip(a.tensors, b.tensors, other.tensors):
+        numel = math.prod(SHAPES[ra.name])
+        assert ra.n_examined == min(numel, max(12, round(0.1 * numel)))
+        np.testing.assert_array_equal(ra.values, rb.values)
+        # The sampled values are exactly numpy's R² at the seeded positions.
+        idx = sample_indices(ra.name, numel, 0.1, 12, 3)
+        np.testing.assert_allclose(ra.values, numpy_r2(values[ra.name])[idx], rtol=0, atol=1e-10)
+        differ += not np.array_equal(sample_indices(ra.name, numel, 0.1, 12, 3), sample_indices(ra.name, numel, 0.1, 12, 4))
+    assert differ >= 5  # another seed picks other parameters
+    parts = [analyze_weights(ckpts, settings, shard=(i, 3)) for i in range(3)]
+    sharded = {t.name: t.values for p in parts for t in p.tensors}
+    assert sorted(sharded) == sorted(t.name for t in a.tensors)
+    for record in a.tensors:
+        np.testing.assert_array_equal(sharded[record.name], record.values)
+
+
+def test_plan_shards_is_disjoint_and_balanced():
+    sizes = [(f"t{i}", s) for i, s in enumerate([100, 1, 50, 50, 30, 20, 7, 7, 90, 3])]
+    shards = plan_shards(sizes, 3)
+    names = [n for shard in shards for n in shard]
+    assert sorted(names) == sorted(n for n, _ in sizes) and len(names) == len(set(names))
+    loads = sorted(sum(dict(sizes)[n] for n in shard) for shard in shards)
+    assert loads == [118, 120, 120]  # greedy largest-first onto the lightest shard
+    assert plan_shards(sizes, 3) == shards
+    assert plan_shards(sizes, 1) == [[n for n, _ in sizes]]
+
+
+@pytest.mark.parametrize("sample", [None, 0.2])
+def test_shard_and_merge_reproduce_one_run(tmp_path, sample):
+    ckpts = write_trajectory(tmp_path, noisy_lines(9))
+    settings = WeightSettings(sample=sample, min_per_tensor=10)
+    single = summarize(analyze_weights(ckpts, settings))
+    parts = [analyze_weights(ckpts, settings, shard=(i, 4)) for i in (2, 0, 3, 1)]
+    assert sum(len(p.tensors) for p in parts) == len(SHAPES)
+    # Through JSON, as part files travel between processes.
+    loaded = [WeightState.from_json(json.loads(json.dumps(p.to_json()))) for p in parts]
+    merged = summarize(merge_states(loaded))
+    single.pop("shards")
+    merged.pop("shards")
+    assert merged == single  # every number equal, not just close
+    with pytest.raises(UsageError, match="missing \\[1\\]"):
+        merge_states([loaded[0], loaded[1], loaded[2]])
+    with pytest.raises(UsageError, match="also in"):
+        merge_states([loaded[0], loaded[0]])
+
+
+def test_structure_mismatch_and_too_few_checkpoints(tmp_path):
+    series = noisy_lines(10, shapes={"a.weight": (4, 4), "b.weight": (3,)})
+    ckpts = write_trajectory(tmp_path, series)
+    with pytest.raises(UsageError, match="at least 3"):
+        analyze_weights(ckpts[:2])
+    with pytest.raises(UsageError, match="appears twice"):
+        analyze_weights([ckpts[0], ckpts[1], (ckpts[1][0], ckpts[2][1])])
+    with pytest.raises(UsageError, match="increasing"):
+        analyze_weights([ckpts[1], ckpts[0], ckpts[2]])
+    odd = write_checkpoint(tmp_path / "odd", {"a.weight": torch.zeros(4, 5), "b.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match="a.weight has shape"):
+        analyze_weights(ckpts[:3] + [(500, Checkpoint(odd))])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_weights_on_run_dir_writes_json_and_plots(tmp_path):
+    steps = [0, 10, 20, 30, 40]
+    series = noisy_lines(11, steps=steps)
+    run = tmp_path / "run"
+    write_trajectory(run, series, steps=steps, run=True, kinds={40: "extrapolated"})
+    out_json = tmp_path / "w.json"
+    result = CliRunner().invoke(app, ["linearity", "weights", str(run), "--json", str(out_json)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert tuple(data) == PUBLIC_KEYS
+    assert data["steps"] == [0, 10, 20, 30]  # extrapolated checkpoints are left out by default
+    assert [t["name"] for t in data["tensors"]] == Checkpoint(run / "checkpoints" / "step_000000").names()
+    assert sorted(t["name"] for t in data["tensors"]) == sorted(SHAPES)
+    assert set(data["tensors"][0]) >= {"name", "n", "mean_r2", "median_r2"}
+    out = run / "linearity" / "weights"
+    for png in ("r2_hist.png", "r2_heatmap.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_lines = (out / "tensors.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("name,module,layer") and len(csv_lines) == len(SHAPES) + 1
+    assert "weight R² by module type" in result.output and "median R²" in result.output
+    values = stored(series)
+    all_r2 = np.concatenate([numpy_r2(values[n][:4], [0, 10, 20, 30]) for n in SHAPES])
+    assert abs(data["median_r2"] - float(np.median(all_r2))) <= 1.0 / stats.FINE_BINS
+
+    result = CliRunner().invoke(app, ["linearity", "weights", str(run), "--include-extrapolated", "--window", "10:", "--json", str(out_json), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out_json.read_text())["steps"] == [10, 20, 30, 40]
+
+
+def test_cli_shards_then_merge_equal_single_run(tmp_path):
+    series = noisy_lines(12)
+    ckpts = write_trajectory(tmp_path / "t", series)
+    pairs = [arg for step, c in ckpts for arg in ("--checkpoint", f"{step}={c.path}")]
+    runner = CliRunner()
+    single = tmp_path / "single.json"
+    result = runner.invoke(app, ["linearity", "weights", *pairs, "--out", str(tmp_path / "one"), "--json", str(single), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    parts = []
+    for i in range(3):
+        part = tmp_path / "parts" / f"p{i}.json"
+        result = runner.invoke(app, ["linearity", "weights", *pairs, "--shard", f"{i}/3", "--out", str(tmp_path / "parts"), "--json", str(part)])
+        assert result.exit_code == 0, result.output
+        parts.append(str(part))
+    merged = tmp_path / "merged.json"
+    result = runner.invoke(app, ["linearity", "merge", *parts, "--json", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(merged.read_text()) == json.loads(single.read_text())
+    assert (tmp_path / "parts" / "r2_heatmap.png").is_file()
+    bogus = runner.invoke(app, ["linearity", "merge", parts[0], str(single), "--json", str(merged)])
+    assert isinstance(bogus.exception, UsageError) and "not a weight-linearity part file" in str(bogus.exception)
+    missing = runner.invoke(app, ["linearity", "merge", parts[0], parts[2], "--json", str(merged)])
+    assert isinstance(missing.exception, UsageError) and "missing [1]" in str(missing.exception)
+
+
+def test_cli_bad_input(tmp_path):
+    ckpts = write_trajectory(tmp_path, noisy_lines(13, shapes={"a.weight": (3, 3)}))
+    pairs = [f"{step}={c.path}" for step, c in ckpts]
+    runner = CliRunner()
+    unsorted = runner.invoke(app, ["linearity", "weights", "-c", pairs[1], "-c", pairs[0], "-c", pairs[2]])
+    assert isinstance(unsorted.exception, UsageError) and "increasing order" in str(unsorted.exception)
+    dup = runner.invoke(app, ["linearity", "weights", "-c", pairs[0], "-c", pairs[0], "-c", pairs[2]])
+    assert isinstance(dup.exception, UsageError) and "duplicate" in str(dup.exception)
+    shard = runner.invoke(app, ["linearity", "weights", "-c", pairs[0], "-c", pairs[1], "-c", pairs[2], "--shard", "3/3"])
+    assert isinstance(shard.exception, UsageError) and "0-based" in str(shard.exception)
+    # End to end through the real entry point: one line, exit code 2, no traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlvrx", "linearity", "weights", "-c", pairs[0], "-c", pairs[1]],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "at least 3 checkpoints" in proc.stderr and "Traceback" not in proc.stderr

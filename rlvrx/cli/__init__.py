@@ -37,26 +37,20 @@ def _root(
 
 
 def _register() -> None:
-    from rlvrx.cli import model, recipe, report, rl_extra, run, snapshot, train
+    """Commands in the order a user meets them; each module stays thin over the library."""
+    from rlvrx.cli import eval as eval_cli
+    from rlvrx.cli import extrapolate, linearity, model, recipe, report, rl_extra, run, slurm, snapshot, train
 
-    app.add_typer(recipe.app, name="recipe", help="Show, validate and list YAML recipes.")
-    app.add_typer(snapshot.app, name="snapshot", help="Register, list and verify a run's checkpoint trajectory.")
+    app.command("run")(run.run)
     app.command("train")(train.train)
     app.command("rl-extra")(rl_extra.rl_extra)
-    app.command("run")(run.run)
-    app.command("report")(report.report)
-    app.add_typer(model.app, name="model", help="Build local models (a tiny Qwen2-style model for tests and quickstarts).")
-    from rlvrx.cli import extrapolate
-
-    app.add_typer(extrapolate.app, name="extrapolate", help="Predict future models from earlier checkpoints: extrapolate weights or logits.")
-    from rlvrx.cli import linearity
-
     app.add_typer(linearity.app, name="linearity", help="Measure how linearly weights and token log-probs move with the training step.")
-    from rlvrx.cli import eval as eval_cli
-
+    app.add_typer(extrapolate.app, name="extrapolate", help="Predict future models from earlier checkpoints: extrapolate weights or logits.")
     app.command("eval")(eval_cli.eval_)
-    from rlvrx.cli import slurm
-
+    app.command("report")(report.report)
+    app.add_typer(snapshot.app, name="snapshot", help="Register, list, verify and convert a run's checkpoint trajectory.")
+    app.add_typer(recipe.app, name="recipe", help="Show, validate and list YAML recipes.")
+    app.add_typer(model.app, name="model", help="Build local models (a tiny Qwen2-style model for tests and quickstarts).")
     app.command("slurm")(slurm.slurm)
 
 

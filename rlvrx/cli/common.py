@@ -39,3 +39,18 @@ def write_json(path: str | os.PathLike | None, data: Any) -> None:
     from rlvrx.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
+
+
+def task_options(pairs: list[str]) -> dict:
+    """`--task-option KEY=VALUE` pairs -> {key: YAML-typed value}."""
+    import yaml
+
+    from rlvrx.errors import UsageError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--task-option {pair!r}: expected KEY=VALUE, e.g. digits=3")
+        options[key.strip()] = yaml.safe_load(value)
+    return options

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from rlvrx.cli.common import console, warn, write_json
+from rlvrx.cli.common import console, task_options, warn, write_json
 from rlvrx.errors import UsageError
 
 
@@ -29,16 +29,6 @@ class _RichProgress:
             self.bar.advance(self.ids[stage], amount)
 
 
-def _task_options(pairs: List[str]) -> dict:
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--task-option {pair!r}: expected KEY=VALUE, e.g. digits=3")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
 
 
 def _split_names(values: List[str]) -> list[str]:
@@ -160,7 +150,7 @@ def eval_(
     if models and not task_names and data is None:
         raise UsageError("which task? pass --task NAME (arithmetic, aime24, aime25, math500, gsm8k, ...) or --data FILE")
     ks = parse_k_list(k_list)
-    options = _task_options(task_option)
+    options = task_options(task_option)
     tasks = build_tasks(task_names, data, data_dir, problem_key, answer_key or "answer", id_key, options) if (task_names or data) else []
     specs = _specs(models, generations, name, out)
     eval_options = EvalOptions(

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from rlvrx.cli.common import console, warn, write_json
+from rlvrx.cli.common import console, task_options, warn, write_json
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -127,18 +127,6 @@ def weights(
     write_json(json_path, result.summary())
 
 
-def _task_options(pairs: List[str]) -> dict:
-    import yaml
-
-    from rlvrx.errors import UsageError
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--task-option {pair!r}: expected KEY=VALUE, e.g. digits=3")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
 
 
 def _percent(value, stderr=None) -> str:
@@ -202,7 +190,7 @@ def logits(
     with bar:
         result = extrapolate_logits(
             run, task=task, base=base, second=second, target=target, alpha=alpha, base_path=base_path, second_path=second_path,
-            out=out, data=data, data_dir=data_dir, task_options=_task_options(task_option), options=options,
+            out=out, data=data, data_dir=data_dir, task_options=task_options(task_option), options=options,
             progress=progress, note=warn,
         )
 

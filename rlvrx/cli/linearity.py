@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from rlvrx.cli.common import console, warn, write_json
+from rlvrx.cli.common import console, task_options, warn, write_json
 from rlvrx.errors import UsageError
 
 app = typer.Typer(no_args_is_help=True)
@@ -65,16 +65,6 @@ def resolve_checkpoints(run: Path | None, pairs: list[str], window: str | None, 
     return traj.checkpoints(entries)
 
 
-def _task_options(pairs: list[str]) -> dict:
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--task-option {pair!r}: expected KEY=VALUE, e.g. limit=20")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
 
 
 def _default_out(run: Path | None, name: str) -> Path:
@@ -216,7 +206,7 @@ def logprobs(
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
         with console.status(f"sampling {generate} probe responses from step {paths[0][0]}"):
             if task is not None:
-                prompts = ll.task_prompts(task, ll.load_tokenizer(first), split, _task_options(task_option))
+                prompts = ll.task_prompts(task, ll.load_tokenizer(first), split, task_options(task_option))
             else:
                 prompts = ll.load_prompts(probes)
             items = ll.generate_probes(first, prompts, generate, params, batch_size, device)

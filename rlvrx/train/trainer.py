@@ -9,7 +9,6 @@ step are derived from (seed, step), and optimizer, scheduler and RNG states are 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -227,3 +227,14 @@ def test_rl_extra_resume_across_a_jump_is_bit_identical(tmp_path, fit):
     traj.save()
     RLExtraTrainer(part).fit(show_progress=False)
     assert_same_weights(weights(tmp_path / f"full-{fit}", 10), weights(run, 10))
+
+
+def test_model_dir_without_tokenizer_is_refused(tmp_path, sft_model):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(sft_model / name, bare / name)
+    r = recipe(tmp_path)
+    r.model.path = str(bare)
+    with pytest.raises(UsageError, match="no tokenizer"):
+        Trainer(r).fit(show_progress=False)

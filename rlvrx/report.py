@@ -6,18 +6,18 @@ display needed). Every file is written to a temporary sibling and renamed into p
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from rlvrx.checkpoint import atomic_file
 
 BAR_BLOCKS = " ▏▎▍▌▋▊▉█"
 
@@ -82,23 +82,6 @@ def progress_bar(console=None, transient: bool = False, count: bool = True) -> P
 # Files
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
     """Atomic CSV; None becomes an empty cell, floats keep full precision."""
     buffer = io.StringIO()
@@ -106,7 +89,7 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     writer.writerow(header)
     for row in rows:
         writer.writerow(["" if cell is None else (repr(cell) if isinstance(cell, float) else cell) for cell in row])
-    with _atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(buffer.getvalue())
     return Path(path)
 
@@ -121,7 +104,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    with _atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
 

@@ -221,7 +221,7 @@ def default_output(run: str | os.PathLike, base: int, second: int, target: int |
 
 def _resolve_inputs(run, base, second, target, alpha, base_path, second_path):
     """(base path, second path, base step, second step, target, alpha) from the flags."""
-    from rlvrx.extrapolate.weights import two_point_alpha
+    from rlvrx.extrapolate.weights import resolve_alpha
 
     if (base_path is None) != (second_path is None):
         if alpha is not None:
@@ -238,18 +238,7 @@ def _resolve_inputs(run, base, second, target, alpha, base_path, second_path):
 
         traj = Trajectory.load(run)
         base_path, second_path = traj.path_of(base), traj.path_of(second)
-    steps_known = base is not None and second is not None
-    if steps_known:
-        if target is not None and alpha is not None:
-            raise UsageError("give --target or --alpha, not both (alpha = (target - base) / (second - base))")
-        if target is not None:
-            alpha = two_point_alpha(base, second, target)
-        elif alpha is not None:
-            two_point_alpha(base, second, base)
-        else:
-            raise UsageError("give --target T (alpha = (T - base) / (second - base)) or --alpha")
-    elif alpha is None:
-        raise UsageError("two model directories without steps need --alpha (or --base S0 --second S1 --target T)")
+    alpha, target = resolve_alpha(base, second, target, alpha)
     if Path(base_path).resolve() == Path(second_path).resolve():
         raise UsageError(f"--alpha needs two different checkpoints; both are {base_path}")
     return Path(base_path), Path(second_path), base, second, target, float(alpha)

@@ -554,6 +554,23 @@ def extrapolate_lstsq(
 # Run directories
 
 
+def resolve_alpha(base: int | None, second: int | None, target: int | None, alpha: float | None) -> tuple[float, int | None]:
+    """(alpha, target) from --target or --alpha: alpha = (T - S0) / (S1 - S0); T is derived from alpha when integral."""
+    if base is not None and second is not None:
+        if target is not None and alpha is not None:
+            raise UsageError("give --target or --alpha, not both (alpha = (target - base) / (second - base))")
+        if target is not None:
+            return two_point_alpha(base, second, target), target
+        if alpha is None:
+            raise UsageError("give --target T (alpha = (T - base) / (second - base)) or --alpha")
+        two_point_alpha(base, second, base)  # validates the steps
+        value = base + alpha * (second - base)
+        return alpha, int(round(value)) if abs(value - round(value)) < 1e-9 else None
+    if alpha is None:
+        raise UsageError("two model directories without steps need --alpha (or --base S0 --second S1 --target T)")
+    return alpha, target
+
+
 def default_output(run: str | os.PathLike, target_step: int) -> Path:
     from rlvrx.trajectory import step_dir_name
 
@@ -692,20 +709,7 @@ def extrapolate_weights(
             src_base, src_second = sources_from_run(run, [base, second])
         else:
             src_base, src_second = Source(Path(base_path), base), Source(Path(second_path), second)
-        steps_known = base is not None and second is not None
-        if steps_known:
-            if target is not None and alpha is not None:
-                raise UsageError("give --target or --alpha, not both (alpha = (target - base) / (second - base))")
-            if target is not None:
-                alpha = two_point_alpha(base, second, target)
-            elif alpha is not None:
-                two_point_alpha(base, second, base)  # validates the steps
-                value = base + alpha * (second - base)
-                target = int(round(value)) if abs(value - round(value)) < 1e-9 else None
-            else:
-                raise UsageError("give --target T (alpha = (T - base) / (second - base)) or --alpha")
-        elif alpha is None:
-            raise UsageError("two model directories without steps need --alpha (or --base S0 --second S1 --target T)")
+        alpha, target = resolve_alpha(base, second, target, alpha)
         if out is None:
             if run is None or target is None:
                 raise UsageError("give --out DIR (the default RUN/extrapolated/step_T needs RUN and an integer target step)")

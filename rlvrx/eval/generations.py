@@ -2,7 +2,7 @@
 
 One JSON object per line, one line per problem:
 
-    {"id": "math500-3", "prompt": "<problem text>", "gold": "\\frac{1}{2}", "completions": ["...", ...]}
+    {"id": "p-3", "prompt": "<problem text>", "gold": "\\frac{1}{2}", "completions": ["...", ...]}
 
 Any other fields are kept (for provenance) and ignored by grading. Readers also accept "answer" for
 "gold" (dataset-style rows). Eval's result files (`<out>/<model>/<task>.jsonl`) are the same records

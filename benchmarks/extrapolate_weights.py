@@ -2,8 +2,8 @@
 
 Contestants, each a child process, run round-robin so that load changes hit all of them alike:
   rlvrx          `rlvrx extrapolate weights --base-path A --second-path B --alpha 3` (the default:
-                 sha256 of both inputs for the provenance file, on a background thread)
-  rlvrx-nohash   the same with --no-hash (the work mergekit does)
+                 a fingerprint of each input in the provenance file: sizes, headers, sampled blocks)
+  rlvrx-hash     the same with --hash (full sha256 of both inputs, on a background thread)
   mergekit       mergekit-yaml task_arithmetic, base = A, weight 3 on B, dtype float32 ->
                  out_dtype bfloat16, --lazy-unpickle --no-copy-tokenizer (its own venv)
   naive          both models through from_pretrained in float32, state-dict arithmetic,
@@ -98,7 +98,7 @@ def main() -> None:
 
         contestants["rlvrx"] = lambda out: rlvrx_cmd(out)
         if not args.quick:
-            contestants["rlvrx-nohash"] = lambda out: rlvrx_cmd(out, "--no-hash")
+            contestants["rlvrx-hash"] = lambda out: rlvrx_cmd(out, "--hash")
         mk_python, notes["mergekit"] = h.peer_python("RLVRX_BENCH_MERGEKIT_VENV", "/work/.venv-mergekit", "mergekit")
         if mk_python:
             config = work / "mergekit.yml"

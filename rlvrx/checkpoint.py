@@ -395,6 +395,24 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard
     return shards
 
 
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat memoryview (a copy only for non-contiguous or non-CPU tensors)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        tensor = tensor.to("cpu").contiguous()
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    """os.pwrite until every byte is written (one call writes at most ~2 GiB on Linux)."""
+    while data.nbytes:
+        written = os.pwrite(fd, data, position)
+        data = data[written:]
+        position += written
+
+
 class _ShardFile:
     """One safetensors file whose header is written first, then tensors land at their offsets."""
 
@@ -416,16 +434,28 @@ class _ShardFile:
         self.file.write(len(raw).to_bytes(8, "little"))
         self.file.write(raw)
         self.file.truncate(self.total)
+        self.file.flush()
         self.pending = set(self.offsets)
+        self.done_bytes: dict[str, int] = {}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> bool:
+        """Write the tensor's bytes at byte `start` of `name`'s data; True once `name` is complete.
+
+        Parts must arrive in order (start = the bytes written so far), so a tensor is never half
+        written twice. os.pwrite from the tensor's own memory: no intermediate copy.
+        """
         offset, nbytes = self.offsets[name]
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes != nbytes:
-            raise CheckpointError(f"tensor {name}: {data.nbytes} bytes written where {nbytes} were planned")
-        self.file.seek(self.data_start + offset)
-        self.file.write(memoryview(data))
-        self.pending.discard(name)
+        done = self.done_bytes.get(name, 0)
+        data = _raw_bytes(tensor)
+        if start != done or done + data.nbytes > nbytes:
+            raise CheckpointError(f"tensor {name}: bytes [{start}, {start + data.nbytes}) written where byte {done} of {nbytes} was next")
+        _pwrite_all(self.file.fileno(), data, self.data_start + offset + start)
+        done += data.nbytes
+        self.done_bytes[name] = done
+        if done == nbytes:
+            self.pending.discard(name)
+            return True
+        return False
 
     def close(self) -> None:
         self.file.flush()
@@ -472,6 +502,22 @@ class ShardedWriter:
             raise CheckpointError(
                 f"tensor {name}: got shape {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}"
             )
+        self._write(name, tensor, 0)
+
+    def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
+        """Write `part` (any shape, the planned dtype) as elements [start, start + part.numel()) of
+        `name`, flattened in row-major order. Parts of a tensor must come in order, without gaps, so
+        a tensor can be streamed in chunks through a few reused buffers."""
+        if name not in self._spec:
+            raise CheckpointError(f"tensor {name} is not in the writer's plan")
+        shape, dtype = self._spec[name]
+        if part.dtype != dtype or start < 0 or start + part.numel() > math.prod(shape):
+            raise CheckpointError(
+                f"tensor {name}: got elements [{start}, {start + part.numel()}) {part.dtype}, planned {math.prod(shape)} {dtype}"
+            )
+        self._write(name, part, start * _element_size(dtype))
+
+    def _write(self, name: str, tensor: torch.Tensor, start_byte: int) -> None:
         if name in self._written:
             raise CheckpointError(f"tensor {name} written twice")
         k = self._shard_of[name]
@@ -479,7 +525,8 @@ class ShardedWriter:
         if shard is None:
             specs = [self.specs[i] for i in self.shards[k]]
             shard = self._open[k] = _ShardFile(self.directory / self.shard_names[k], specs, self.metadata)
-        shard.write(name, tensor)
+        if not shard.write(name, tensor, start_byte):
+            return
         self._written.add(name)
         if not shard.pending:
             shard.close()

@@ -368,3 +368,48 @@ def test_tiny_model_dir_is_a_checkpoint(tiny_model_dir):
     assert ckpt.files == [tiny_model_dir / SINGLE_NAME]
     assert ckpt.info("model.embed_tokens.weight").shape == (99, 32)
     assert "lm_head.weight" not in ckpt  # tied
+
+
+# ---------------------------------------------------------------------------------------- parts
+
+
+@pytest.mark.parametrize("max_shard_bytes", [1 << 30, 600])
+def test_writer_parts_give_the_same_bytes_as_whole_tensors(tmp_path, max_shard_bytes):
+    tensors = sample_tensors()
+    specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    whole = write_checkpoint(tmp_path / "whole", specs, tensors.items(), max_shard_bytes=max_shard_bytes)
+    from rlvrx.checkpoint import ShardedWriter
+
+    with atomic_dir(tmp_path / "parts") as tmp:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+        for name, tensor in tensors.items():
+            flat = tensor.contiguous().reshape(-1)
+            if flat.numel() == 0:
+                writer.write(name, tensor)
+                continue
+            for start in range(0, flat.numel(), 7):  # uneven chunks, the last one short
+                writer.write_part(name, start, flat[start : start + 7].clone())
+        writer.finish()
+    assert files_in(whole) == files_in(tmp_path / "parts")
+    for file in files_in(whole):
+        assert (whole / file).read_bytes() == (tmp_path / "parts" / file).read_bytes()
+    got = read_all_with_safetensors(tmp_path / "parts")
+    assert all(raw_bytes(got[name]) == raw_bytes(t) for name, t in tensors.items())
+
+
+def test_writer_parts_must_come_in_order_and_match_the_plan(tmp_path):
+    from rlvrx.checkpoint import ShardedWriter
+
+    writer = ShardedWriter(tmp_path, [("t", (4, 5), torch.float32)])
+    writer.write_part("t", 0, torch.zeros(6))
+    with pytest.raises(CheckpointError, match=r"tensor t: bytes \[40, 64\) written where byte 24 of 80 was next"):
+        writer.write_part("t", 10, torch.zeros(6))
+    with pytest.raises(CheckpointError, match="planned 20 torch.float32"):
+        writer.write_part("t", 6, torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(CheckpointError, match=r"elements \[6, 21\)"):
+        writer.write_part("t", 6, torch.zeros(15))
+    writer.write_part("t", 6, torch.ones(14))
+    with pytest.raises(CheckpointError, match="written twice"):
+        writer.write_part("t", 0, torch.zeros(1))
+    writer.finish()
+    assert load_file(str(tmp_path / SINGLE_NAME))["t"].reshape(-1).tolist() == [0.0] * 6 + [1.0] * 14

@@ -21,7 +21,7 @@ from rlvrx.extrapolate import (
     lstsq_coefficients,
     two_point_alpha,
 )
-from rlvrx.extrapolate.weights import extrapolate_weights, parse_size, parse_window
+from rlvrx.extrapolate.weights import extrapolate_weights, input_fingerprint, parse_size, parse_window
 from rlvrx.trajectory import Trajectory
 
 ALPHAS = [-0.5, 0.5, 1.0, 2.0, 3.0]
@@ -87,12 +87,13 @@ def pair_bf16(tmp_path_factory):
 # ------------------------------------------------------------------------------------ exact formula
 
 
-@pytest.mark.parametrize("alpha", ALPHAS)
-def test_two_point_equals_float64_formula_in_bf16(tmp_path, pair_bf16, alpha):
+@pytest.mark.parametrize("alpha, chunk", [(a, 1 << 22) for a in ALPHAS] + [(3.0, 7), (-0.5, 64)])
+def test_two_point_equals_float64_formula_in_bf16(tmp_path, pair_bf16, alpha, chunk):
     base_dir, second_dir, base, second = pair_bf16
     assert (base_dir / INDEX_NAME).is_file() and len(list(base_dir.glob("*.safetensors"))) > 2
     out = tmp_path / "out"
-    result = extrapolate_two_point(base_dir, second_dir, alpha, out, options=WeightsOptions(max_shard_bytes=1500))
+    # chunk 7 / 64: every tensor streams through the ring of reused buffers in several uneven parts
+    result = extrapolate_two_point(base_dir, second_dir, alpha, out, options=WeightsOptions(max_shard_bytes=1500, chunk_elements=chunk))
     assert (out / INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 2  # sharded output
     got = load(out)
     assert list(got) == list(second)  # same names, same order
@@ -162,6 +163,19 @@ def test_fp16_inputs_use_float32_arithmetic(tmp_path):
     got = load(tmp_path / "o")
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(got[name], formula64(base[name], second[name], 3.0).half())
+
+
+def test_huge_finite_values_are_not_mistaken_for_overflow(tmp_path):
+    # Every value is near the bf16 maximum: their sum overflows (the cheap finiteness check fails),
+    # the exact check must still accept them; a real overflow is still refused.
+    big = torch.full((64, 8), 3.0e38, dtype=torch.float64)
+    base = {"w": big.to(torch.bfloat16)}
+    second = {"w": (big * 1.05).to(torch.bfloat16)}
+    b_dir, s_dir = save(tmp_path / "b", base), save(tmp_path / "s", second)
+    extrapolate_two_point(b_dir, s_dir, 0.5, tmp_path / "o")
+    assert torch.equal(load(tmp_path / "o")["w"], formula64(base["w"], second["w"], 0.5).to(torch.bfloat16))
+    with pytest.raises(RlvrxError, match=r"tensor w: .*overflows BF16"):
+        extrapolate_two_point(b_dir, s_dir, 3.0, tmp_path / "p")
 
 
 def test_copy_patterns_are_configurable():
@@ -269,10 +283,34 @@ def test_provenance_and_hashes(tmp_path, pair_bf16):
     assert prov["method"] == "two-point" and prov["alpha"] == 2.0 and prov["target_step"] == 30
     assert prov["coefficients"] == [-1.0, 2.0]
     assert [(i["role"], i["step"]) for i in prov["inputs"]] == [("base", 10), ("second", 20)]
-    assert prov["inputs"][0]["sha256"] == checkpoint_sha256(base_dir)
-    assert prov["inputs"][1]["sha256"] == checkpoint_sha256(second_dir)
+    # By default: a fingerprint (sizes, headers, sampled blocks), no full sha256 (no second read of the inputs).
+    for info, src in zip(prov["inputs"], (base_dir, second_dir)):
+        assert info["sha256"] is None and info["sha256_from"] is None
+        assert info["bytes"] == sum(p.stat().st_size for p in src.iterdir() if p.suffix == ".safetensors" or p.name == INDEX_NAME)
+        assert info["fingerprint"] == input_fingerprint(src)["fingerprint"]
+    assert prov["inputs"][0]["fingerprint"] != prov["inputs"][1]["fingerprint"]
     assert sorted(prov["copied"]) == sorted(NORMS | INTS)
     assert res.summary()["copied_tensors"] == len(NORMS | INTS)
+    # hash_inputs (--hash): the full sha256 of every input byte, as the trajectory manifest records it.
+    extrapolate_two_point(Source(base_dir, 10), Source(second_dir, 20), 2.0, tmp_path / "h", options=WeightsOptions(hash_inputs=True))
+    prov = json.loads((tmp_path / "h" / PROVENANCE).read_text())
+    assert prov["inputs"][0]["sha256"] == checkpoint_sha256(base_dir) and prov["inputs"][0]["sha256_from"] == "computed"
+    assert prov["inputs"][1]["sha256"] == checkpoint_sha256(second_dir)
+
+
+def test_fingerprint_sees_a_changed_value_in_a_sampled_block(tmp_path):
+    state = {"w": torch.zeros(64, 1024, dtype=torch.float32)}  # 256 KiB of data: the 16 blocks cover 64 KiB of it
+    a = save(tmp_path / "a", state)
+    before = input_fingerprint(a)
+    assert before["bytes"] == (a / "model.safetensors").stat().st_size
+    changed = {"w": state["w"].clone()}
+    changed["w"].view(-1)[-1] = 1.0  # the last 4 KiB block is always sampled
+    b = save(tmp_path / "b", changed)
+    assert input_fingerprint(b)["fingerprint"] != before["fingerprint"]
+    c = save(tmp_path / "c", {"w": state["w"].clone()})  # same bytes elsewhere: same fingerprint
+    assert input_fingerprint(c)["fingerprint"] == before["fingerprint"]
+    reshaped = save(tmp_path / "d", {"w": state["w"].reshape(128, 512)})  # same values, another header
+    assert input_fingerprint(reshaped)["fingerprint"] != before["fingerprint"]
 
 
 def test_register_adds_extrapolated_entry(run_dir):
@@ -459,6 +497,8 @@ def test_cli_paths_mode_and_exit_codes(tiny_run, tmp_path, monkeypatch, capsys):
     assert code == 0, capsys.readouterr().err
     assert Checkpoint(tmp_path / "o").dtypes() == {torch.bfloat16} and (tmp_path / "o" / INDEX_NAME).is_file()
     assert json.loads((tmp_path / "o" / PROVENANCE).read_text())["inputs"][0]["sha256"] is None
+    assert run_main(monkeypatch, ["extrapolate", "weights", *paths, "--alpha", "1.5", "--out", str(tmp_path / "h"), "--hash"]) == 0
+    assert json.loads((tmp_path / "h" / PROVENANCE).read_text())["inputs"][0]["sha256"] == checkpoint_sha256(ckpts / "step_000000")
     capsys.readouterr()
     assert run_main(monkeypatch, ["extrapolate", "weights", str(tiny_run), "--base", "10", "--second", "10", "--target", "30"]) == 2
     err = capsys.readouterr().err

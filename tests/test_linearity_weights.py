@@ -415,3 +415,113 @@ def test_cli_bad_input(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "at least 3 checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path (float32 on 16-bit checkpoints, threads) against float64 numpy
+
+
+def bf16_mix(seed: int, steps=STEPS) -> dict[str, np.ndarray]:
+    """bf16-representable trajectories that hit every branch: a spread of R², parameters stuck on a few
+    bf16 values, constants, changes below 1e-4, and a middle checkpoint far from the rest (badly
+    conditioned deltas), over several tensors."""
+    rng = np.random.default_rng(seed)
+    t = np.asarray(steps, dtype=np.float64)
+    k = len(t)
+    out = {}
+    lines = rng.normal(size=(64, 48)) * 0.02 + np.multiply.outer(t, rng.normal(size=(64, 48)) * 2e-4)
+    lines += rng.normal(size=(k, 64, 48)) * 2e-3 * rng.uniform(0, 1, size=(64, 48))
+    out["model.layers.0.mlp.up_proj.weight"] = lines
+    few = 1.0 + rng.integers(0, 3, size=(k, 40, 8)) * 2.0**-7  # 1, 3 or more distinct bf16 values near 1
+    few[:, :, :2] = 1.0  # constant
+    few[:, :, 2:3] += (np.arange(k) % 2)[:, None, None] * 2.0**-8 * 0  # still constant
+    out["model.layers.0.input_layernorm.weight"] = few
+    tiny = rng.normal(size=(30,)) * 0.02
+    tiny = np.repeat(tiny[None], k, axis=0) + rng.integers(0, 2, size=(k, 30)) * 2.0**-17  # max - min < 1e-4
+    out["model.layers.1.self_attn.q_proj.bias"] = tiny
+    spike = rng.normal(size=(50, 16)) * 0.02 + rng.normal(size=(k, 50, 16)) * 1e-3
+    spike[k // 2] += 0.5  # the reference checkpoint of the fast path is an outlier
+    out["model.layers.1.self_attn.o_proj.weight"] = spike
+    return {n: torch.from_numpy(v).to(torch.bfloat16).double().numpy() for n, v in out.items()}
+
+
+def numpy_filters(flat: np.ndarray, min_abs_change=1e-4, min_unique=4):
+    """(constant, small, few, kept mask) per column of [K, n], in float64 like the exact path."""
+    span = flat.max(axis=0) - flat.min(axis=0)
+    constant = span == 0
+    small = ~constant & (span < min_abs_change)
+    unique = np.array([np.unique(flat[:, j]).size for j in range(flat.shape[1])])
+    few = ~constant & ~small & (unique < min_unique)
+    return constant, small, few, ~(constant | small | few)
+
+
+def test_bf16_full_coverage_matches_float64(tmp_path):
+    series = bf16_mix(20)
+    ckpts = write_trajectory(tmp_path, series, dtype=torch.bfloat16)
+    summary = summarize(analyze_weights(ckpts, WeightSettings(max_block_elements=500, threads=2)))
+    k = len(STEPS)
+    filters = {"constant": 0, "min_abs_change": 0, "min_unique": 0}
+    kept_r2 = []
+    for name, v in series.items():
+        flat = v.reshape(k, -1)
+        constant, small, few, kept = numpy_filters(flat)
+        filters["constant"] += int(constant.sum())
+        filters["min_abs_change"] += int(small.sum())
+        filters["min_unique"] += int(few.sum())
+        kept_r2.append(numpy_r2(flat)[kept])
+    r2 = np.concatenate(kept_r2)
+    assert all(filters.values())  # every filter is exercised
+    assert summary["filters"] == filters
+    assert summary["n_params"] == r2.size
+    # Threshold counts are exact (parameters near 0.7 / 0.9 are redone in float64) ...
+    assert summary["frac_r2_gt_0_7"] == int((r2 > 0.7).sum()) / r2.size
+    assert summary["frac_r2_gt_0_9"] == int((r2 > 0.9).sum()) / r2.size
+    # ... R² itself is float32-close.
+    assert summary["mean_r2"] == pytest.approx(float(r2.mean()), abs=1e-6)
+    assert abs(summary["median_r2"] - float(np.median(r2))) <= 1.0 / stats.FINE_BINS + 1.2e-5
+    assert 0.05 < float(np.median(r2)) < 0.95 and r2.min() < 0.1 and r2.max() > 0.99
+
+
+def test_bf16_fast_path_r2_against_float64(tmp_path):
+    """Sample fraction 1 gives the exact float64 values; full coverage's histogram agrees bin by bin
+    except where float32 moved a value across a bin edge."""
+    series = {"model.layers.0.mlp.up_proj.weight": bf16_mix(21)["model.layers.0.mlp.up_proj.weight"]}
+    ckpts = write_trajectory(tmp_path, series, dtype=torch.bfloat16)
+    exact = analyze_weights(ckpts, WeightSettings(sample=1.0))
+    fast = analyze_weights(ckpts, WeightSettings())
+    flat = series["model.layers.0.mlp.up_proj.weight"].reshape(len(STEPS), -1)
+    np.testing.assert_allclose(exact.tensors[0].values, numpy_r2(flat)[numpy_filters(flat)[3]], rtol=0, atol=1e-10)
+    expected = np.bincount(stats.bin_index_np(exact.tensors[0].values, stats.FINE_BINS), minlength=stats.FINE_BINS)
+    got = fast.hists["module:up"]
+    assert got.sum() == expected.sum()
+    moved = np.abs(got - expected).sum() // 2
+    assert moved <= 0.01 * expected.sum()
+    assert fast.tensors[0].sum_r2 == pytest.approx(exact.tensors[0].sum_r2, rel=1e-6)
+    assert fast.tensors[0].n_gt_0_7 == exact.tensors[0].n_gt_0_7 and fast.tensors[0].n_gt_0_9 == exact.tensors[0].n_gt_0_9
+
+
+@pytest.mark.parametrize("sample", [None, 0.3])
+def test_threads_do_not_change_results(tmp_path, sample):
+    series = bf16_mix(22)
+    ckpts = write_trajectory(tmp_path, series, dtype=torch.bfloat16)
+    runs = [summarize(analyze_weights(ckpts, WeightSettings(sample=sample, max_block_elements=300, threads=n))) for n in (1, 3)]
+    assert runs[0] == runs[1]
+
+
+def test_sampled_diagnostics_are_those_of_the_sample(tmp_path):
+    series = noisy_lines(23, noise=0.05)
+    ckpts = write_trajectory(tmp_path, series)
+    settings = WeightSettings(sample=0.2, min_per_tensor=10, seed=5)
+    state = analyze_weights(ckpts, settings)
+    values = stored(series)
+    k = len(STEPS)
+    dots, sq = np.zeros(k - 2), np.zeros(k - 1)
+    for record in state.tensors:
+        flat = values[record.name].reshape(k, -1)
+        idx = sample_indices(record.name, flat.shape[1], 0.2, 10, 5)
+        deltas = np.diff(flat[:, idx], axis=0)
+        np.testing.assert_allclose(record.delta_sq, np.einsum("ij,ij->i", deltas, deltas), rtol=1e-10)
+        np.testing.assert_allclose(record.delta_dot, np.einsum("ij,ij->i", deltas[:-1], deltas[1:]), rtol=1e-9, atol=1e-12)
+        dots += np.einsum("ij,ij->i", deltas[:-1], deltas[1:])
+        sq += np.einsum("ij,ij->i", deltas, deltas)
+    assert summarize(state)["direction_cosine"] == pytest.approx(float((dots / np.sqrt(sq[:-1] * sq[1:])).mean()), rel=1e-10)

@@ -57,12 +57,18 @@ def weights(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
     register: bool = typer.Option(False, "--register", help="Record the result in RUN/trajectory.json as kind extrapolated at step T."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
-    no_hash: bool = typer.Option(False, "--no-hash", help="Skip sha256 of inputs not hashed in the trajectory (faster on big models)."),
+    hash_: Optional[bool] = typer.Option(
+        None,
+        "--hash/--no-hash",
+        help="--hash: full sha256 of inputs the trajectory has no hash for, in extrapolation.json (reads every input byte "
+        "a second time). Default: a fingerprint (sizes, mtimes, safetensors headers, sampled blocks). --no-hash also "
+        "skips hashing the output for --register.",
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write a machine-readable summary here."),
 ) -> None:
     """Predict the checkpoint at step T: W = W_S0 + alpha (W_S1 - W_S0), or a per-parameter least-squares line.
 
-    Streams one tensor at a time (peak memory about two tensors) into an atomically written, sharded HF
+    Streams each tensor in chunks through a few reused buffers (peak memory tens of MB) into an atomically written, sharded HF
     checkpoint with extrapolation.json provenance; norm and non-floating tensors come from the latest input.
     """
     from rlvrx.checkpoint import parse_dtype
@@ -81,7 +87,8 @@ def weights(
         dtype=parse_dtype(dtype) if dtype else None,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
-        hash_inputs=not no_hash,
+        hash_inputs=bool(hash_),
+        hash_registered=hash_ is not False,
     )
     bar = _progress_bar("extrapolating")
     with bar:
@@ -125,8 +132,6 @@ def weights(
         table.add_row("registered", f"step {result.target_step}, kind extrapolated")
     console.print(table)
     write_json(json_path, result.summary())
-
-
 
 
 def _percent(value, stderr=None) -> str:

@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from rlvrx.cli.common import console, err_console
-from rlvrx.config import RecipeError, find_recipe, load_recipe, recipe_description, recipe_to_yaml, recipes_dirs
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -20,6 +19,8 @@ OVERRIDES_ARG = typer.Argument(None, help="Overrides as dotted KEY=VALUE, e.g. g
 @app.command()
 def show(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""
+    from rlvrx.config import load_recipe, recipe_to_yaml
+
     resolved = load_recipe(recipe, overrides or [])
     console.print(recipe_to_yaml(resolved), end="", highlight=False, markup=False, soft_wrap=True)
 
@@ -27,6 +28,8 @@ def show(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_AR
 @app.command()
 def validate(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Check a recipe: exit 0 when valid, else print every error (with its dotted key) and exit 2."""
+    from rlvrx.config import RecipeError, find_recipe, load_recipe
+
     try:
         resolved = load_recipe(recipe, overrides or [])
         errors = []
@@ -49,6 +52,8 @@ def validate(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDE
 @app.command("list")
 def list_() -> None:
     """List the recipes shipped in recipes/ with their one-line description."""
+    from rlvrx.config import recipe_description, recipes_dirs
+
     table = Table("recipe", "description", "path")
     table.columns[0].no_wrap = True
     table.columns[1].overflow = table.columns[2].overflow = "fold"  # never cut short with an ellipsis

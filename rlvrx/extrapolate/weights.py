@@ -8,12 +8,17 @@ computed as W_ref + sum_k c_k (W_k - W_ref) (ref = latest checkpoint, sum c_k = 
 float32 accurate when checkpoints are close together.
 
 Inputs are read through safetensors' memory maps (no copies); the bf16/fp16/fp32 two-point case is
-one fused `torch.lerp` per tensor (float32 arithmetic inside for 16-bit types; the result equals the
+one fused `torch.lerp` per chunk (float32 arithmetic inside for 16-bit types; the result equals the
 float64 formula rounded to the output dtype for dyadic alphas such as -0.5, 2, 3, and is within one
 ulp of it otherwise; --precise computes in float64). Norm weights and non-floating tensors are
-copied from the latest checkpoint. A writer thread streams each finished tensor into the atomic
-sharded writer while the next one is computed: peak memory is about two output tensors, and
-nothing appears at OUT unless the whole checkpoint is complete.
+copied from the latest checkpoint. Each tensor is computed in chunks into a small ring of reused
+buffers that a writer thread pwrites into the atomic sharded writer while the next chunk is
+computed: peak memory is the ring (a few chunks), and nothing appears at OUT unless the whole
+checkpoint is complete.
+
+Provenance (extrapolation.json) records each input's path, size, mtime and a fingerprint of its
+safetensors headers by default; the full sha256 of the inputs (another read of every byte) only
+with hash_inputs (--hash) or when the trajectory manifest already knows it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import hashlib
 import json
 import math
 import os
@@ -73,7 +79,8 @@ class WeightsOptions:
     dtype: torch.dtype | None = None
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     overwrite: bool = False
-    hash_inputs: bool = True
+    hash_inputs: bool = False  # full sha256 of inputs the trajectory has no hash for (re-reads them); else a fingerprint
+    hash_registered: bool = True  # --register: sha256 of the output into trajectory.json
     chunk_elements: int = 1 << 22
     threads: int | None = None  # torch threads for the arithmetic; None = cores left after writer/hash threads
 
@@ -111,6 +118,11 @@ class WeightsExtrapolation:
             "alpha": self.alpha,
             "coefficients": self.coefficients,
             "inputs": self.inputs,
+            "inputs_identity": (
+                "fingerprint = sha256 over each weight file's name, size, safetensors header and 16 evenly spaced 4 KiB blocks of its data; "
+                "sha256 = checkpoint_sha256 of every byte (computed with --hash, or taken from the trajectory manifest), "
+                "null when neither"
+            ),
             "compute_dtype": self.compute_dtype,
             "output_dtypes": self.output_dtypes,
             "extrapolated_tensors": len(self.extrapolated),
@@ -202,6 +214,10 @@ def is_copied(name: str, dtype: torch.dtype, patterns: Iterable[str], extrapolat
 # Per-tensor arithmetic
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _compute_dtype(dtype: torch.dtype, precise: bool) -> torch.dtype:
     return torch.float64 if precise or dtype == torch.float64 else torch.float32
 
@@ -213,43 +229,60 @@ def _fused_ok(in_dtype: torch.dtype, out_dtype: torch.dtype, compute: torch.dtyp
     return in_dtype == compute or (compute == torch.float32 and in_dtype in (torch.bfloat16, torch.float16))
 
 
+def lerp_into(out: torch.Tensor, base: torch.Tensor, second: torch.Tensor, alpha: float, compute: torch.dtype) -> torch.Tensor:
+    """out = base + alpha (second - base) in `compute` precision (all 1-D, the same length)."""
+    if _fused_ok(base.dtype, out.dtype, compute):
+        return torch.lerp(base, second, alpha, out=out)
+    return out.copy_(torch.lerp(base.to(compute), second.to(compute), alpha))
+
+
+def combine_into(out: torch.Tensor, tensors: Sequence[torch.Tensor], coefficients: Sequence[float], compute: torch.dtype) -> torch.Tensor:
+    """out = sum_k c_k T_k (sum c_k = 1), as T_ref + sum_k c_k (T_k - T_ref) with ref = the last tensor."""
+    ref = len(tensors) - 1
+    ref_c = tensors[ref].to(compute)
+    acc = ref_c.clone()
+    diff = torch.empty_like(acc)
+    for k, c in enumerate(coefficients):
+        if k == ref or c == 0:
+            continue
+        diff.copy_(tensors[k])
+        diff.sub_(ref_c)
+        acc.add_(diff, alpha=c)
+    return out.copy_(acc)
+
+
+def _chunked(fill: Callable[[torch.Tensor, slice], object], shape, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    out = torch.empty(shape, dtype=out_dtype)
+    flat = out.view(-1)
+    for i in range(0, flat.numel(), chunk):
+        part = slice(i, min(flat.numel(), i + chunk))
+        fill(flat[part], part)
+    return out
+
+
 def lerp_tensor(base: torch.Tensor, second: torch.Tensor, alpha: float, out_dtype: torch.dtype, compute: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:
     """base + alpha (second - base) in `compute` precision, returned in out_dtype."""
-    if _fused_ok(base.dtype, out_dtype, compute):
-        return torch.lerp(base, second, alpha)
-    out = torch.empty(base.shape, dtype=out_dtype)
-    flat_out, flat_b, flat_s = out.view(-1), base.reshape(-1), second.reshape(-1)
-    for i in range(0, flat_out.numel(), chunk):
-        j = min(flat_out.numel(), i + chunk)
-        flat_out[i:j].copy_(torch.lerp(flat_b[i:j].to(compute), flat_s[i:j].to(compute), alpha))
-    return out
+    b, s = base.reshape(-1), second.reshape(-1)
+    return _chunked(lambda out, part: lerp_into(out, b[part], s[part], alpha, compute), base.shape, out_dtype, chunk)
 
 
 def combine_tensor(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype, compute: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:
     """sum_k c_k T_k (sum c_k = 1), as T_ref + sum_k c_k (T_k - T_ref) with ref = the last tensor."""
-    ref = len(tensors) - 1
-    out = torch.empty(tensors[ref].shape, dtype=out_dtype)
-    flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
-    for i in range(0, flat_out.numel(), chunk):
-        j = min(flat_out.numel(), i + chunk)
-        ref_c = flats[ref][i:j].to(compute)
-        acc = ref_c.clone()
-        diff = torch.empty_like(acc)
-        for k, c in enumerate(coefficients):
-            if k == ref or c == 0:
-                continue
-            diff.copy_(flats[k][i:j])
-            diff.sub_(ref_c)
-            acc.add_(diff, alpha=c)
-        flat_out[i:j].copy_(acc)
-    return out
+    return _chunked(lambda out, part: combine_into(out, [f[part] for f in flats], coefficients, compute), tensors[-1].shape, out_dtype, chunk)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """One vectorised reduction (aminmax propagates nan and shows inf), no bool-tensor allocation."""
+    """One vectorised reduction, no bool-tensor allocation: a finite sum proves every value finite
+    (an inf or nan term makes any float sum inf or nan); only a non-finite sum (a bad value, or an
+    overflowing sum of finite ones) takes the exact aminmax check."""
     if tensor.numel() == 0:
         return True
+    try:
+        if math.isfinite(float(tensor.sum())):
+            return True
+    except (RuntimeError, NotImplementedError):
+        pass
     try:
         low, high = torch.aminmax(tensor)
     except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8)
@@ -284,18 +317,24 @@ def _torch_threads(requested: int | None, helpers: int):
 
 
 class _WriterThread:
-    """Writes tensors on one background thread, so computing tensor k+1 overlaps writing tensor k.
+    """Writes on one background thread, so computing chunk k+1 overlaps writing chunk k.
 
-    At most `depth` tensors wait in the queue (peak memory stays a couple of tensors); the first
-    error raised by the writer is re-raised in the caller at the next put() or at close().
+    Extrapolated tensors are computed chunk by chunk into a ring of `buffers` reused buffers: no
+    allocation (and no page faults) per tensor, and peak memory is the ring. Copied tensors go as
+    they are (memory-mapped views of the input, no copy). The first error raised by the writer is
+    re-raised in the caller at the next call or at close().
     """
 
-    def __init__(self, writer: ShardedWriter, depth: int = 1):
+    def __init__(self, writer: ShardedWriter, buffer_bytes: int, buffers: int = 3):
         import queue
         import threading
 
         self.writer = writer
-        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.buffer_bytes = buffer_bytes
+        self.free: "queue.Queue" = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(None)  # allocated on first use
+        self.queue: "queue.Queue" = queue.Queue(maxsize=buffers + 1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="rlvrx-writer", daemon=True)
         self.thread.start()
@@ -305,23 +344,39 @@ class _WriterThread:
             item = self.queue.get()
             if item is None:
                 return
-            name, tensor, check = item
+            name, start, tensor, buffer, check = item
             if self.error is None:
                 try:
                     if check is not None:
                         check()
-                    self.writer.write(name, tensor)
+                    if start is None:
+                        self.writer.write(name, tensor)
+                    else:
+                        self.writer.write_part(name, start, tensor)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     self.error = exc
+            del tensor, check
+            if buffer is not None:
+                self.free.put(buffer)
 
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def put(self, name: str, tensor: torch.Tensor, check: Callable[[], None] | None = None) -> None:
-        """Queue a tensor; `check` runs on the writer thread first (and may raise)."""
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """A free uint8 buffer of at least nbytes (waits while the writer is behind)."""
         self._raise()
-        self.queue.put((name, tensor, check))
+        buffer = self.free.get()
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(max(nbytes, self.buffer_bytes), dtype=torch.uint8)
+        return buffer
+
+    def put(self, name: str, tensor: torch.Tensor, check: Callable[[], None] | None = None,
+            start: int | None = None, buffer: torch.Tensor | None = None) -> None:
+        """Queue a whole tensor, or (start given) elements [start, start + numel) of it held in
+        `buffer`, which returns to the ring once written; `check` runs on the writer thread first."""
+        self._raise()
+        self.queue.put((name, start, tensor, buffer, check))
 
     def close(self) -> None:
         """Wait for pending writes; re-raise a writer error."""
@@ -372,8 +427,6 @@ class _Cancelled(Exception):
 
 def _sha256_cancellable(path: Path, stop) -> str:
     """checkpoint_sha256 (same digest), giving up between blocks once `stop` is set."""
-    import hashlib
-
     digest = hashlib.sha256()
     files = sorted(p for p in Path(path).iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)
     for file in files:
@@ -384,6 +437,38 @@ def _sha256_cancellable(path: Path, stop) -> str:
                     raise _Cancelled
                 digest.update(block)
     return digest.hexdigest()
+
+
+FINGERPRINT_BLOCKS = 16  # 4 KiB blocks sampled evenly from each weight file's data
+
+
+def input_fingerprint(path: str | os.PathLike) -> dict:
+    """A cheap identity of a checkpoint's weights (about 64 KiB read per file, not 1 GB): total
+    bytes, newest mtime, and sha256 over each weight file's name, size, safetensors header (tensor
+    names, dtypes, shapes, offsets) and FINGERPRINT_BLOCKS evenly spaced 4 KiB blocks of its data.
+    Two checkpoints of one model differ in it; a full sha256 (--hash, or the trajectory manifest's)
+    also catches an edit that misses every sampled block."""
+    digest = hashlib.sha256()
+    total, newest = 0, 0
+    files = sorted(p for p in Path(path).iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)
+    for file in files:
+        stat = file.stat()
+        total += stat.st_size
+        newest = max(newest, stat.st_mtime_ns)
+        digest.update(f"{file.name}\0{stat.st_size}\0".encode())
+        with open(file, "rb") as f:
+            if file.name == INDEX_NAME:
+                digest.update(f.read())
+                continue
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(head + f.read(min(size, 100 << 20)))
+            data_start = 8 + size
+            span = max(0, stat.st_size - data_start - 4096)
+            for k in range(FINGERPRINT_BLOCKS):
+                digest.update(os.pread(f.fileno(), 4096, data_start + span * k // max(1, FINGERPRINT_BLOCKS - 1)))
+    modified = _dt.datetime.fromtimestamp(newest / 1e9, _dt.timezone.utc).isoformat(timespec="seconds") if files else None
+    return {"bytes": total, "modified": modified, "fingerprint": digest.hexdigest()}
 
 
 class _Hashes:
@@ -447,13 +532,13 @@ def _run(
         if warn is not None:
             warn(msg)
 
-    total_bytes = sum(math.prod(shape) * torch.empty((), dtype=d).element_size() for _, shape, d in specs)
+    total_bytes = sum(math.prod(shape) * _element_size(d) for _, shape, d in specs)
     hashes = _Hashes(sources, options.hash_inputs)
     try:
         with atomic_dir(out, overwrite=options.overwrite) as tmp, _torch_threads(options.threads, 1 + (hashes.pool is not None)):
             writer = ShardedWriter(tmp, specs, max_shard_bytes=options.max_shard_bytes)
-            background = _WriterThread(writer)
-            check = None
+            elements = max(1, options.chunk_elements)
+            background = _WriterThread(writer, elements * max(_element_size(d) for _, _, d, _ in plan) if plan else 0)
             try:
                 for name, in_dtype, out_dtype, copy in plan:
                     if copy:
@@ -461,21 +546,29 @@ def _run(
                         if tensor.dtype != out_dtype:
                             tensor = tensor.to(out_dtype)
                         result.copied.append(name)
+                        background.put(name, tensor)
+                        del tensor
                     else:
                         compute = _compute_dtype(in_dtype, options.precise)
-                        inputs = [ckpt.get(name) for ckpt in ckpts]
-                        if method == "two-point":
-                            tensor = lerp_tensor(inputs[0], inputs[1], alpha, out_dtype, compute, options.chunk_elements)
-                        else:
-                            tensor = combine_tensor(inputs, coefficients, out_dtype, compute, options.chunk_elements)
-                        check = functools.partial(_check_finite, name, tensor, list(zip(sources, inputs)))
+                        flats = [ckpt.get(name).reshape(-1) for ckpt in ckpts]
+                        numel, size = flats[0].numel(), _element_size(out_dtype)
+                        for i in range(0, numel, elements):
+                            j = min(numel, i + elements)
+                            buffer = background.buffer((j - i) * size)
+                            out_part = buffer[: (j - i) * size].view(out_dtype)
+                            parts = [f[i:j] for f in flats]
+                            if method == "two-point":
+                                lerp_into(out_part, parts[0], parts[1], alpha, compute)
+                            else:
+                                combine_into(out_part, parts, coefficients, compute)
+                            check = functools.partial(_check_finite, name, out_part, list(zip(sources, parts)))
+                            background.put(name, out_part, check, start=i, buffer=buffer)
+                            del buffer, out_part, parts, check
+                        if numel == 0:
+                            background.put(name, torch.empty(infos[name].shape, dtype=out_dtype))
                         result.extrapolated.append(name)
-                        del inputs
-                    background.put(name, tensor, check)
-                    check = None
-                    nbytes = tensor.numel() * tensor.element_size()
-                    result.bytes_written += nbytes
-                    del tensor
+                        del flats
+                    result.bytes_written += math.prod(infos[name].shape) * _element_size(out_dtype)
                     if progress is not None:
                         progress(name, result.bytes_written, total_bytes)
                 background.close()
@@ -488,7 +581,8 @@ def _run(
             for src, role, fut in zip(sources, roles, hashes.futures):
                 digest, origin = (fut.result(), "computed") if fut is not None else (src.sha256, "manifest" if src.sha256 else None)
                 result.inputs.append(
-                    {"role": role, "step": src.step, "path": str(src.path.resolve()), "sha256": digest, "sha256_from": origin}
+                    {"role": role, "step": src.step, "path": str(src.path.resolve()), **input_fingerprint(src.path),
+                     "sha256": digest, "sha256_from": origin}
                 )
             result.seconds = time.perf_counter() - start
             (tmp / PROVENANCE).write_text(json.dumps(result.provenance(), indent=2) + "\n")
@@ -718,5 +812,5 @@ def extrapolate_weights(
             check_registrable(run, target, options.overwrite)
         result = extrapolate_two_point(src_base, src_second, alpha, out, target_step=target, options=options, progress=progress, warn=warn)
     if register:
-        register_result(run, result, hash=options.hash_inputs)
+        register_result(run, result, hash=options.hash_registered)
     return result

@@ -1,7 +1,8 @@
 """Statistics shared by weight and log-prob linearity: per-column R² against step, fixed-bin histograms.
 
-All regression math runs in float64 on a [K, n] block (K checkpoints, n series) with the step
-statistics precomputed, so one call handles millions of series with a few vector operations.
+The regression math here runs in float64 on a [K, n] block (K checkpoints, n series) with the step
+statistics precomputed, so one call handles millions of series with a few vector operations (weight
+linearity's full-coverage fast path has its own float32 variant, see weights.py).
 
 R² of a series y against steps t is the squared Pearson correlation, which equals the OLS R² of
 y = a + b*t:  R² = S_ty² / (S_tt * S_yy)  with S_ty = sum (t - t̄)(y - ȳ),  S_yy = sum (y - ȳ)².
@@ -93,6 +94,12 @@ def distinct_counts(raw: torch.Tensor) -> np.ndarray:
         bits[bits == np.iinfo(np_int).min] = 0  # -0.0 is +0.0
     else:
         bits = raw.contiguous().numpy()
+    return distinct_counts_np(bits)
+
+
+def distinct_counts_np(values: np.ndarray) -> np.ndarray:
+    """Number of distinct values per column of a numpy array [K, n] (== comparison), int16."""
+    bits = values
     k, n = bits.shape
     count = np.ones(n, dtype=np.int16)
     new = np.empty(n, dtype=bool)

@@ -1,32 +1,54 @@
 """Weight linearity: per-parameter R² of value against step, streamed over a whole trajectory.
 
-One pass over the tensors. For each tensor, row blocks are read from all K checkpoints at once
-(memory ~ K x block, never K x model), converted to float64 and reduced to:
+Tensors are read as flat views of the memory-mapped safetensors files (no copy; the page cache
+holds the data, so memory stays at a few blocks per thread whatever the model size).
+
+Full coverage (default): every parameter, in blocks of ~64K parameters that stay in a core's cache,
+spread over threads. For each block of K checkpoints:
 
 - R² per parameter (see stats.py) after the filters: constant parameters, max - min below
   `min_abs_change`, fewer than `min_unique` distinct values (each parameter is counted once, under
   the first filter it fails, in that order);
-- exact counts and sums (R² > 0.7, > 0.9, mean) and fixed histograms (medians, error < 1e-5);
-  with `sample`, the exact R² values of a seeded per-tensor sample instead (the paper's setting);
+- exact counts (R² > 0.7, > 0.9), sums (mean) and fixed histograms (medians, error < 1e-5 + the
+  R² error below);
 - diagnostics over every parameter: dot products and squared norms of successive deltas
   (direction cosine) and the error of the least-squares line through the first K-1 checkpoints at
   the last one (held-out relative error = |prediction - W_K| / |W_K - W_{K-1}|; < 1 means the line
   beats "no change").
 
+Precision: the fast path works on deltas from the middle checkpoint, in float32 for 16-bit
+checkpoints (a difference of two nearby bf16/fp16 values is exact in float32) and float64
+otherwise. Any parameter whose fast result could fall on the wrong side of a decision is redone
+exactly in float64 from the stored values: R² within 2e-5 of 0.7 or 0.9, a badly conditioned
+S_yy (sum d² > 16 S_yy), or possibly fewer than `min_unique` distinct values. So filter counts and
+threshold counts are those of float64; R² itself (mean, histogram median) is within ~1.2e-5 in
+float32 (typically ~1e-7).
+
+With `sample`, only the seeded per-tensor sample is read (gathered from the mapped files) and
+every statistic, the diagnostics (direction cosine, held-out error) included, is computed exactly
+in float64 on the sampled parameters: the paper's setting, and fast.
+
 The result is a `WeightState`: per-tensor records plus integer histograms. States of disjoint
 tensor shards merge exactly (integers add, float sums are combined with math.fsum, which is
-order-independent), so `--shard I/N` + merge reproduces a single run bit for bit.
+order-independent; a tensor's blocks never depend on the shard or the threads), so `--shard I/N` +
+merge reproduces a single run bit for bit.
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
+import json
 import math
-import zlib
+import mmap
+import os
 import re
+import struct
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,8 +94,9 @@ class WeightSettings:
     sample: float | None = None  # fraction of parameters per tensor; None = every parameter
     min_per_tensor: int = 50
     seed: int = 0
-    memory_mb: int = 512  # working memory for one block of K checkpoints (float64 + raw)
+    memory_mb: int = 512  # cap on the working memory of one block of K checkpoints (per thread)
     max_block_elements: int | None = None  # cap on parameters per block (tests force several blocks)
+    threads: int | None = None  # worker threads over blocks; None = the usable cores (at most 8)
 
     def __post_init__(self):
         if not self.min_abs_change >= 0:
@@ -86,11 +109,13 @@ class WeightSettings:
             raise UsageError(f"--min-per-tensor must be >= 1, got {self.min_per_tensor}")
         if self.memory_mb < 1:
             raise UsageError(f"--memory-mb must be >= 1, got {self.memory_mb}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be >= 1, got {self.threads}")
 
     def fingerprint(self) -> dict:
-        """The settings that change results (memory does not)."""
+        """The settings that change results (memory and threads do not)."""
         data = asdict(self)
-        del data["memory_mb"], data["max_block_elements"]
+        del data["memory_mb"], data["max_block_elements"], data["threads"]
         return data
 
 
@@ -189,13 +214,13 @@ def sample_indices(name: str, numel: int, fraction: float, min_per_tensor: int, 
 
 
 def block_elements(k: int, element_size: int, memory_mb: int) -> int:
-    """Parameters per block so that one block's working set fits in memory_mb.
+    """Parameters per block: small enough that K rows stay in a core's L2 cache, and within memory_mb.
 
-    Per parameter: the K rows as read plus their stacked copy (2 x element size each), the float64
-    block (8 each) and ~16 float64-sized vectors (statistics, masks, indices).
+    Per parameter at most: the K values as read and as float64 (sampled and exact columns), and
+    ~16 float64-sized vectors (statistics, masks, indices).
     """
-    per_column = k * (2 * element_size + 8) + 16 * 8
-    return max(1024, memory_mb * (1 << 20) // per_column)
+    per_column = k * (element_size + 8) + 16 * 8
+    return max(1024, min(_CACHE_BLOCK, memory_mb * (1 << 20) // per_column))
 
 
 def open_checked(checkpoints: Sequence[tuple[int, Checkpoint]]) -> tuple[list[int], list[Checkpoint]]:
@@ -338,19 +363,38 @@ def analyze_weights(
     names = float_tensors(infos)
     index = {name: i for i, name in enumerate(infos)}
     todo = selected_tensors(checkpoints, shard)
-    tc = stats.centered_steps(steps)
-    hists: dict[str, np.ndarray] = {}
-    cells: dict[str, np.ndarray] = {}
-    records = []
+    maps = _Maps()
+    kernels: dict[torch.dtype, _Kernel] = {}
+    jobs = []
     for name, _ in todo:
         info = infos[name]
         record = TensorStats(index=index[name], name=name, module=module_of(name), layer=layer_of(name), numel=info.numel)
-        tensor_hist = _analyze_tensor(record, ckpts, info, tc, settings, steps, progress)
-        layer = "-" if record.layer is None else str(record.layer)
-        _add_hist(hists, f"module:{record.module}", tensor_hist)
-        _add_hist(hists, f"layer:{layer}", tensor_hist)
-        _add_hist(cells, f"{layer}|{record.module}", stats.rebin(tensor_hist, stats.COARSE_BINS))
-        records.append(record)
+        kernel = kernels.get(info.dtype) or kernels.setdefault(info.dtype, _Kernel(steps, info.dtype, settings))
+        jobs.append(_TensorJob(record, [maps.view(c.info(name)) for c in ckpts], kernel, settings))
+    hists: dict[str, np.ndarray] = {}
+    cells: dict[str, np.ndarray] = {}
+
+    def tasks():
+        for job in jobs:
+            job.plan()  # lazily: a sample's indices exist only while its tensor is in flight
+            if job.pending == 0:  # an empty tensor
+                _add_tensor(hists, cells, job)
+            for part in job.parts:
+                yield job, part
+            job.parts = None
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over blocks instead: one op on one block is too small to split
+    try:
+        for (job, part), result in _ordered_map(_run_part, tasks(), settings.threads or _default_threads()):
+            job.add(result)
+            if progress is not None:
+                progress(job.record.name, part.n_params)
+            if job.pending == 0:
+                _add_tensor(hists, cells, job)
+    finally:
+        torch.set_num_threads(saved_threads)
+    records = [job.record for job in jobs]
     return WeightState(
         steps=steps,
         settings=settings.fingerprint(),
@@ -364,73 +408,343 @@ def analyze_weights(
     )
 
 
-def _count(mask: torch.Tensor) -> int:
-    return int(np.count_nonzero(mask.numpy()))
+def _add_tensor(hists: dict, cells: dict, job: "_TensorJob") -> None:
+    tensor_hist = job.finish()
+    record = job.record
+    layer = "-" if record.layer is None else str(record.layer)
+    _add_hist(hists, f"module:{record.module}", tensor_hist)
+    _add_hist(hists, f"layer:{layer}", tensor_hist)
+    _add_hist(cells, f"{layer}|{record.module}", stats.rebin(tensor_hist, stats.COARSE_BINS))
 
 
-def _analyze_tensor(record, ckpts, info, tc, settings: WeightSettings, steps, progress) -> np.ndarray:
-    k = len(steps)
-    numel = info.numel
-    row_len = max(1, math.prod(info.shape[1:])) if info.shape else 1
-    sample = None
-    if settings.sample is not None:
-        sample = sample_indices(info.name, numel, settings.sample, settings.min_per_tensor, settings.seed)
-    element_size = torch.empty((), dtype=info.dtype).element_size()
-    per_block = block_elements(k, element_size, settings.memory_mb)
-    if settings.max_block_elements is not None:
-        per_block = max(1, min(per_block, settings.max_block_elements))
-    hist = np.zeros(stats.FINE_BINS, dtype=np.int64)
-    holdout = stats.holdout_vector(steps)
-    grams, err_sq, sums, values = [], [], [], []
-    for start, stop in ckpts[0].iter_row_blocks(info.name, per_block):
-        raw = torch.stack([c.get_rows(info.name, start, stop).reshape(-1) for c in ckpts])
-        y = stats.center_(raw.to(torch.float64))
-        # Diagnostics over every parameter of the block: a K x K Gram matrix and the held-out error.
-        grams.append((y @ y.T).numpy())
-        err = holdout @ y
-        err_sq.append(float(err @ err))
-        del err
-        if sample is not None:
-            lo = start * row_len
-            a, b = np.searchsorted(sample, [lo, stop * row_len])
-            local = torch.from_numpy(sample[a:b] - lo)
-            raw, y = raw[:, local], y[:, local]
-        record.n_examined += y.shape[1]
-        span = y.amax(dim=0) - y.amin(dim=0)
-        unique = torch.from_numpy(stats.distinct_counts(raw)) if settings.min_unique > 1 else None
-        del raw
-        r2, s_yy = stats.r2_of_centered(y, tc)
-        del y
-        constant = (span == 0) | (s_yy <= 0)
-        small = ~constant & (span < settings.min_abs_change)
-        keep = ~(constant | small)
-        few = keep & (unique < settings.min_unique) if unique is not None else torch.zeros_like(keep)
-        keep &= ~few
-        record.filtered["constant"] += _count(constant)
-        record.filtered["min_abs_change"] += _count(small)
-        record.filtered["min_unique"] += _count(few)
-        kept = r2.numpy()[keep.numpy()]
-        record.n += int(kept.size)
-        sums.append(float(kept.sum()))
-        record.n_gt_0_7 += int(np.count_nonzero(kept > 0.7))
-        record.n_gt_0_9 += int(np.count_nonzero(kept > 0.9))
-        hist += np.bincount(stats.bin_index_np(kept, stats.FINE_BINS), minlength=stats.FINE_BINS)
-        if sample is not None:
-            values.append(kept)
-        if progress is not None:
-            progress(info.name, (stop - start) * row_len)
-    record.sum_r2 = math.fsum(sums)
-    gram = np.array([[math.fsum(g[i, j] for g in grams) for j in range(k)] for i in range(k)])
-    record.delta_sq, record.delta_dot = stats.delta_products(gram)
-    record.total_sq = stats.total_change_sq(gram)
-    record.holdout_err_sq = math.fsum(err_sq)
-    counts = hist
-    if sample is not None:
-        record.values = np.concatenate(values) if values else np.zeros(0)
-        record.median_r2 = float(np.median(record.values)) if record.values.size else None
-    else:
-        record.median_r2 = stats.histogram_median(counts)
-    return counts
+def _default_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _ordered_map(fn, items, threads: int) -> Iterator:
+    """(item, fn(item)) on `threads` threads, in item order, a few items in flight at a time."""
+    if threads <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append((item, pool.submit(fn, item)))
+            if len(window) >= 3 * threads:
+                item, future = window.popleft()
+                yield item, future.result()
+        while window:
+            item, future = window.popleft()
+            yield item, future.result()
+
+
+class _Maps:
+    """Tensors as flat views of their safetensors files mapped into memory (no copy; pages load on access)."""
+
+    def __init__(self):
+        self._files: dict = {}
+
+    def _open(self, file) -> tuple[dict, int, mmap.mmap]:
+        try:
+            with open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"header of {header_len} bytes in a file of {size}")
+                header = json.loads(f.read(header_len))
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable for torch, never written
+        except (OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"{file}: cannot map the safetensors file ({exc})") from None
+        entry = (header, 8 + header_len, mapped)
+        self._files[file] = entry
+        return entry
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        header, base, mapped = self._files.get(info.file) or self._open(info.file)
+        meta = header.get(info.name)
+        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        try:
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{info.file}: no valid data_offsets for tensor {info.name} in the header") from None
+        if end - begin != info.numel * itemsize or base + end > len(mapped):
+            raise CheckpointError(f"{info.file}: tensor {info.name} lies outside the file or has the wrong size; the file is truncated or corrupt")
+        if info.numel == 0:
+            return torch.empty(0, dtype=info.dtype)
+        return torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=base + begin)
+
+
+# Fast path (full coverage): float32 for 16-bit checkpoints, float64 otherwise. A column is re-done
+# exactly (float64, the same code as sampled mode) when the fast result could be off on the wrong side
+# of a decision: R² within _MARGIN of a threshold, a badly conditioned S_yy, or possibly too few
+# distinct values. With sum d² <= _MAX_CONDITION * S_yy, |R² error| <= 2 K eps (sqrt(c) + c / 2),
+# about 1.2e-5 for K = 8 in float32 (eps = 2^-24); typical errors are ~1e-7.
+_MAX_CONDITION = 16.0
+_MARGIN = 2.0 / stats.FINE_BINS  # >= the error bound, and two histogram bins: threshold counts come from the bins
+_CACHE_BLOCK = 1 << 16  # parameters per block: K rows of float32 stay in L2
+
+
+class _Kernel:
+    """Everything a block needs that depends only on the steps, the dtype and the settings."""
+
+    def __init__(self, steps: Sequence[int], dtype: torch.dtype, settings: WeightSettings):
+        k = len(steps)
+        self.k = k
+        self.settings = settings
+        self.dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+        self.tc = stats.centered_steps(steps)
+        self.s_tt = float(self.tc @ self.tc)
+        self.holdout = stats.holdout_vector(steps)
+        # Fast path: deltas d_c = W_c - W_ref (exact in float32 for nearby 16-bit values); d_ref = 0.
+        self.ref = k // 2
+        self.others = [c for c in range(k) if c != self.ref]
+        rows = torch.stack([self.tc, torch.ones(k, dtype=torch.float64), self.holdout])
+        self.reducer = rows[:, self.others].to(self.dtype).contiguous()  # S_ty, sum d, holdout residual
+        self.thresholds = stats.THRESHOLDS
+        self.threshold_bins = [int(round(t * stats.FINE_BINS)) for t in self.thresholds]
+        unique = settings.min_unique
+        positions = [i * (k - 1) // (unique - 1) for i in range(unique)] if 1 < unique <= k else []  # distinct
+        self.prefilter_pairs = [(a, b) for i, a in enumerate(positions) for b in positions[i + 1:]]
+        self.prefilter_never = unique > k  # no column can pass: every kept column goes the exact way
+        # span < min_abs_change decided in the compute dtype without double rounding of the threshold
+        np_dtype = np.float32 if self.dtype == torch.float32 else np.float64
+        limit = np_dtype(settings.min_abs_change)
+        self.span_limit = limit
+        self.span_inclusive = float(limit) < settings.min_abs_change  # span < x  <=>  span <= round_down(x)
+
+
+def _exact_columns(kernel: _Kernel, raw: torch.Tensor, diagnostics: bool) -> dict:
+    """Exact statistics (float64) of the columns of raw [K, n]; with diagnostics also Gram and holdout."""
+    settings = kernel.settings
+    y = stats.center_(raw.to(torch.float64, copy=True))  # raw stays as read: distinct values count on it
+    out: dict = {"n_examined": int(y.shape[1])}
+    if diagnostics:
+        out["gram"] = (y @ y.T).numpy()
+        err = kernel.holdout @ y
+        out["err_sq"] = float(err @ err)
+    span = y.amax(dim=0) - y.amin(dim=0)
+    unique = torch.from_numpy(stats.distinct_counts(raw)) if settings.min_unique > 1 else None
+    r2, s_yy = stats.r2_of_centered(y, kernel.tc)
+    constant = (span == 0) | (s_yy <= 0)
+    small = ~constant & (span < settings.min_abs_change)
+    keep = ~(constant | small)
+    few = keep & (unique < settings.min_unique) if unique is not None else torch.zeros_like(keep)
+    keep &= ~few
+    kept = r2.numpy()[keep.numpy()]
+    out.update(
+        constant=int(np.count_nonzero(constant.numpy())),
+        min_abs_change=int(np.count_nonzero(small.numpy())),
+        min_unique=int(np.count_nonzero(few.numpy())),
+        values=kept,
+    )
+    return out
+
+
+def _fast_block(kernel: _Kernel, views: list[torch.Tensor], lo: int, hi: int) -> dict:
+    """Statistics of parameters [lo, hi) of a tensor; uncertain columns are handed to _exact_columns."""
+    settings = kernel.settings
+    n = hi - lo
+    ref = views[kernel.ref][lo:hi].to(kernel.dtype)
+    d = torch.empty((kernel.k - 1, n), dtype=kernel.dtype)
+    for row, c in zip(d, kernel.others):
+        row.copy_(views[c][lo:hi])
+        row.sub_(ref)
+    del ref
+    reduced = torch.mm(kernel.reducer, d)
+    gram_d = torch.mm(d, d.T).to(torch.float64)
+    err_sq = float(torch.dot(reduced[2], reduced[2]))  # diagnostics: the compute dtype is precise enough
+    sumsq = d[0] * d[0]
+    for row in d[1:]:
+        sumsq.addcmul_(row, row)
+    gram = np.zeros((kernel.k, kernel.k))
+    gram[np.ix_(kernel.others, kernel.others)] = gram_d.numpy()  # the reference row is 0
+    dn, s_ty, s_d, sumsq = d.numpy(), reduced[0].numpy(), reduced[1].numpy(), sumsq.numpy()
+    top, bottom = np.maximum(dn[0], 0), np.minimum(dn[0], 0)  # d_ref = 0 is one of the values
+    for row in dn[1:]:
+        np.maximum(top, row, out=top)
+        np.minimum(bottom, row, out=bottom)
+    span = np.subtract(top, bottom, out=top)
+    with np.errstate(all="ignore"):
+        out = span == 0
+        n_constant = int(np.count_nonzero(out))
+        n_small = 0
+        if settings.min_abs_change > 0:
+            small = (span <= kernel.span_limit) if kernel.span_inclusive else (span < kernel.span_limit)
+            small &= ~out
+            n_small = int(np.count_nonzero(small))
+            out |= small
+        s_yy = s_d * s_d
+        s_yy *= 1.0 / kernel.k
+        np.subtract(sumsq, s_yy, out=s_yy)
+        unsure = sumsq > s_yy * _MAX_CONDITION
+        r2 = s_ty * s_ty
+        r2 /= s_yy * kernel.s_tt
+        np.clip(r2, 0.0, 1.0, out=r2)
+        for threshold in kernel.thresholds:
+            unsure |= np.abs(r2 - threshold) < _MARGIN
+        if kernel.prefilter_never:
+            unsure[:] = True
+        elif kernel.prefilter_pairs:
+            # min_unique of the K values all distinct: enough. Else count distinct deltas (equal values
+            # have equal deltas, so this never over-counts) on the few columns left; exact way if too few.
+            rows = {c: dn[i] for i, c in enumerate(kernel.others)}
+            distinct = np.ones(n, dtype=bool)
+            for a, b in kernel.prefilter_pairs:
+                distinct &= np.not_equal(rows.get(a, 0.0), rows.get(b, 0.0))
+            doubt = np.flatnonzero(~(distinct | out))
+            if doubt.size:
+                full = np.zeros((kernel.k, doubt.size), dtype=dn.dtype)
+                full[kernel.others] = dn[:, doubt]
+                distinct[doubt] = stats.distinct_counts_np(full) >= settings.min_unique
+            unsure |= ~distinct
+        unsure &= ~out
+        drop = out | unsure
+        bins = np.empty(n, dtype=np.int64)
+        np.multiply(r2, stats.FINE_BINS, out=bins, casting="unsafe")
+        np.minimum(bins, stats.FINE_BINS - 1, out=bins)
+        np.putmask(bins, drop, stats.FINE_BINS)
+        np.putmask(r2, drop, 0.0)
+    hist = np.bincount(bins, minlength=stats.FINE_BINS + 1)[: stats.FINE_BINS]
+    result = {
+        "n_examined": n,
+        "constant": n_constant,
+        "min_abs_change": n_small,
+        "min_unique": 0,
+        "fast_hist": hist,
+        "fast_sum": float(r2.sum()),  # pairwise, in the compute dtype
+        "gram": gram,
+        "err_sq": err_sq,
+    }
+    columns = np.flatnonzero(unsure)
+    if columns.size:  # done in batches by the tensor's job: one call per block would cost more than the columns
+        where = torch.from_numpy(columns + lo)
+        result["exact_raw"] = torch.stack([v.index_select(0, where) for v in views])
+    return result
+
+
+@dataclass
+class _Part:
+    n_params: int  # for progress: parameters of the tensor this part accounts for
+    lo: int = 0
+    hi: int = 0
+    indices: np.ndarray | None = None  # sampled mode: flat indices of the sampled parameters
+
+
+def _run_part(task) -> dict:
+    job, part = task
+    if part.indices is None:
+        return _fast_block(job.kernel, job.views, part.lo, part.hi)
+    where = torch.from_numpy(part.indices)
+    raw = torch.stack([v.index_select(0, where) for v in job.views])
+    return _exact_columns(job.kernel, raw, diagnostics=True)
+
+
+class _TensorJob:
+    """One tensor: its parts (blocks, or chunks of the sample) and the accumulation of their results."""
+
+    def __init__(self, record: TensorStats, views: list[torch.Tensor], kernel: _Kernel, settings: WeightSettings):
+        self.record, self.views, self.kernel, self.settings = record, views, kernel, settings
+        self.sampled = settings.sample is not None
+        per_block = block_elements(kernel.k, views[0].element_size(), settings.memory_mb)
+        if settings.max_block_elements is not None:
+            per_block = max(1, min(per_block, settings.max_block_elements))
+        self.per_block = per_block
+        self.parts: list[_Part] | None = None
+        self.pending = -1
+        self.hist: np.ndarray | None = None  # made on first use: 800 KB a tensor adds up over a model
+        self.grams: list[np.ndarray] = []
+        self.err_sq: list[float] = []
+        self.sums: list[float] = []
+        self.values: list[np.ndarray] = []
+        self.exact_raw: list[torch.Tensor] = []
+        self.exact_pending = 0
+
+    def plan(self) -> None:
+        record, settings, per_block = self.record, self.settings, self.per_block
+        numel = record.numel
+        if self.sampled:
+            sample = sample_indices(record.name, numel, settings.sample, settings.min_per_tensor, settings.seed)
+            self.parts = []
+            done = 0
+            for start in range(0, len(sample), per_block):
+                chunk = sample[start:start + per_block]
+                end = numel if start + per_block >= len(sample) else int(chunk[-1]) + 1
+                self.parts.append(_Part(n_params=end - done, indices=chunk))
+                done = end
+        else:
+            self.parts = [_Part(n_params=min(numel, lo + per_block) - lo, lo=lo, hi=min(numel, lo + per_block)) for lo in range(0, numel, per_block)]
+        self.pending = len(self.parts)
+
+    def _add_exact(self, exact: dict) -> None:
+        for key in FILTERS:
+            self.record.filtered[key] += exact[key]
+        if exact["values"].size:
+            self.values.append(exact["values"])
+
+    def _flush_exact(self) -> None:
+        if self.exact_raw:
+            self._add_exact(_exact_columns(self.kernel, torch.cat(self.exact_raw, dim=1), diagnostics=False))
+            self.exact_raw, self.exact_pending = [], 0
+
+    def add(self, result: dict) -> None:
+        record = self.record
+        record.n_examined += result["n_examined"]
+        if "fast_hist" in result:
+            for key in FILTERS:
+                record.filtered[key] += result[key]
+            hist = result["fast_hist"]
+            if self.hist is None:
+                self.hist = hist.copy()
+            else:
+                self.hist += hist
+            self.sums.append(result["fast_sum"])
+        if "gram" in result:
+            self.grams.append(result["gram"])
+            self.err_sq.append(result["err_sq"])
+        raw = result.get("exact_raw")
+        if raw is not None:
+            self.exact_raw.append(raw)
+            self.exact_pending += raw.shape[1]
+            if self.exact_pending >= self.per_block:
+                self._flush_exact()
+        if "values" in result:  # sampled: exact throughout
+            self._add_exact(result)
+        self.pending -= 1
+        if self.pending == 0:
+            self._flush_exact()
+
+    def finish(self) -> np.ndarray:
+        """Fill the record; returns the tensor's FINE_BINS histogram of kept R²."""
+        record, k = self.record, self.kernel.k
+        if self.hist is None:
+            self.hist = np.zeros(stats.FINE_BINS, dtype=np.int64)
+        # Fast columns are never within _MARGIN (two bins) of a threshold: bins count them exactly.
+        fast_above = [int(self.hist[b:].sum()) for b in self.kernel.threshold_bins]
+        values = np.concatenate(self.values) if self.values else np.zeros(0)
+        record.n = int(self.hist.sum()) + int(values.size)
+        if values.size:
+            self.hist += np.bincount(stats.bin_index_np(values, stats.FINE_BINS), minlength=stats.FINE_BINS)
+        record.n_gt_0_7 = fast_above[0] + int(np.count_nonzero(values > 0.7))
+        record.n_gt_0_9 = fast_above[1] + int(np.count_nonzero(values > 0.9))
+        record.sum_r2 = math.fsum(self.sums + [float(v.sum()) for v in self.values])
+        grams = self.grams or [np.zeros((k, k))]
+        gram = np.array([[math.fsum(g[i, j] for g in grams) for j in range(k)] for i in range(k)])
+        record.delta_sq, record.delta_dot = stats.delta_products(gram)
+        record.total_sq = stats.total_change_sq(gram)
+        record.holdout_err_sq = math.fsum(self.err_sq)
+        if self.sampled:
+            record.values = values
+            record.median_r2 = float(np.median(values)) if values.size else None
+        else:
+            record.median_r2 = stats.histogram_median(self.hist)
+        hist = self.hist
+        self.views = self.grams = self.values = self.hist = None
+        return hist
 
 
 # ----------------------------------------------------------------------------------------------

@@ -228,3 +228,34 @@ def test_every_math500_gold_solution_grades_correct(pool):
     rows = _rows("math500")
     results = pool.grade([GradeItem(row["solution"], row["answer"], "math") for row in rows])
     assert [row["id"] for row, r in zip(rows, results) if not r.correct] == []
+
+
+def test_a_hang_or_crash_inside_a_batch_loses_only_that_item():
+    # One worker, so the items after the hang and the crash sit in the same batch and must be
+    # re-sent to the replacement worker.
+    items = [("1", "1", "arithmetic"), ("x", "1", "_hang"), ("3", "3", "arithmetic"), ("x", "1", "_crash"),
+             ("5", "5", "arithmetic"), ("6", "7", "arithmetic"), ("8", "8", "arithmetic")]
+    with GradingPool(workers=1, timeout=2.0) as one:
+        results = one.grade(items)
+        assert one.restarts == 2
+    assert [r.status for r in results] == ["ok", "timeout", "ok", "error", "ok", "ok", "ok"]
+    assert [r.correct for r in results] == [True, False, True, False, True, False, True]
+    assert [r.extracted for r in results] == ["1", None, "3", None, "5", "6", "8"]
+
+
+def test_the_hard_timeout_is_per_item_not_per_batch():
+    # Six 0.5 s items queued in one worker take 3 s together, more than the 2 s timeout: none is lost.
+    with GradingPool(workers=1, timeout=2.0) as one:
+        results = one.grade([("0.5", "1", "_sleep")] * 6)
+        assert one.restarts == 0
+    assert [r.status for r in results] == ["ok"] * 6 and all(r.correct for r in results)
+
+
+def test_many_items_with_interleaved_golds_and_large_inputs_come_back_in_order(pool):
+    # Items are grouped by gold inside the pool; results must still map to their own items. Some
+    # completions are larger than a pipe's buffer (the parent must not block writing them).
+    items = [(f"{i % 7}" + (" pad" * 40000 if i % 50 == 0 else ""), str((i * 3) % 5), "arithmetic") for i in range(400)]
+    results = pool.grade(items)
+    assert [r.extracted for r in results] == [str(i % 7) for i in range(400)]
+    assert [r.correct for r in results] == [i % 7 == (i * 3) % 5 for i in range(400)]
+    assert [r.correct for r in results] == [grade_one(c, g, k).correct for c, g, k in items]

@@ -5,19 +5,21 @@ Kinds name a grader `(completion, gold) -> (correct, extracted, answer_key)`:
   - "math": math-verify, gold parsed first (rlvrx.tasks.math); GSM8K's plain-number golds too.
   - "package.module:function": any importable function with that signature (it may also return
     just a bool, or (bool, extracted)).
-  - "_hang", "_crash", "_probe": test-only kinds for the pool (stall forever with SIGALRM blocked /
-    exit the worker / report which heavy modules the worker has imported). Never grade_one "_hang".
+  - "_hang", "_crash", "_probe", "_sleep": test-only kinds for the pool (stall forever with SIGALRM
+    blocked / exit the worker / report which heavy modules the worker has imported / sleep
+    float(completion) seconds). Never grade_one "_hang".
 
 Why worker processes: math-verify's own timeouts use SIGALRM, which works in the main thread only,
 and an alarm can be lost or never acted on: with math-verify's 5 s timeout, the input of
 math-verify issue #65 (`\\dfrac{5^{(5^{(5^{(5^5)})} - 4)} - 5}{16}`) ran past 25 s here, and C code
 that never checks for signals cannot be interrupted at all. Each worker is a plain `python -c`
 subprocess (not multiprocessing: spawn would re-import the caller's `__main__`, which may import
-torch) that imports only this module and the graders it needs. The parent sends one item at a time
-over a pipe; if no answer comes within `timeout` seconds it kills the worker, starts a new one,
-marks the item wrong with status "timeout" and carries on. Inside the worker our own SIGALRM at
-0.8 * timeout (math-verify's are switched off) stops graders stuck in Python code without the cost
-of a restart; it stops the issue #65 input too. A pool is not thread-safe: one caller at a time.
+torch) that imports only this module and the graders it needs. The parent sends items in small
+batches over a pipe and the worker answers each as it is graded; if the answer for an item does
+not come within `timeout` seconds of the previous one, the parent kills the worker, marks the item
+wrong with status "timeout", and gives the rest of that worker's batch to a new worker. Inside the
+worker our own SIGALRM at 0.8 * timeout (math-verify's are switched off) stops graders stuck in
+Python code without the cost of a restart; it stops the issue #65 input too. A pool is not thread-safe: one caller at a time.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ DEFAULT_TIMEOUT = 10.0
 SOFT_TIMEOUT_FRACTION = 0.8
 STARTUP_TIMEOUT = 120.0
 BUILTIN_KINDS = ("arithmetic", "math")
-_TEST_KINDS = ("_hang", "_crash", "_probe")
+_TEST_KINDS = ("_hang", "_crash", "_probe", "_sleep")
 _HEAVY_MODULES = ("torch", "transformers", "numpy", "sympy", "math_verify")
 
 
@@ -147,12 +149,17 @@ def _crash(completion: str, gold: str):
     os._exit(3)
 
 
+def _sleep(completion: str, gold: str):
+    time.sleep(float(completion))
+    return True, completion, completion
+
+
 def _probe(completion: str, gold: str):
     loaded = ",".join(m for m in _HEAVY_MODULES if m in sys.modules)
     return True, loaded, loaded
 
 
-_TEST_GRADERS = {"_hang": _hang, "_crash": _crash, "_probe": _probe}
+_TEST_GRADERS = {"_hang": _hang, "_crash": _crash, "_probe": _probe, "_sleep": _sleep}
 
 
 class _SoftTimeout(BaseException):
@@ -194,20 +201,27 @@ def grade_one(completion: str, gold: str, kind: str = "math", timeout: float | N
 
 # ----------------------------------------------------------------------------------------------
 # Worker side: `python -c "from rlvrx.eval.grading import _worker_main; _worker_main()" SOFT`
-# Protocol, one JSON object per line. Parent -> worker: {"load": [kinds]} or {"c", "g", "k"}.
-# Worker -> parent: {"ready": true} / {"ready": false, "error"} or a GradeResult dict.
+# Protocol, one JSON line per message. Parent -> worker: {"load": [kinds]} or {"items": [[c, g, k], ...]}.
+# Worker -> parent: {"ready": true} / {"ready": false, "error"}, and for each item, in order and as
+# soon as it is graded, [correct, extracted, answer_key, status, error].
 
 
 def _worker_main() -> None:
     soft_timeout = float(sys.argv[1]) if len(sys.argv) > 1 else None
     # Our replies go to a private copy of stdout; anything a library prints lands on stderr.
-    reply = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    reply_fd = os.dup(1)
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it closes us.
     _die_with_parent()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     graders: dict[str, Callable] = {}
-    for line in sys.stdin:
+
+    def reply(message) -> None:  # unbuffered: the parent times each item from the previous reply
+        data = (json.dumps(message) + "\n").encode("utf-8")
+        while data:
+            data = data[os.write(reply_fd, data) :]
+
+    for line in sys.stdin.buffer:
         message = json.loads(line)
         if "load" in message:
             try:
@@ -215,23 +229,23 @@ def _worker_main() -> None:
                     graders[kind] = _grader(kind)
                     if kind == "math":  # warm up the LaTeX parser so the first item is not slow
                         _grade_guarded(graders[kind], "\\boxed{1}", "1", None)
-                answer = {"ready": True}
+                reply({"ready": True})
             except BaseException as e:
-                answer = {"ready": False, "error": f"{type(e).__name__}: {e}"}
-        else:
-            kind = message["k"]
+                reply({"ready": False, "error": f"{type(e).__name__}: {e}"})
+            continue
+        for completion, gold, kind in message["items"]:
             grader = graders.get(kind)
             if grader is None:
                 try:
                     grader = graders[kind] = _grader(kind)
                 except Exception as e:
-                    answer = GradeResult(False, status="error", error=str(e)).to_dict()
-                    reply.write(json.dumps(answer) + "\n")
-                    reply.flush()
+                    reply([False, None, None, "error", str(e)])
                     continue
-            answer = _grade_guarded(grader, message["c"], message["g"], soft_timeout).to_dict()
-        reply.write(json.dumps(answer) + "\n")
-        reply.flush()
+            r = _grade_guarded(grader, completion, gold, soft_timeout)
+            reply([r.correct, r.extracted, r.answer_key, r.status, r.error])
+    # The parent closed our stdin: leave without tearing down sympy's caches (a second or more).
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _die_with_parent() -> None:
@@ -251,6 +265,18 @@ def _die_with_parent() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Parent side
+#
+# Items go to workers in batches: a worker holds up to CHUNK items and gets the next batch when fewer
+# than REFILL_AT are left, so it never waits for the parent between items. Items with the same
+# (gold, kind) go to the same worker where possible, so its caches (the parsed gold, math-verify's
+# and sympy's) serve them all, as in one process. The hard timeout stays per item: the worker
+# replies after each item, and the item at the head of its queue must be answered within `timeout`
+# of the previous reply (or of the batch reaching an idle worker); if not, the worker is killed,
+# that item is a timeout and the rest of its queue goes to the replacement.
+
+CHUNK = 32
+REFILL_AT = 16
+COALESCE = 0.005  # after a reply, let more replies gather before reading again: fewer wake-ups
 
 
 class _Worker:
@@ -266,11 +292,15 @@ class _Worker:
             close_fds=True,
         )
         self.fd = self.proc.stdout.fileno()
+        self.in_fd = self.proc.stdin.fileno()
+        os.set_blocking(self.in_fd, False)  # a stuck worker must never block the parent
         self.buffer = bytearray()
+        self.outbox = bytearray()
         self.kinds = set(kinds)
-        self.state = "starting"  # starting -> idle <-> busy; "stale" after an interrupted batch
+        self.state = "starting"  # starting -> ready; "stale" after an interrupted call
         self.loads_pending = 0
-        self.index: int | None = None
+        self.sent: deque[int] = deque()  # items sent, verdict not back yet, in the worker's order
+        self.lane: deque[int] = deque()  # items assigned to this worker, not sent yet
         self.deadline = 0.0
         self.load(self.kinds)
 
@@ -281,15 +311,22 @@ class _Worker:
         self.deadline = time.monotonic() + STARTUP_TIMEOUT
         self.send({"load": sorted(self.kinds)})
 
-    def send(self, message: dict) -> bool:
-        try:
-            self.proc.stdin.write((json.dumps(message) + "\n").encode("utf-8"))
-            self.proc.stdin.flush()
-            return True
-        except (BrokenPipeError, OSError):
-            return False
+    def send(self, message) -> None:
+        self.outbox += (json.dumps(message) + "\n").encode("utf-8")
+        self.flush()
 
-    def read_lines(self) -> list[dict] | None:
+    def flush(self) -> None:
+        """Write what the pipe takes now; the rest when select says it is writable. A dead worker's
+        messages are dropped (its end of file or its deadline tells the parent)."""
+        try:
+            while self.outbox:
+                del self.outbox[: os.write(self.in_fd, self.outbox)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.outbox.clear()
+
+    def read_lines(self) -> list | None:
         """The complete lines now available; None at end of file (the worker died)."""
         chunk = os.read(self.fd, 1 << 16)
         if not chunk:
@@ -326,6 +363,23 @@ class _Worker:
 def _shutdown(workers: list[_Worker]) -> None:
     for worker in workers:
         worker.kill()
+
+
+class _Groups:
+    """Item indices not yet given to a worker, grouped by (gold, kind), groups in order of first
+    appearance; `count` is how many items they hold."""
+
+    def __init__(self, items: list[GradeItem]):
+        by_key: dict[tuple[str, str], list[int]] = {}
+        for index, item in enumerate(items):
+            by_key.setdefault((str(item.gold), item.kind), []).append(index)
+        self.queue = deque(by_key.values())
+        self.count = len(items)
+
+    def take(self) -> list[int]:
+        group = self.queue.popleft()
+        self.count -= len(group)
+        return group
 
 
 class GradingPool:
@@ -385,29 +439,31 @@ class GradingPool:
         soft_timeout = max(0.05, self.timeout * SOFT_TIMEOUT_FRACTION)
         for worker in list(self._pool):
             if worker.state == "stale" or worker.proc.poll() is not None:
+                worker.sent.clear()  # the previous call's items
                 self._replace(worker, kinds, soft_timeout, count=False)
             elif not set(kinds) <= worker.kinds:
                 worker.load(kinds)
         while len(self._pool) < min(self.workers, len(items)):
             self._pool.append(_Worker(kinds, soft_timeout))
 
-        pending = deque(range(len(items)))
+        groups = _Groups(items)
         unfinished = len(items)
         try:
             while unfinished:
-                now = time.monotonic()
                 for worker in self._pool:
-                    if worker.state == "idle" and pending:
-                        index = pending.popleft()
-                        item = items[index]
-                        if worker.send({"c": item.completion, "g": str(item.gold), "k": item.kind}):
-                            worker.state, worker.index, worker.deadline = "busy", index, now + self.timeout
-                        else:
-                            pending.appendleft(index)
-                            self._replace(worker, kinds, soft_timeout)
-                waiting = [w for w in self._pool if w.state in ("starting", "busy")]
+                    if worker.state == "ready":
+                        self._feed(worker, items, groups)
+                waiting = [w for w in self._pool if w.state == "starting" or w.sent]
+                if not waiting:  # cannot happen: every unfinished item is queued in some worker
+                    raise RlvrxError(f"grading pool lost track of {unfinished} items")
                 wait = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-                readable, _, _ = select.select([w.fd for w in waiting], [], [], wait)
+                writing = [w.in_fd for w in self._pool if w.outbox]
+                readable, writable, _ = select.select([w.fd for w in waiting], writing, [], wait)
+                if readable and COALESCE:
+                    time.sleep(max(0.0, min(COALESCE, min(w.deadline for w in waiting) - time.monotonic())))
+                for worker in self._pool:
+                    if worker.outbox and worker.in_fd in writable:
+                        worker.flush()
                 for worker in waiting:
                     if worker.fd in readable:
                         lines = worker.read_lines()
@@ -415,46 +471,79 @@ class GradingPool:
                             code = worker.proc.wait()
                             if worker.state == "starting":
                                 raise RlvrxError(f"a grading worker failed to start (exit code {code}); see its error above")
-                            index = worker.index
-                            self._replace(worker, kinds, soft_timeout)
+                            index = self._replace(worker, kinds, soft_timeout)
+                            if index is None:
+                                continue
                             unfinished -= 1
                             yield index, GradeResult(False, status="error", error=f"the grading worker died (exit code {code})")
                             continue
                         for message in lines:
-                            if "ready" in message:
+                            if isinstance(message, dict):
                                 if not message["ready"]:
                                     raise RlvrxError(f"a grading worker could not load graders {kinds}: {message.get('error')}")
                                 worker.loads_pending -= 1
                                 if worker.loads_pending == 0 and worker.state == "starting":
-                                    worker.state = "idle"
-                            elif worker.state == "busy":
-                                index = worker.index
-                                worker.state, worker.index = "idle", None
+                                    worker.state = "ready"
+                            elif worker.sent:
+                                index = worker.sent.popleft()
+                                worker.deadline = time.monotonic() + self.timeout  # the next item's clock
                                 unfinished -= 1
-                                yield index, GradeResult(**message)
+                                yield index, GradeResult(bool(message[0]), *message[1:])
                     elif time.monotonic() >= worker.deadline:
                         if worker.state == "starting":
                             raise RlvrxError(f"a grading worker did not start within {STARTUP_TIMEOUT:g}s")
-                        index = worker.index
-                        self._replace(worker, kinds, soft_timeout)
+                        index = self._replace(worker, kinds, soft_timeout)
                         unfinished -= 1
                         yield index, GradeResult(
                             False, status="timeout", error=f"no verdict within {self.timeout:g}s; the worker was killed and replaced"
                         )
         except BaseException:
-            # Interrupted mid-batch (an error, Ctrl-C, or the caller stopped iterating): busy workers
-            # hold stale items, so they are replaced on the next call.
+            # Interrupted mid-call (an error, Ctrl-C, or the caller stopped iterating): workers with
+            # items in flight would answer for them later, so they are replaced on the next call.
             for worker in self._pool:
-                if worker.state == "busy":
+                if worker.sent:
                     worker.state = "stale"
             raise
+        finally:
+            for worker in self._pool:
+                worker.lane.clear()
 
-    def _replace(self, worker: _Worker, kinds: list[str], soft_timeout: float, count: bool = True) -> None:
+    def _feed(self, worker: _Worker, items: list[GradeItem], groups: _Groups) -> None:
+        """Top up `worker`'s queue from its lane, which it refills with whole (gold, kind) groups or,
+        when none are left, with the later half of the longest other lane. Queues hold up to CHUNK
+        items, fewer near the end (about half a fair share), so that the last items spread over
+        all workers and one slow item does not hold up many others."""
+        unsent = groups.count + sum(len(w.lane) for w in self._pool)
+        limit = max(1, min(CHUNK, -(-unsent // (2 * len(self._pool)))))
+        if len(worker.sent) >= max(1, min(REFILL_AT, limit // 2)):
+            return
+        lane = worker.lane
+        while len(lane) < limit and groups.queue:
+            lane.extend(groups.take())
+        if not lane:
+            victim = max(self._pool, key=lambda w: len(w.lane))
+            for _ in range((len(victim.lane) + 1) // 2):
+                lane.appendleft(victim.lane.pop())
+        batch = [lane.popleft() for _ in range(min(len(lane), limit - len(worker.sent)))]
+        if not batch:
+            return
+        if not worker.sent:
+            worker.deadline = time.monotonic() + self.timeout
+        worker.sent.extend(batch)
+        worker.send({"items": [[items[i].completion, str(items[i].gold), items[i].kind] for i in batch]})
+
+    def _replace(self, worker: _Worker, kinds: list[str], soft_timeout: float, count: bool = True) -> int | None:
+        """Kill `worker` and start another in its place, which takes over its queue but the head
+        item; return that item (the one that timed out or crashed the worker), if any."""
         worker.kill()
         position = self._pool.index(worker)
-        self._pool[position] = _Worker(sorted(set(kinds) | worker.kinds), soft_timeout)
+        successor = self._pool[position] = _Worker(sorted(set(kinds) | worker.kinds), soft_timeout)
         if count:
             self.restarts += 1
+        head = worker.sent.popleft() if worker.sent else None
+        successor.lane.extend(worker.sent)
+        successor.lane.extend(worker.lane)
+        return head
 
 
 def grade_many(items: Iterable, workers: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[GradeResult]:

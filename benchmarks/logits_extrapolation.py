@@ -7,9 +7,12 @@ Contestants, each in its own child process (models built there; only generation 
                (the same sampler and source, called 64 times)
   single       one model sampling the same 64 x 8 batch (the floor: extrapolation runs two forwards)
 Models: "tiny" (the quickstart's 2-layer, hidden-64 model, character vocabulary) and "small"
-(4 layers, hidden 256, vocabulary 32768), float32 on CPU. Prompts are random token ids of 16-40
-tokens; temperature 0.6, top-p 0.95; every row decodes max_new_tokens (no stop token), so all
-contestants do the same number of token steps.
+(4 layers, hidden 256, vocabulary 32768), float32 on CPU, random weights with the tied embeddings
+scaled x3.5 so that the top-p nucleus ranges from 1 token to a few thousand (an unscaled random
+model is nearly uniform) and a "second checkpoint" one step of N(0, 0.002) noise away; alpha 2.
+Prompts are random token ids of 16-40 tokens; temperature 0.6, top-p 0.95; every row decodes
+max_new_tokens (64 tiny, 16 small; no stop token), so all contestants do the same number of token
+steps.
 
     python benchmarks/logits_extrapolation.py [--quick] [--repeats 3] [--sizes tiny,small]
 """
@@ -25,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 SIZES = {
-    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=256, max_position=128, vocab=None, new_tokens=64),
-    "small": dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=1024, max_position=256, vocab=32768, new_tokens=32),
+    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=256, max_position=128, vocab=None, new_tokens=64, embed_scale=3.5),
+    "small": dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=1024, max_position=256, vocab=32768, new_tokens=16, embed_scale=3.5),
 }
 QUICK = {"prompts": 8, "k": 4, "new_tokens": 8}
 ALPHA = 2.0
@@ -34,6 +37,12 @@ CONTESTANTS = ("batched", "per-prompt", "single")
 
 
 def build_models(size: dict):
+    """(base, second, vocab): a random model with its tied embeddings scaled by embed_scale so that
+    the top-p nucleus ranges from one token to a few thousand, as a trained model's does (an
+    unscaled random model is nearly uniform), and a nearby "later checkpoint" (every weight moved
+    by N(0, 0.002))."""
+    import copy
+
     import torch
 
     from rlvrx.tiny import build_tiny_model, tiny_config
@@ -41,16 +50,20 @@ def build_models(size: dict):
     arch = {k: size[k] for k in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_position")}
     if size["vocab"] is None:
         base, tok = build_tiny_model(**arch, seed=0)
-        second, _ = build_tiny_model(**arch, seed=1)
-        return base, second, len(tok)
-    from transformers import Qwen2ForCausalLM
+        vocab = len(tok)
+    else:
+        from transformers import Qwen2ForCausalLM
 
-    config = tiny_config(size["vocab"], **arch)
-    models = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        models.append(Qwen2ForCausalLM(config).eval())
-    return models[0], models[1], size["vocab"]
+        torch.manual_seed(0)
+        base = Qwen2ForCausalLM(tiny_config(size["vocab"], **arch))
+        vocab = size["vocab"]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        base.get_input_embeddings().weight.mul_(size["embed_scale"])
+        second = copy.deepcopy(base)
+        for param in second.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.002)
+    return base.eval(), second.eval(), vocab
 
 
 def child(contestant: str, size_name: str, n_prompts: int, k: int, new_tokens: int, repeats: int) -> None:

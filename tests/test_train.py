@@ -238,3 +238,35 @@ def test_model_dir_without_tokenizer_is_refused(tmp_path, sft_model):
     r.model.path = str(bare)
     with pytest.raises(UsageError, match="no tokenizer"):
         Trainer(r).fit(show_progress=False)
+
+
+def test_shared_prompt_logprobs_equal_the_packed_forward():
+    """The trainer runs each prompt once per group; log-probs and gradients match the packed forward."""
+    from rlvrx.generation import batch_token_logprobs, left_pad, pack_prompt_response
+    from rlvrx.generation.scoring import shared_prompt_token_logprobs
+    from rlvrx.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64, max_position=32, seed=3)
+    model.train()
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 9, 4, 2, 3]]
+    index = [0, 0, 1, 1, 2, 2]
+    responses = [[10, 11, 2], [12], [13, 14, 15, 16], [], [17, 18], [19]]
+    packed = pack_prompt_response([prompts[i] for i in index], responses)
+    width = packed.response_width
+    mask = packed.response_mask.float()
+
+    def run(fn):
+        model.zero_grad()
+        lp, ent = fn()
+        (lp * mask).sum().backward()
+        return lp.detach(), ent, [p.grad.clone() for p in model.parameters()]
+
+    ref = run(lambda: batch_token_logprobs(model, packed.input_ids, packed.attention_mask, logits_to_keep=width, temperature=0.7))
+    ids, pmask = left_pad(prompts)
+    got = run(lambda: shared_prompt_token_logprobs(model, ids, pmask, torch.tensor(index), packed.input_ids[:, -width:],
+                                                   packed.response_mask, temperature=0.7))
+    keep = packed.response_mask.bool()
+    torch.testing.assert_close(got[0][keep], ref[0][keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1][keep], ref[1][keep], atol=1e-5, rtol=0)
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -19,6 +19,7 @@ from rlvrx.generation.scoring import (
     batch_token_logprobs,
     positions_from_mask,
     score_responses,
+    shared_prompt_token_logprobs,
     token_logprobs,
 )
 
@@ -40,5 +41,6 @@ __all__ = [
     "positions_from_mask",
     "process_logits",
     "score_responses",
+    "shared_prompt_token_logprobs",
     "token_logprobs",
 ]

@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from rlvrx.errors import UsageError
@@ -136,19 +137,19 @@ def pack_prompt_response(
 ) -> PackedBatch:
     if len(prompt_ids) != len(response_ids) or not prompt_ids:
         raise UsageError(f"need one prompt per response, got {len(prompt_ids)} prompts and {len(response_ids)} responses")
-    p_width = max(len(p) for p in prompt_ids)
-    r_width = max(1, max(len(r) for r in response_ids))
-    batch = len(prompt_ids)
-    ids = torch.full((batch, p_width + r_width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, p_width + r_width), dtype=torch.long)
-    for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        if not len(p):
-            raise UsageError(f"prompt {row} is empty; a response needs at least one prompt token before it")
-        ids[row, p_width - len(p):p_width] = torch.as_tensor(list(p), dtype=torch.long)
-        ids[row, p_width:p_width + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[row, p_width - len(p):p_width + len(r)] = 1
-    response_mask = mask[:, p_width:].clone()
-    return PackedBatch(ids.to(device), mask.to(device), response_mask.to(device), r_width)
+    p_len = np.array([len(p) for p in prompt_ids], dtype=np.int64)
+    r_len = np.array([len(r) for r in response_ids], dtype=np.int64)
+    if (p_len == 0).any():
+        raise UsageError(f"prompt {int(np.argmax(p_len == 0))} is empty; a response needs at least one prompt token before it")
+    p_width, r_width = int(p_len.max()), max(1, int(r_len.max()))
+    cols = np.arange(p_width + r_width)[None, :]
+    mask = (cols >= (p_width - p_len)[:, None]) & (cols < (p_width + r_len)[:, None])
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    # row-major order of the masked cells: each row's prompt, then its response
+    ids[mask] = np.fromiter((int(t) for p, r in zip(prompt_ids, response_ids) for seq in (p, r) for t in seq),
+                            dtype=np.int64, count=int(p_len.sum() + r_len.sum()))
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+    return PackedBatch(ids_t.to(device), mask_t.to(device), mask_t[:, p_width:].clone().to(device), r_width)
 
 
 def batch_token_logprobs(
@@ -184,6 +185,57 @@ def batch_token_logprobs(
     targets = input_ids[:, seq_len - keep:]
     log_norm = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = log_norm - (probs * logits).sum(-1)
+    return logprobs, entropy
+
+
+def shared_prompt_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`batch_token_logprobs` for rows that share prompts (GRPO groups), running each prompt once.
+
+    prompt_ids / prompt_mask [U, P]: left-padded unique prompts; prompt_index [B]: each row's prompt;
+    response_ids / response_mask [B, R]: right-padded responses. The prompts go through the model once
+    (with grad), their KV cache is repeated per row, then the responses attend to it; this is the same
+    computation as the packed [B, P + R] forward up to float rounding, on U * P + B * (R - 1) tokens
+    instead of B * (P + R). Returns (logprobs, entropy) [B, R], laid out like the packed call with
+    logits_to_keep = R.
+    """
+    width = response_ids.shape[1]
+    max_pos = model_max_positions(model)
+    if max_pos is not None and prompt_ids.shape[1] + width > max_pos:
+        raise UsageError(f"batch has {prompt_ids.shape[1] + width} positions, more than the model context of {max_pos}")
+    positions = positions_from_mask(prompt_mask)
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **kwargs)
+    logits = out.logits[:, -1:, :][prompt_index]
+    if width > 1:
+        cache = out.past_key_values
+        cache.batch_select_indices(prompt_index)
+        mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], dim=1)[:, :-1]
+        steps = torch.arange(width - 1, device=positions.device)
+        response_positions = positions[prompt_index, -1:] + 1 + steps
+        rest = model(
+            input_ids=response_ids[:, :-1], attention_mask=mask, position_ids=response_positions,
+            past_key_values=cache, use_cache=True,
+        ).logits
+        logits = torch.cat([logits, rest], dim=1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_norm
     entropy = None
     if with_entropy:
         with torch.no_grad():

@@ -20,7 +20,8 @@ import torch
 from rlvrx.checkpoint import atomic_dir, atomic_write_text
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx.errors import RlvrxError, UsageError
-from rlvrx.generation import SamplingParams, batch_token_logprobs, generate, pack_prompt_response
+from rlvrx.generation import SamplingParams, generate, left_pad, pack_prompt_response
+from rlvrx.generation.scoring import shared_prompt_token_logprobs
 from rlvrx.generation.sampler import NonFiniteLogits
 from rlvrx.train.grpo import group_advantages, policy_loss, zero_std_fraction
 from rlvrx.trajectory import Trajectory, step_dir_name
@@ -87,13 +88,21 @@ def _lr_lambda(warmup: int) -> Callable[[int], float]:
 
 @dataclass
 class StepBatch:
-    """One GRPO step's rollouts, padded: prompts left-aligned to the right edge, responses right-padded."""
+    """One GRPO step's rollouts, padded: prompts left-aligned to the right edge, responses right-padded.
+
+    input_ids / attention_mask: the packed [B, P + R] rows; prompt_ids / prompt_mask [U, P]: the step's
+    unique prompts, left-padded, with prompt_index [B] naming each row's (the log-prob forwards run
+    each prompt once for its whole group).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_index: torch.Tensor
 
 
 class Trainer:
@@ -295,15 +304,25 @@ class Trainer:
             "frac_zero_std": zero_std_fraction(rewards, self.num_generations),
             "response_length": float(lengths.mean()),
         }
-        batch = StepBatch(packed.input_ids, packed.attention_mask, resp, rewards, advantages.to(self.device))
+        prompt_ids, prompt_mask = left_pad(prompts, pad, self.device)
+        prompt_index = torch.tensor([g.prompt_index for g in gens], dtype=torch.long, device=self.device)
+        batch = StepBatch(
+            packed.input_ids, packed.attention_mask, resp, rewards, advantages.to(self.device),
+            prompt_ids, prompt_mask, prompt_index,
+        )
         return batch, stats
 
     def _logprobs(self, model, batch: StepBatch, rows=slice(None), with_entropy=False):
-        return batch_token_logprobs(
+        """Per-token log-probs of the responses of `rows` [rows, R]; each prompt runs once per call."""
+        used, row_prompt = torch.unique(batch.prompt_index[rows], return_inverse=True)
+        width = batch.response_mask.shape[1]
+        return shared_prompt_token_logprobs(
             model,
-            batch.input_ids[rows],
-            batch.attention_mask[rows],
-            logits_to_keep=batch.response_mask.shape[1],
+            batch.prompt_ids[used],
+            batch.prompt_mask[used],
+            row_prompt,
+            batch.input_ids[rows][:, -width:],
+            batch.response_mask[rows],
             temperature=self.cfg.temperature,
             with_entropy=with_entropy,
         )

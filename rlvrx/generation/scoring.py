@@ -179,10 +179,15 @@ def batch_token_logprobs(
     max_pos = model_max_positions(model)
     if max_pos is not None and seq_len > max_pos:
         raise UsageError(f"batch has {seq_len} positions, more than the model context of {max_pos}")
-    logits = _forward_logits(model, input_ids, attention_mask, keep + 1)[:, :-1, :].float()
+    logits = _forward_logits(model, input_ids, attention_mask, keep + 1)[:, :-1, :]
+    return _target_logprobs(logits, input_ids[:, seq_len - keep:], temperature, with_entropy)
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """(log-probs of targets, entropy or None) under softmax(logits / temperature), in float32."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, seq_len - keep:]
     log_norm = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     entropy = None
@@ -231,14 +236,4 @@ def shared_prompt_token_logprobs(
             past_key_values=cache, use_cache=True,
         ).logits
         logits = torch.cat([logits, rest], dim=1)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_norm
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = log_norm - (probs * logits).sum(-1)
-    return logprobs, entropy
+    return _target_logprobs(logits, response_ids, temperature, with_entropy)

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "benchmarks"
@@ -245,6 +245,25 @@ def summarize_runs(runs: Sequence[Run], key: Callable[[Run], float] = lambda r: 
         "peak_anon_max": max((r.peak_anon for r in runs), default=0),
         "loads": [r.load for r in runs],
     }
+
+
+CACHE_TABLE_HEADER = ("cache", "contestant", "median s", "range s", "cpu s", "peak anon", "load avg at start of each run")
+
+
+def print_run(tag: str, name: str, run: Run) -> None:
+    print(f"  {tag:7s} {name:13s} {run.wall_s:7.2f} s  cpu {run.cpu_s:6.2f} s  anon {mib(run.peak_anon):>9s}  load {run.load}", flush=True)
+
+
+def summarize_cache_modes(runs: Sequence[Run], contestants: Iterable[str], modes: Sequence[bool]) -> tuple[dict, list]:
+    """({"warm"|"cold": {contestant: summarize_runs(...)}}, rows under CACHE_TABLE_HEADER)."""
+    summary, rows = {}, []
+    for cold in modes:
+        label = "cold" if cold else "warm"
+        block = summary[label] = {}
+        for name in contestants:
+            s = block[name] = summarize_runs([r for r in runs if r.contestant == name and r.cold == cold])
+            rows.append([label, name, f"{s['median']:.2f}", spread(s["values"]), f"{s['cpu_median']:.2f}", gib(s["peak_anon_max"]), " | ".join(s["loads"])])
+    return summary, rows
 
 
 def print_table(title: str, rows: Sequence[Sequence], header: Sequence[str]) -> None:

@@ -135,46 +135,35 @@ def main() -> None:
                         import json
 
                         run.inner = json.loads(out.with_suffix(".json").read_text())
-                    tag = "cold" if cold else ("warm-up" if r < 0 else "warm")
-                    print(f"  {tag:7s} {name:13s} {run.wall_s:7.2f} s  cpu {run.cpu_s:6.2f} s  anon {h.mib(run.peak_anon):>9s}  load {run.load}", flush=True)
+                    h.print_run("cold" if cold else ("warm-up" if r < 0 else "warm"), name, run)
                     if r >= 0:
                         runs.append(run)
 
         # correctness: bit identity with mergekit (and naive)
         checks = {}
+        all_out = outs / "rlvrx-all"
+        shutil.rmtree(all_out, ignore_errors=True)
+        h.check_ok(h.run_child("rlvrx --all", rlvrx_cmd(all_out, "--all", "--no-hash")))
         if "mergekit" in contestants:
-            all_out = outs / "rlvrx-all"
-            shutil.rmtree(all_out, ignore_errors=True)
-            h.check_ok(h.run_child("rlvrx --all", rlvrx_cmd(all_out, "--all", "--no-hash")))
             checks["rlvrx --all vs mergekit (every tensor)"] = h.compare_checkpoints(all_out, outs / "mergekit")
             checks["rlvrx vs mergekit (extrapolated tensors; norms are copied by design)"] = h.compare_checkpoints(
                 outs / "rlvrx", outs / "mergekit", skip=lambda n: "norm" in n
             )
             checks["naive vs mergekit (every tensor)"] = h.compare_checkpoints(outs / "naive", outs / "mergekit")
         else:
-            all_out = outs / "rlvrx-all"
-            shutil.rmtree(all_out, ignore_errors=True)
-            h.check_ok(h.run_child("rlvrx --all", rlvrx_cmd(all_out, "--all", "--no-hash")))
             checks["rlvrx --all vs naive (every tensor)"] = h.compare_checkpoints(all_out, outs / "naive")
 
         results: dict = {"machine": info, "shape": shape, "alpha": ALPHA, "input_bytes": in_bytes, "notes": notes,
-                         "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise", "modes": {}}
-        rows = []
+                         "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise"}
+        results["modes"], rows = h.summarize_cache_modes(runs, contestants, modes)
         for cold in modes:
-            label = "cold" if cold else "warm"
-            block = {}
-            for name in contestants:
-                sel = [r for r in runs if r.contestant == name and r.cold == cold]
-                block[name] = h.summarize_runs(sel)
+            for name, block in results["modes"]["cold" if cold else "warm"].items():
                 if name.startswith("rlvrx"):
-                    block[name]["inner_seconds"] = [round(r.inner.get("seconds", float("nan")), 3) for r in sel]
-                s = block[name]
-                rows.append([label, name, f"{s['median']:.2f}", h.spread(s["values"]), f"{s['cpu_median']:.2f}", h.gib(s["peak_anon_max"]), " | ".join(s["loads"])])
-            results["modes"][label] = block
+                    block["inner_seconds"] = [round(r.inner.get("seconds", float("nan")), 3) for r in runs if r.contestant == name and r.cold == cold]
         results["checks"] = checks
         results["loadavg_end"] = h.loadavg()
         h.print_table(f"weight extrapolation, alpha {ALPHA:g}, {in_bytes / 1e9:.2f} GB of inputs, median of {repeats}",
-                      rows, ["cache", "contestant", "median s", "range s", "cpu s", "peak anon", "load avg at start of each run"])
+                      rows, h.CACHE_TABLE_HEADER)
         for what, check in checks.items():
             print(f"{what}: {check['identical']}/{check['compared']} tensors bit-identical"
                   + (f"; differing: {check['differing'][:3]} (max {check['max_ulps_16bit']} ulp)" if check["n_differing"] else ""))

@@ -123,28 +123,18 @@ def main() -> None:
                     if name.startswith("rlvrx"):
                         run.inner = json.loads((outs / f"{name}.json").read_text())
                         run.inner.pop("tensors", None)
-                    tag = "cold" if cold else ("warm-up" if r < 0 else "warm")
-                    print(f"  {tag:7s} {name:13s} {run.wall_s:7.2f} s  cpu {run.cpu_s:6.2f} s  anon {h.mib(run.peak_anon):>9s}  load {run.load}", flush=True)
+                    h.print_run("cold" if cold else ("warm-up" if r < 0 else "warm"), name, run)
                     if r >= 0:
                         runs.append(run)
 
         results: dict = {"machine": info, "shape": shape, "steps": steps, "input_bytes": in_bytes,
-                         "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise", "modes": {}}
-        rows = []
-        for cold in modes:
-            label = "cold" if cold else "warm"
-            block = {}
-            for name in contestants:
-                sel = [r for r in runs if r.contestant == name and r.cold == cold]
-                block[name] = h.summarize_runs(sel)
-                s = block[name]
-                rows.append([label, name, f"{s['median']:.2f}", h.spread(s["values"]), f"{s['cpu_median']:.2f}", h.gib(s["peak_anon_max"]), " | ".join(s["loads"])])
-            results["modes"][label] = block
+                         "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise"}
+        results["modes"], rows = h.summarize_cache_modes(runs, contestants, modes)
         last = {r.contestant: r.inner for r in runs}
         results["answers"] = {name: {key: last[name].get(key) for key in ("median_r2", "frac_r2_gt_0_7", "n_params", "n")} for name in contestants}
         results["loadavg_end"] = h.loadavg()
         h.print_table(f"weight linearity, {k} checkpoints, {in_bytes / 1e9:.2f} GB, median of the runs listed",
-                      rows, ["cache", "contestant", "median s", "range s", "cpu s", "peak anon", "load avg at start of each run"])
+                      rows, h.CACHE_TABLE_HEADER)
         for name, answer in results["answers"].items():
             print(f"  {name:13s} median R² {answer['median_r2']}, R² > 0.7: {answer['frac_r2_gt_0_7']}, over {answer['n_params'] or answer['n']} parameters")
         ratios = {}

@@ -76,7 +76,6 @@ def child(contestant: str, size_name: str, n_prompts: int, k: int, new_tokens: i
     base, second, vocab = build_models(size)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, size=int(rng.integers(16, 41))).tolist() for _ in range(n_prompts)]
-    params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=new_tokens, seed=0, stop_token_ids=())
 
     def run_once(subset=prompts, tokens=new_tokens):
         p = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=tokens, seed=0, stop_token_ids=())

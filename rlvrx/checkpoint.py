@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -76,6 +77,10 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPE_BY_STR[key]
 
 
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -89,7 +94,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * element_size(self.dtype)
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -224,17 +229,6 @@ class Checkpoint:
             return self.get(name)
         return sl[start:stop]
 
-    def iter_row_blocks(self, name: str, max_elements: int) -> Iterator[tuple[int, int]]:
-        """(start, stop) row ranges covering the tensor, each holding at most ~max_elements values."""
-        shape = self.info(name).shape
-        if not shape:
-            yield (0, 1)
-            return
-        row = max(1, math.prod(shape[1:]))
-        rows = max(1, max_elements // row)
-        for start in range(0, shape[0], rows):
-            yield (start, min(shape[0], start + rows))
-
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
@@ -242,15 +236,21 @@ class Checkpoint:
         return {info.dtype for info in self.infos().values()}
 
 
-def checkpoint_sha256(path: Path) -> str:
-    """sha256 over the weight files (and index) of a checkpoint, in name order."""
-    path = Path(path)
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files (and index) of a checkpoint directory, in name order: what identifies its weights."""
+    return sorted(p for p in Path(path).iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)
+
+
+def checkpoint_sha256(path: str | os.PathLike, stop=None) -> str:
+    """sha256 over the weight files (and index) of a checkpoint, in name order. With `stop` (a
+    threading.Event), gives up between blocks once it is set (concurrent.futures.CancelledError)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)
-    for file in files:
+    for file in weight_files(path):
         digest.update(file.name.encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
+                if stop is not None and stop.is_set():
+                    raise CancelledError
                 digest.update(block)
     return digest.hexdigest()
 
@@ -377,16 +377,12 @@ def copy_aux_files(source: Path, dest: Path) -> list[str]:
 # Streaming sharded writer
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list[int]]:
     """Group spec indices into shards of at most max_shard_bytes (a tensor larger than that gets its own)."""
     shards: list[list[int]] = [[]]
     size = 0
     for i, (_, shape, dtype) in enumerate(specs):
-        nbytes = math.prod(shape) * _element_size(dtype)
+        nbytes = math.prod(shape) * element_size(dtype)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -422,7 +418,7 @@ class _ShardFile:
         self.offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for name, shape, dtype in specs:
-            nbytes = math.prod(shape) * _element_size(dtype)
+            nbytes = math.prod(shape) * element_size(dtype)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self.offsets[name] = (offset, nbytes)
             offset += nbytes
@@ -515,7 +511,7 @@ class ShardedWriter:
             raise CheckpointError(
                 f"tensor {name}: got elements [{start}, {start + part.numel()}) {part.dtype}, planned {math.prod(shape)} {dtype}"
             )
-        self._write(name, part, start * _element_size(dtype))
+        self._write(name, part, start * element_size(dtype))
 
     def _write(self, name: str, tensor: torch.Tensor, start_byte: int) -> None:
         if name in self._written:
@@ -541,7 +537,7 @@ class ShardedWriter:
         if not self.specs:  # an empty plan still gets a (valid, empty) weights file
             _ShardFile(self.directory / self.shard_names[0], [], self.metadata).close()
         if len(self.shards) > 1:
-            total = sum(math.prod(shape) * _element_size(dtype) for _, shape, dtype in self.specs)
+            total = sum(math.prod(shape) * element_size(dtype) for _, shape, dtype in self.specs)
             index = {
                 "metadata": {"total_size": total},
                 "weight_map": {name: self.shard_names[self._shard_of[name]] for name, _, _ in self.specs},

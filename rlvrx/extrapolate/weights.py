@@ -45,8 +45,11 @@ from rlvrx.checkpoint import (
     Checkpoint,
     ShardedWriter,
     atomic_dir,
+    checkpoint_sha256,
     compare_structure,
     copy_aux_files,
+    element_size,
+    weight_files,
 )
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
 
@@ -212,10 +215,6 @@ def is_copied(name: str, dtype: torch.dtype, patterns: Iterable[str], extrapolat
 
 # ----------------------------------------------------------------------------------------------
 # Per-tensor arithmetic
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _compute_dtype(dtype: torch.dtype, precise: bool) -> torch.dtype:
@@ -421,24 +420,6 @@ def _check_out(out: Path, sources: Sequence[Source], overwrite: bool) -> None:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
 
 
-class _Cancelled(Exception):
-    pass
-
-
-def _sha256_cancellable(path: Path, stop) -> str:
-    """checkpoint_sha256 (same digest), giving up between blocks once `stop` is set."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                if stop.is_set():
-                    raise _Cancelled
-                digest.update(block)
-    return digest.hexdigest()
-
-
 FINGERPRINT_BLOCKS = 16  # 4 KiB blocks sampled evenly from each weight file's data
 
 
@@ -450,7 +431,7 @@ def input_fingerprint(path: str | os.PathLike) -> dict:
     also catches an edit that misses every sampled block."""
     digest = hashlib.sha256()
     total, newest = 0, 0
-    files = sorted(p for p in Path(path).iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)
+    files = weight_files(path)
     for file in files:
         stat = file.stat()
         total += stat.st_size
@@ -482,7 +463,7 @@ class _Hashes:
         self.futures: list[Future | None] = [None] * len(sources)
         if enabled and not all(s.sha256 for s in sources):
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvrx-hash")
-            self.futures = [None if s.sha256 else self.pool.submit(_sha256_cancellable, s.path, self.stop) for s in sources]
+            self.futures = [None if s.sha256 else self.pool.submit(checkpoint_sha256, s.path, self.stop) for s in sources]
 
     def close(self) -> None:
         if self.pool is not None:
@@ -532,13 +513,13 @@ def _run(
         if warn is not None:
             warn(msg)
 
-    total_bytes = sum(math.prod(shape) * _element_size(d) for _, shape, d in specs)
+    total_bytes = sum(math.prod(shape) * element_size(d) for _, shape, d in specs)
     hashes = _Hashes(sources, options.hash_inputs)
     try:
         with atomic_dir(out, overwrite=options.overwrite) as tmp, _torch_threads(options.threads, 1 + (hashes.pool is not None)):
             writer = ShardedWriter(tmp, specs, max_shard_bytes=options.max_shard_bytes)
             elements = max(1, options.chunk_elements)
-            background = _WriterThread(writer, elements * max(_element_size(d) for _, _, d, _ in plan) if plan else 0)
+            background = _WriterThread(writer, elements * max(element_size(d) for _, _, d, _ in plan) if plan else 0)
             try:
                 for name, in_dtype, out_dtype, copy in plan:
                     if copy:
@@ -551,7 +532,7 @@ def _run(
                     else:
                         compute = _compute_dtype(in_dtype, options.precise)
                         flats = [ckpt.get(name).reshape(-1) for ckpt in ckpts]
-                        numel, size = flats[0].numel(), _element_size(out_dtype)
+                        numel, size = flats[0].numel(), element_size(out_dtype)
                         for i in range(0, numel, elements):
                             j = min(numel, i + elements)
                             buffer = background.buffer((j - i) * size)
@@ -568,7 +549,7 @@ def _run(
                             background.put(name, torch.empty(infos[name].shape, dtype=out_dtype))
                         result.extrapolated.append(name)
                         del flats
-                    result.bytes_written += math.prod(infos[name].shape) * _element_size(out_dtype)
+                    result.bytes_written += math.prod(infos[name].shape) * element_size(out_dtype)
                     if progress is not None:
                         progress(name, result.bytes_written, total_bytes)
                 background.close()

@@ -364,6 +364,11 @@ def model_max_positions(model: torch.nn.Module) -> int | None:
     return int(value) if value else None
 
 
+def keep_logits_kwargs(model: torch.nn.Module, keep: int) -> dict:
+    """{"logits_to_keep": keep} when the model's forward takes it (logits of the last positions only), else {}."""
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _text_config(model: torch.nn.Module):
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -395,7 +400,7 @@ class ModelSource:
         self.vocab_size = model_vocab_size(model)
         self.max_positions = model_max_positions(model)
         self.eos_token_ids = _model_eos_ids(model)
-        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keep_last = keep_logits_kwargs(model, 1)
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
@@ -407,9 +412,8 @@ class ModelSource:
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            **self._keep_last,
         )
-        if self._accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
         return out.logits[:, -1, :].float(), out.past_key_values
 
@@ -586,8 +590,9 @@ def _decode_rows(source, prompt_ids, rows, limits, uniforms, params, stop_ids, p
     try:
         logits = source.prefill(input_ids, mask, row_map)
         for t in range(steps):
-            # One sum instead of an elementwise isfinite pass: any NaN or inf makes it non-finite.
-            if not torch.isfinite(logits.sum()):
+            # One sum instead of an elementwise isfinite pass: a NaN or inf makes it non-finite; only then
+            # (or for a sum of finite values that overflows) the exact check.
+            if not torch.isfinite(logits.sum()) and not bool(torch.isfinite(logits).all()):
                 raise NonFiniteLogits(f"the model produced non-finite logits (NaN or inf) at generation step {t}; its weights are likely diverged")
             groups, raw = _sampling_distribution(logits, params)
             next_tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)

@@ -8,7 +8,6 @@ Log-softmax is always taken in float32, whatever the model dtype.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from rlvrx.errors import UsageError
-from rlvrx.generation.sampler import _eval_mode, left_pad, model_max_positions, model_vocab_size
+from rlvrx.generation.sampler import _eval_mode, keep_logits_kwargs, left_pad, model_max_positions, model_vocab_size
 
 
 @dataclass
@@ -39,10 +38,15 @@ def _forward_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor
         attention_mask=attention_mask,
         position_ids=positions_from_mask(attention_mask),
         use_cache=False,
+        **keep_logits_kwargs(model, keep),
     )
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = keep
     return model(**kwargs).logits[:, -keep:, :]
+
+
+def _check_context(model: torch.nn.Module, positions: int) -> None:
+    max_pos = model_max_positions(model)
+    if max_pos is not None and positions > max_pos:
+        raise UsageError(f"batch has {positions} positions, more than the model context of {max_pos}")
 
 
 def score_responses(
@@ -176,9 +180,7 @@ def batch_token_logprobs(
     keep = seq_len - 1 if logits_to_keep is None else int(logits_to_keep)
     if not 1 <= keep <= seq_len - 1:
         raise UsageError(f"logits_to_keep must be in [1, {seq_len - 1}] for sequences of {seq_len} tokens, got {keep}")
-    max_pos = model_max_positions(model)
-    if max_pos is not None and seq_len > max_pos:
-        raise UsageError(f"batch has {seq_len} positions, more than the model context of {max_pos}")
+    _check_context(model, seq_len)
     logits = _forward_logits(model, input_ids, attention_mask, keep + 1)[:, :-1, :]
     return _target_logprobs(logits, input_ids[:, seq_len - keep:], temperature, with_entropy)
 
@@ -218,12 +220,9 @@ def shared_prompt_token_logprobs(
     logits_to_keep = R.
     """
     width = response_ids.shape[1]
-    max_pos = model_max_positions(model)
-    if max_pos is not None and prompt_ids.shape[1] + width > max_pos:
-        raise UsageError(f"batch has {prompt_ids.shape[1] + width} positions, more than the model context of {max_pos}")
+    _check_context(model, prompt_ids.shape[1] + width)
     positions = positions_from_mask(prompt_mask)
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **kwargs)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **keep_logits_kwargs(model, 1))
     logits = out.logits[:, -1:, :][prompt_index]
     if width > 1:
         cache = out.past_key_values

@@ -97,9 +97,8 @@ def distinct_counts(raw: torch.Tensor) -> np.ndarray:
     return distinct_counts_np(bits)
 
 
-def distinct_counts_np(values: np.ndarray) -> np.ndarray:
+def distinct_counts_np(bits: np.ndarray) -> np.ndarray:
     """Number of distinct values per column of a numpy array [K, n] (== comparison), int16."""
-    bits = values
     k, n = bits.shape
     count = np.ones(n, dtype=np.int16)
     new = np.empty(n, dtype=bool)

@@ -456,7 +456,6 @@ class _Maps:
 
     def __init__(self):
         self._files: dict = {}
-        self.ranges: dict[int, tuple] = {}  # id(TensorInfo) -> (map, offset, bytes)
 
     def _open(self, file) -> tuple[dict, int, mmap.mmap]:
         try:
@@ -473,31 +472,33 @@ class _Maps:
         self._files[file] = entry
         return entry
 
-    def view(self, info: TensorInfo) -> torch.Tensor:
+    def _locate(self, info: TensorInfo) -> tuple[mmap.mmap, int]:
+        """(the file's map, byte offset of the tensor's data), checked against the header."""
         header, base, mapped = self._files.get(info.file) or self._open(info.file)
         meta = header.get(info.name)
-        itemsize = torch.empty((), dtype=info.dtype).element_size()
         try:
             begin, end = (int(x) for x in meta["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{info.file}: no valid data_offsets for tensor {info.name} in the header") from None
-        if end - begin != info.numel * itemsize or base + end > len(mapped):
+        if end - begin != info.nbytes or base + end > len(mapped):
             raise CheckpointError(f"{info.file}: tensor {info.name} lies outside the file or has the wrong size; the file is truncated or corrupt")
+        return mapped, base + begin
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        mapped, offset = self._locate(info)
         if info.numel == 0:
             return torch.empty(0, dtype=info.dtype)
-        self.ranges[id(info)] = (mapped, base + begin, end - begin)
-        return torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=base + begin)
+        return torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=offset)
 
     def will_need(self, info: TensorInfo) -> None:
         """Ask the kernel to read a tensor ahead (cold cache: 8 files read in small blocks would
         otherwise wait on one page fault after another)."""
-        entry = self.ranges.get(id(info))
-        if entry is None or not hasattr(mmap, "MADV_WILLNEED"):
+        if not info.numel or not hasattr(mmap, "MADV_WILLNEED"):
             return
-        mapped, offset, size = entry
+        mapped, offset = self._locate(info)
         start = offset - offset % mmap.PAGESIZE
         try:
-            mapped.madvise(mmap.MADV_WILLNEED, start, offset + size - start)
+            mapped.madvise(mmap.MADV_WILLNEED, start, offset + info.nbytes - start)
         except OSError:  # advice only
             pass
 

@@ -1,7 +1,9 @@
 """Hugging Face checkpoint directories: lazy per-tensor reads and an atomic, streaming sharded writer.
 
 Reads go through `safetensors.safe_open`, one tensor (or one block of rows) at a time, so no caller
-ever holds a whole model. The writer plans every shard's header up front from the tensors' shapes and
+ever holds a whole model. Tensor names, shapes, dtypes and offsets come from the files' headers
+without torch, which is imported only by what reads or writes tensors (importing it costs ~2 s,
+more than the work of a sampled linearity run). The writer plans every shard's header up front from the tensors' shapes and
 dtypes, then streams each tensor's bytes straight to its offset: peak memory is one tensor, and the
 files are written into `OUT.tmp-*` and renamed into place only when complete.
 """
@@ -12,18 +14,22 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from rlvrx.errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -42,51 +48,92 @@ AUX_FILES = (
     "chat_template.json",
 )
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype -> (bytes per element, torch dtype name)
+DTYPE_INFO = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-DTYPE_BY_STR = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_BY_STR = ("float64", "float32", "float16", "bfloat16")
+_torch_maps: dict[str, dict] = {}
+
+
+def __getattr__(name: str):
+    """DTYPES (safetensors name -> torch dtype), DTYPE_NAMES (the reverse) and DTYPE_BY_STR, made on
+    first use so that importing this module does not import torch."""
+    if name not in ("DTYPES", "DTYPE_NAMES", "DTYPE_BY_STR"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not _torch_maps:
+        import torch
+
+        dtypes = {key: getattr(torch, torch_name) for key, (_, torch_name) in DTYPE_INFO.items()}
+        _torch_maps.update(
+            DTYPES=dtypes,
+            DTYPE_NAMES={v: k for k, v in dtypes.items()},
+            DTYPE_BY_STR={key: getattr(torch, key) for key in _BY_STR},
+        )
+    return _torch_maps[name]
 
 
 def parse_dtype(name: str) -> torch.dtype:
     """'bfloat16', 'bf16', 'BF16', 'float32'... -> torch dtype."""
     key = name.strip()
-    if key.upper() in DTYPES:
-        return DTYPES[key.upper()]
+    if key.upper() in DTYPE_INFO:
+        return __getattr__("DTYPES")[key.upper()]
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64"}
     key = aliases.get(key.lower(), key.lower())
-    if key not in DTYPE_BY_STR:
-        raise UsageError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_BY_STR)}")
-    return DTYPE_BY_STR[key]
+    if key not in _BY_STR:
+        raise UsageError(f"unknown dtype {name!r}: use one of {', '.join(_BY_STR)}")
+    return __getattr__("DTYPE_BY_STR")[key]
 
 
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """safetensors' name of a torch dtype; names ("BF16", ...) pass through."""
+    return dtype if isinstance(dtype, str) else __getattr__("DTYPE_NAMES")[dtype]
+
+
+def element_size(dtype: torch.dtype | str) -> int:
+    return DTYPE_INFO[dtype][0] if isinstance(dtype, str) else dtype.itemsize
+
+
+@dataclass(frozen=True)
+class RawValues:
+    """A tensor's stored values without torch: `data` holds their bit patterns in a flat numpy array
+    (bf16 and fp16 as uint16, fp8 as uint8), e.g. a view of a memory-mapped file or a kernel's output."""
+
+    dtype_name: str
+    data: "np.ndarray"
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name: "BF16", "F32", ...
     file: Path
+    offset: int = 0  # of the tensor's first byte in the file
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return __getattr__("DTYPES")[self.dtype_name]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype_name in FLOAT_DTYPES
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_INFO[self.dtype_name][0]
 
     @property
     def numel(self) -> int:
@@ -94,7 +141,39 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * element_size(self.dtype)
+        return self.numel * self.itemsize
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """(the safetensors header without __metadata__, byte offset of the data), checked against the
+    file's size: a truncated or damaged file is a CheckpointError naming it."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a header")
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for name, meta in header.items():
+        try:
+            begin, end = (int(x) for x in meta["data_offsets"])
+            dtype, shape = meta["dtype"], [int(x) for x in meta["shape"]]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file (no valid dtype, shape and data_offsets for tensor {name})") from None
+        if dtype not in DTYPE_INFO:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * DTYPE_INFO[dtype][0] or data_start + end > size:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file (tensor {name} lies outside the file or has the wrong size)")
+    return header, data_start
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -113,6 +192,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: is a file; pass the checkpoint directory that holds it")
         self._file_of = self._map_files()
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._infos: dict[str, TensorInfo] | None = None
 
     def _map_files(self) -> dict[str, Path]:
@@ -131,8 +211,8 @@ class Checkpoint:
             return files
         single = self.path / SINGLE_NAME
         if single.is_file():
-            with self._open(single) as f:
-                return {name: single for name in f.keys()}
+            header, _ = read_header(single)
+            return {name: single for name in header}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise CheckpointError(
                 f"{self.path}: holds only .bin/.pt weights; rlvrx reads safetensors "
@@ -143,15 +223,6 @@ class Checkpoint:
                 f"{self.path}: a verl checkpoint without HF weights; run `rlvrx snapshot convert {self.path}`"
             )
         raise CheckpointError(f"{self.path}: not a checkpoint directory (no {SINGLE_NAME} or {INDEX_NAME})")
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _open(file: Path):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                yield f
-        except SafetensorError as exc:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
 
     def _handle(self, file: Path):
         handle = self._handles.get(file)
@@ -165,6 +236,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()  # views handed out keep their map alive
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -187,15 +259,12 @@ class Checkpoint:
         if self._infos is None:
             infos = {}
             for file in self.files:
-                handle = self._handle(file)
-                for name in handle.keys():
+                header, data_start = read_header(file)
+                for name, meta in header.items():
                     if self._file_of.get(name) != file:
                         continue
-                    sl = handle.get_slice(name)
-                    dtype = DTYPES.get(sl.get_dtype())
-                    if dtype is None:
-                        raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-                    infos[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, file)
+                    offset = data_start + int(meta["data_offsets"][0])
+                    infos[name] = TensorInfo(name, tuple(int(x) for x in meta["shape"]), meta["dtype"], file, offset)
             missing = [n for n in self._file_of if n not in infos]
             if missing:
                 raise CheckpointError(
@@ -218,6 +287,42 @@ class Checkpoint:
             return self._handle(file).get_tensor(name)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({exc})") from None
+
+    def _mapped(self, info: TensorInfo) -> mmap.mmap:
+        mapped = self._maps.get(info.file)
+        if mapped is None:
+            try:
+                with open(info.file, "rb") as f:
+                    mapped = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{info.file}: cannot map the safetensors file ({exc})") from None
+        if info.offset + info.nbytes > len(mapped):
+            raise CheckpointError(f"{info.file}: tensor {info.name} lies outside the file; the file was truncated")
+        return mapped
+
+    def raw(self, name: str) -> RawValues:
+        """The tensor's stored values, flat and read-only, straight from the file's memory map (no
+        copy, no torch; pages are read when touched)."""
+        info = self.info(name)
+        storage = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[info.itemsize]
+        if info.dtype_name in ("F32", "F64"):
+            storage = np.float32 if info.itemsize == 4 else np.float64
+        if info.numel == 0:
+            return RawValues(info.dtype_name, np.zeros(0, dtype=storage))
+        data = np.frombuffer(self._mapped(info), dtype=storage, count=info.numel, offset=info.offset)
+        return RawValues(info.dtype_name, data)
+
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to read a tensor ahead (on a cold cache, blocks read from several files
+        would otherwise wait on one page fault after another)."""
+        info = self.info(name)
+        if not info.numel or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        try:
+            self._mapped(info).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+        except OSError:  # advice only
+            pass
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the tensor's first dimension (the whole tensor for scalars)."""
@@ -267,8 +372,8 @@ def compare_structure(a: Checkpoint, b: Checkpoint) -> str | None:
             continue
         if info.shape != other.shape:
             diffs.append(f"tensor {name} has shape {list(info.shape)} in {a.path} but {list(other.shape)} in {b.path}")
-        elif info.dtype != other.dtype:
-            diffs.append(f"tensor {name} has dtype {DTYPE_NAMES[info.dtype]} in {a.path} but {DTYPE_NAMES[other.dtype]} in {b.path}")
+        elif info.dtype_name != other.dtype_name:
+            diffs.append(f"tensor {name} has dtype {info.dtype_name} in {a.path} but {other.dtype_name} in {b.path}")
     if not diffs:
         return None
     return diffs[0] + (f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else "")
@@ -377,7 +482,7 @@ def copy_aux_files(source: Path, dest: Path) -> list[str]:
 # Streaming sharded writer
 
 
-def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list[int]]:
+def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype | str]], max_shard_bytes: int) -> list[list[int]]:
     """Group spec indices into shards of at most max_shard_bytes (a tensor larger than that gets its own)."""
     shards: list[list[int]] = [[]]
     size = 0
@@ -391,13 +496,17 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard
     return shards
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+def _raw_bytes(tensor: torch.Tensor | RawValues) -> memoryview:
     """The tensor's bytes as a flat memoryview (a copy only for non-contiguous or non-CPU tensors)."""
+    if isinstance(tensor, RawValues):
+        return memoryview(np.ascontiguousarray(tensor.data).reshape(-1).view(np.uint8))
     tensor = tensor.detach()
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         tensor = tensor.to("cpu").contiguous()
     if tensor.numel() == 0:
         return memoryview(b"")
+    import torch
+
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -412,14 +521,14 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
 class _ShardFile:
     """One safetensors file whose header is written first, then tensors land at their offsets."""
 
-    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]):
+    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str]):
         self.path = path
         header: dict[str, object] = {"__metadata__": metadata}
         self.offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for name, shape, dtype in specs:
             nbytes = math.prod(shape) * element_size(dtype)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self.offsets[name] = (offset, nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -434,7 +543,7 @@ class _ShardFile:
         self.pending = set(self.offsets)
         self.done_bytes: dict[str, int] = {}
 
-    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> bool:
+    def write(self, name: str, tensor: torch.Tensor | RawValues, start: int = 0) -> bool:
         """Write the tensor's bytes at byte `start` of `name`'s data; True once `name` is complete.
 
         Parts must arrive in order (start = the bytes written so far), so a tensor is never half
@@ -459,6 +568,13 @@ class _ShardFile:
         self.file.close()
 
 
+def _described(tensor: torch.Tensor | RawValues) -> tuple[str, tuple[int, ...] | int]:
+    """(safetensors dtype name, shape) of a tensor; RawValues are flat: (name, number of values)."""
+    if isinstance(tensor, RawValues):
+        return tensor.dtype_name, int(tensor.data.size)
+    return dtype_name(tensor.dtype), tuple(tensor.shape)
+
+
 class ShardedWriter:
     """Write a checkpoint whose tensor names, shapes and dtypes are known up front, one tensor at a time.
 
@@ -468,12 +584,12 @@ class ShardedWriter:
     def __init__(
         self,
         directory: Path,
-        specs: Iterable[tuple[str, Iterable[int], torch.dtype]],
+        specs: Iterable[tuple[str, Iterable[int], torch.dtype | str]],
         max_shard_bytes: int = 4 << 30,
         metadata: dict[str, str] | None = None,
     ):
         self.directory = Path(directory)
-        self.specs = [(name, tuple(int(s) for s in shape), dtype) for name, shape, dtype in specs]
+        self.specs = [(name, tuple(int(s) for s in shape), dtype_name(dtype)) for name, shape, dtype in specs]
         names = [s[0] for s in self.specs]
         if len(set(names)) != len(names):
             raise CheckpointError("duplicate tensor names in the writer's plan")
@@ -490,30 +606,34 @@ class ShardedWriter:
         self._done: set[int] = set()
         self._written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | RawValues) -> None:
+        """Write a whole tensor (RawValues: its flat stored values, checked by count)."""
         if name not in self._spec:
             raise CheckpointError(f"tensor {name} is not in the writer's plan")
         shape, dtype = self._spec[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise CheckpointError(
-                f"tensor {name}: got shape {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}"
-            )
+        got_dtype, got_shape = _described(tensor)
+        if isinstance(got_shape, int):  # flat RawValues
+            got, ok = f"{got_shape} values", got_shape == math.prod(shape)
+        else:
+            got, ok = f"shape {list(got_shape)}", got_shape == shape
+        if got_dtype != dtype or not ok:
+            raise CheckpointError(f"tensor {name}: got {got} {got_dtype}, planned shape {list(shape)} {dtype}")
         self._write(name, tensor, 0)
 
-    def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
-        """Write `part` (any shape, the planned dtype) as elements [start, start + part.numel()) of
-        `name`, flattened in row-major order. Parts of a tensor must come in order, without gaps, so
-        a tensor can be streamed in chunks through a few reused buffers."""
+    def write_part(self, name: str, start: int, part: torch.Tensor | RawValues) -> None:
+        """Write `part` (any shape, the planned dtype) as elements [start, start + numel) of `name`,
+        flattened in row-major order. Parts of a tensor must come in order, without gaps, so a tensor
+        can be streamed in chunks through a few reused buffers."""
         if name not in self._spec:
             raise CheckpointError(f"tensor {name} is not in the writer's plan")
         shape, dtype = self._spec[name]
-        if part.dtype != dtype or start < 0 or start + part.numel() > math.prod(shape):
-            raise CheckpointError(
-                f"tensor {name}: got elements [{start}, {start + part.numel()}) {part.dtype}, planned {math.prod(shape)} {dtype}"
-            )
+        got_dtype, got_shape = _described(part)
+        numel = got_shape if isinstance(got_shape, int) else math.prod(got_shape)
+        if got_dtype != dtype or start < 0 or start + numel > math.prod(shape):
+            raise CheckpointError(f"tensor {name}: got elements [{start}, {start + numel}) {got_dtype}, planned {math.prod(shape)} {dtype}")
         self._write(name, part, start * element_size(dtype))
 
-    def _write(self, name: str, tensor: torch.Tensor, start_byte: int) -> None:
+    def _write(self, name: str, tensor: torch.Tensor | RawValues, start_byte: int) -> None:
         if name in self._written:
             raise CheckpointError(f"tensor {name} written twice")
         k = self._shard_of[name]

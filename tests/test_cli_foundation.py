@@ -315,6 +315,6 @@ def test_subprocess_exit_codes_and_tracebacks(scanned, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [
         f"x step 300: {weights}: corrupt or truncated safetensors file "
-        "(Error while deserializing header: incomplete metadata, file not fully covered)",
+        "(tensor model.layers.0.self_attn.o_proj.weight lies outside the file or has the wrong size)",
         f"1 problem(s) in {run / 'trajectory.json'}",
     ]

@@ -1,6 +1,8 @@
 """`rlvrx extrapolate weights`: exact formula, copies, sharding, least squares, atomicity, errors, CLI."""
 
 import json
+import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,6 +165,60 @@ def test_fp16_inputs_use_float32_arithmetic(tmp_path):
     got = load(tmp_path / "o")
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(got[name], formula64(base[name], second[name], 3.0).half())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_lerp_is_torch_lerp_bit_for_bit(dtype):
+    """The kernel behind bf16/fp32 two-point extrapolation against torch.lerp itself: ordinary values,
+    zeros of both signs, subnormals, values near the maximum (overflow to inf), inf and nan; a
+    length that leaves a vector tail; weights on both sides of torch's 0.5 switch. NaN payloads are
+    not compared (torch's own differ between its vector and scalar code; a NaN never reaches a file)."""
+    from rlvrx import native
+
+    rng = np.random.default_rng(7)
+    n = 4099
+    finfo = torch.finfo(dtype)
+    base = rng.normal(size=n) * 0.02
+    second = base + rng.normal(size=n) * 2e-3
+    special = [0.0, -0.0, finfo.tiny / 4, -finfo.tiny / 3, finfo.max * 0.9, -finfo.max * 0.7, math.inf, -math.inf, math.nan]
+    base[: len(special)] = special
+    second[: len(special)] = special[::-1]
+    a = torch.from_numpy(base).to(dtype)
+    b = torch.from_numpy(second).to(dtype)
+    storage = np.uint16 if dtype == torch.bfloat16 else np.uint32
+    bits = lambda t: t.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy().view(storage)
+    for alpha in (3.0, 2.5, 1.7, 1.0, 0.5, 0.4999, 0.3, 0.0, -0.5, -2.25, 7.123456789):
+        out = np.empty(n, dtype=storage)
+        bad = native.library().rlvrx_lerp(native.RAW_KINDS[checkpoint_dtype_name(dtype)], bits(a).ctypes.data, bits(b).ctypes.data, alpha, out.ctypes.data, n)
+        want = torch.lerp(a, b, alpha)
+        nan = torch.isnan(want).numpy()
+        np.testing.assert_array_equal(out[~nan], bits(want)[~nan], err_msg=f"alpha {alpha}")
+        got_nan = torch.isnan(torch.from_numpy(out.view(np.int16 if dtype == torch.bfloat16 else np.int32)).view(dtype)).numpy()
+        np.testing.assert_array_equal(got_nan, nan)
+        assert bad == int((~torch.isfinite(want)).sum())
+
+
+def checkpoint_dtype_name(dtype: torch.dtype) -> str:
+    from rlvrx.checkpoint import dtype_name
+
+    return dtype_name(dtype)
+
+
+def test_bf16_extrapolation_runs_without_torch(tmp_path, pair_bf16):
+    """The default path (two-point, bf16) never imports torch: that import costs more than the work."""
+    base_dir, second_dir, _, _ = pair_bf16
+    code = (
+        "import sys\n"
+        "from rlvrx.extrapolate.weights import extrapolate_two_point\n"
+        f"extrapolate_two_point({str(base_dir)!r}, {str(second_dir)!r}, 3.0, {str(tmp_path / 'o')!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    want = tmp_path / "with-torch"
+    extrapolate_two_point(base_dir, second_dir, 3.0, want)
+    got, expected = load(tmp_path / "o"), load(want)
+    assert all(bits_equal(got[n], expected[n]) for n in expected)
 
 
 def test_huge_finite_values_are_not_mistaken_for_overflow(tmp_path):

@@ -7,11 +7,13 @@ c_k = 1/K + (T - t_mean)(t_k - t_mean) / S_tt, so it streams like the two-point 
 computed as W_ref + sum_k c_k (W_k - W_ref) (ref = latest checkpoint, sum c_k = 1), which keeps
 float32 accurate when checkpoints are close together.
 
-Inputs are read through safetensors' memory maps (no copies); the bf16/fp16/fp32 two-point case is
-one fused `torch.lerp` per chunk (float32 arithmetic inside for 16-bit types; the result equals the
-float64 formula rounded to the output dtype for dyadic alphas such as -0.5, 2, 3, and is within one
-ulp of it otherwise; --precise computes in float64). Norm weights and non-floating tensors are
-copied from the latest checkpoint. Each tensor is computed in chunks into a small ring of reused
+Inputs are read through memory maps (no copies). The two-point case is torch.lerp's arithmetic:
+float32 inside for 16-bit types, one fused multiply-add per value; the result equals the float64
+formula rounded to the output dtype for dyadic alphas such as -0.5, 2, 3, and is within one ulp of
+it otherwise; --precise computes in float64. For bf16 and fp32 (in = out) a compiled kernel
+(rlvrx/_native.c) does it, bit for bit torch.lerp's result, without importing torch (whose import
+alone takes longer than extrapolating a 0.5B model); fp16, --dtype, --precise and least squares go
+through torch. Norm weights and non-floating tensors are copied from the latest checkpoint. Each tensor is computed in chunks into a small ring of reused
 buffers that a writer thread pwrites into the atomic sharded writer while the next chunk is
 computed: peak memory is the ring (a few chunks), and nothing appears at OUT unless the whole
 checkpoint is complete.
@@ -34,24 +36,30 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-import torch
+import numpy as np
 
-from rlvrx import __version__
+from rlvrx import __version__, native
 from rlvrx.checkpoint import (
-    DTYPE_NAMES,
+    DTYPE_INFO,
+    FLOAT_DTYPES,
     INDEX_NAME,
     Checkpoint,
+    RawValues,
     ShardedWriter,
     atomic_dir,
     checkpoint_sha256,
     compare_structure,
     copy_aux_files,
+    dtype_name,
     element_size,
     weight_files,
 )
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_COPY_PATTERNS = ("norm", "layernorm", "rmsnorm", "ln_")
 PROVENANCE = "extrapolation.json"
@@ -202,10 +210,11 @@ def interpolation_warning(method: str, steps: Sequence[int | None], target_step:
     return None
 
 
-def is_copied(name: str, dtype: torch.dtype, patterns: Iterable[str], extrapolate_all: bool = False) -> bool:
+def is_copied(name: str, dtype: torch.dtype | str, patterns: Iterable[str], extrapolate_all: bool = False) -> bool:
     """True for tensors taken verbatim from the latest checkpoint: non-floating ones always, norm
-    weights (a pattern occurs in the lower-cased name) unless extrapolate_all."""
-    if not dtype.is_floating_point:
+    weights (a pattern occurs in the lower-cased name) unless extrapolate_all. dtype: a torch dtype
+    or a safetensors name ("BF16")."""
+    if not (dtype in FLOAT_DTYPES if isinstance(dtype, str) else dtype.is_floating_point):
         return True
     if extrapolate_all:
         return False
@@ -217,12 +226,24 @@ def is_copied(name: str, dtype: torch.dtype, patterns: Iterable[str], extrapolat
 # Per-tensor arithmetic
 
 
+def _native_kind(method: str, precise: bool, in_name: str, out_name: str) -> int | None:
+    """The compiled kernel's storage kind when it computes this tensor (two-point, bf16 or fp32 in
+    and out): torch.lerp's result bit for bit, without importing torch; None for the torch path."""
+    if method == "two-point" and not precise and in_name == out_name and in_name in ("BF16", "F32"):
+        return native.RAW_KINDS[in_name]
+    return None
+
+
 def _compute_dtype(dtype: torch.dtype, precise: bool) -> torch.dtype:
+    import torch
+
     return torch.float64 if precise or dtype == torch.float64 else torch.float32
 
 
 def _fused_ok(in_dtype: torch.dtype, out_dtype: torch.dtype, compute: torch.dtype) -> bool:
     """torch.lerp computes bf16/fp16 in float32 internally, so it is the float32 formula in one pass."""
+    import torch
+
     if in_dtype != out_dtype:
         return False
     return in_dtype == compute or (compute == torch.float32 and in_dtype in (torch.bfloat16, torch.float16))
@@ -230,6 +251,8 @@ def _fused_ok(in_dtype: torch.dtype, out_dtype: torch.dtype, compute: torch.dtyp
 
 def lerp_into(out: torch.Tensor, base: torch.Tensor, second: torch.Tensor, alpha: float, compute: torch.dtype) -> torch.Tensor:
     """out = base + alpha (second - base) in `compute` precision (all 1-D, the same length)."""
+    import torch
+
     if _fused_ok(base.dtype, out.dtype, compute):
         return torch.lerp(base, second, alpha, out=out)
     return out.copy_(torch.lerp(base.to(compute), second.to(compute), alpha))
@@ -237,6 +260,8 @@ def lerp_into(out: torch.Tensor, base: torch.Tensor, second: torch.Tensor, alpha
 
 def combine_into(out: torch.Tensor, tensors: Sequence[torch.Tensor], coefficients: Sequence[float], compute: torch.dtype) -> torch.Tensor:
     """out = sum_k c_k T_k (sum c_k = 1), as T_ref + sum_k c_k (T_k - T_ref) with ref = the last tensor."""
+    import torch
+
     ref = len(tensors) - 1
     ref_c = tensors[ref].to(compute)
     acc = ref_c.clone()
@@ -251,6 +276,8 @@ def combine_into(out: torch.Tensor, tensors: Sequence[torch.Tensor], coefficient
 
 
 def _chunked(fill: Callable[[torch.Tensor, slice], object], shape, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    import torch
+
     out = torch.empty(shape, dtype=out_dtype)
     flat = out.view(-1)
     for i in range(0, flat.numel(), chunk):
@@ -275,6 +302,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     """One vectorised reduction, no bool-tensor allocation: a finite sum proves every value finite
     (an inf or nan term makes any float sum inf or nan); only a non-finite sum (a bad value, or an
     overflowing sum of finite ones) takes the exact aminmax check."""
+    import torch
+
     if tensor.numel() == 0:
         return True
     try:
@@ -293,7 +322,7 @@ def _check_finite(name: str, tensor: torch.Tensor, inputs: Sequence[tuple[Source
     if _all_finite(tensor):
         return
     bad = [str(src.path) for src, t in inputs if not _all_finite(t)]
-    cause = f"{bad[0]} already holds inf/nan there" if bad else f"the result overflows {DTYPE_NAMES[tensor.dtype]} (try --dtype float32)"
+    cause = f"{bad[0]} already holds inf/nan there" if bad else f"the result overflows {dtype_name(tensor.dtype)} (try --dtype float32)"
     raise RlvrxError(f"tensor {name}: extrapolation produced inf/nan values; {cause}")
 
 
@@ -301,6 +330,8 @@ def _check_finite(name: str, tensor: torch.Tensor, inputs: Sequence[tuple[Source
 def _torch_threads(requested: int | None, helpers: int):
     """Leave a core to each helper thread (writer, hasher): oversubscribed OpenMP threads are slower
     than fewer threads, by 2x on a busy 2-core machine."""
+    import torch
+
     before = torch.get_num_threads()
     if requested is None:
         try:
@@ -362,16 +393,16 @@ class _WriterThread:
         if self.error is not None:
             raise self.error
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
+    def buffer(self, nbytes: int) -> np.ndarray:
         """A free uint8 buffer of at least nbytes (waits while the writer is behind)."""
         self._raise()
         buffer = self.free.get()
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = torch.empty(max(nbytes, self.buffer_bytes), dtype=torch.uint8)
+        if buffer is None or buffer.size < nbytes:
+            buffer = np.empty(max(nbytes, self.buffer_bytes), dtype=np.uint8)
         return buffer
 
-    def put(self, name: str, tensor: torch.Tensor, check: Callable[[], None] | None = None,
-            start: int | None = None, buffer: torch.Tensor | None = None) -> None:
+    def put(self, name: str, tensor: torch.Tensor | RawValues, check: Callable[[], None] | None = None,
+            start: int | None = None, buffer: np.ndarray | None = None) -> None:
         """Queue a whole tensor, or (start given) elements [start, start + numel) of it held in
         `buffer`, which returns to the ring once written; `check` runs on the writer thread first."""
         self._raise()
@@ -471,6 +502,62 @@ class _Hashes:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    from rlvrx.checkpoint import DTYPES
+
+    return DTYPES[name]
+
+
+def _extrapolate_tensor(name: str, in_name: str, out_name: str, ckpts: Sequence[Checkpoint], sources: Sequence[Source],
+                        method: str, coefficients: list[float], alpha: float | None, options: WeightsOptions,
+                        background: "_WriterThread") -> None:
+    """Compute one tensor chunk by chunk into the writer's ring of buffers: the compiled kernel on the
+    inputs' memory maps where it applies, torch otherwise."""
+    kind = _native_kind(method, options.precise, in_name, out_name)
+    size = element_size(out_name)
+    if kind is not None:
+        flats = [ckpt.raw(name).data for ckpt in ckpts]
+        lerp = native.library().rlvrx_lerp
+    else:
+        import torch
+
+        flats = [ckpt.get(name).reshape(-1) for ckpt in ckpts]
+        compute = _compute_dtype(_torch_dtype(in_name), options.precise)
+    numel = len(flats[0])
+    elements = max(1, options.chunk_elements)
+    for i in range(0, numel, elements):
+        j = min(numel, i + elements)
+        buffer = background.buffer((j - i) * size)
+        check = None
+        if kind is not None:
+            out_part = RawValues(out_name, buffer[: (j - i) * size].view(flats[0].dtype))
+            bad = lerp(kind, flats[0].ctypes.data + i * size, flats[1].ctypes.data + i * size, alpha, out_part.data.ctypes.data, j - i)
+            if bad:
+                _raise_non_finite(name, out_part, [RawValues(in_name, f[i:j]) for f in flats], sources)
+        else:
+            out_part = torch.from_numpy(buffer[: (j - i) * size]).view(_torch_dtype(out_name))
+            parts = [f[i:j] for f in flats]
+            if method == "two-point":
+                lerp_into(out_part, parts[0], parts[1], alpha, compute)
+            else:
+                combine_into(out_part, parts, coefficients, compute)
+            check = functools.partial(_check_finite, name, out_part, list(zip(sources, parts)))
+        background.put(name, out_part, check, start=i, buffer=buffer)
+        del buffer, out_part, check
+    if numel == 0:
+        background.put(name, RawValues(out_name, np.zeros(0, dtype=np.uint8)))
+
+
+def _raise_non_finite(name: str, out: RawValues, inputs: Sequence[RawValues], sources: Sequence[Source]) -> None:
+    """The kernel counted inf/nan in its output: the same error as the torch path's check."""
+    import torch
+
+    def as_torch(values: RawValues) -> torch.Tensor:
+        return torch.from_numpy(np.array(values.data)).view(_torch_dtype(values.dtype_name))
+
+    _check_finite(name, as_torch(out), [(src, as_torch(v)) for src, v in zip(sources, inputs)])
+
+
 def _run(
     sources: Sequence[Source],
     out: Path,
@@ -493,10 +580,15 @@ def _run(
 
     specs, plan = [], []
     for name, info in infos.items():
-        copy = is_copied(name, info.dtype, options.copy_patterns, options.extrapolate_all)
-        out_dtype = options.dtype if (options.dtype is not None and info.dtype.is_floating_point) else info.dtype
-        specs.append((name, info.shape, out_dtype))
-        plan.append((name, info.dtype, out_dtype, copy))
+        copy = is_copied(name, info.dtype_name, options.copy_patterns, options.extrapolate_all)
+        out_name = dtype_name(options.dtype) if (options.dtype is not None and info.is_float) else info.dtype_name
+        specs.append((name, info.shape, out_name))
+        plan.append((name, info.dtype_name, out_name, copy))
+    # torch is imported only for what the compiled kernel does not do (--precise, --dtype, lstsq, fp16...)
+    needs_torch = any(
+        in_name != out_name if copy else _native_kind(method, options.precise, in_name, out_name) is None
+        for _, in_name, out_name, copy in plan
+    )
 
     result = WeightsExtrapolation(
         out=out,
@@ -506,7 +598,7 @@ def _run(
         coefficients=coefficients,
         inputs=[],
         compute_dtype="float64" if options.precise else "float32",
-        output_dtypes=sorted({str(d).removeprefix("torch.") for _, _, d, _ in plan}),
+        output_dtypes=sorted({DTYPE_INFO[d][1] for _, _, d, _ in plan}),
         warnings=warnings,
     )
     for msg in warnings:
@@ -515,41 +607,23 @@ def _run(
 
     total_bytes = sum(math.prod(shape) * element_size(d) for _, shape, d in specs)
     hashes = _Hashes(sources, options.hash_inputs)
+    threads = _torch_threads(options.threads, 1 + (hashes.pool is not None)) if needs_torch else contextlib.nullcontext()
     try:
-        with atomic_dir(out, overwrite=options.overwrite) as tmp, _torch_threads(options.threads, 1 + (hashes.pool is not None)):
+        with atomic_dir(out, overwrite=options.overwrite) as tmp, threads:
             writer = ShardedWriter(tmp, specs, max_shard_bytes=options.max_shard_bytes)
             elements = max(1, options.chunk_elements)
             background = _WriterThread(writer, elements * max(element_size(d) for _, _, d, _ in plan) if plan else 0)
             try:
-                for name, in_dtype, out_dtype, copy in plan:
+                for name, in_name, out_name, copy in plan:
                     if copy:
-                        tensor = latest.get(name)
-                        if tensor.dtype != out_dtype:
-                            tensor = tensor.to(out_dtype)
+                        tensor = latest.raw(name) if in_name == out_name else latest.get(name).to(_torch_dtype(out_name))
                         result.copied.append(name)
                         background.put(name, tensor)
                         del tensor
                     else:
-                        compute = _compute_dtype(in_dtype, options.precise)
-                        flats = [ckpt.get(name).reshape(-1) for ckpt in ckpts]
-                        numel, size = flats[0].numel(), element_size(out_dtype)
-                        for i in range(0, numel, elements):
-                            j = min(numel, i + elements)
-                            buffer = background.buffer((j - i) * size)
-                            out_part = buffer[: (j - i) * size].view(out_dtype)
-                            parts = [f[i:j] for f in flats]
-                            if method == "two-point":
-                                lerp_into(out_part, parts[0], parts[1], alpha, compute)
-                            else:
-                                combine_into(out_part, parts, coefficients, compute)
-                            check = functools.partial(_check_finite, name, out_part, list(zip(sources, parts)))
-                            background.put(name, out_part, check, start=i, buffer=buffer)
-                            del buffer, out_part, parts, check
-                        if numel == 0:
-                            background.put(name, torch.empty(infos[name].shape, dtype=out_dtype))
+                        _extrapolate_tensor(name, in_name, out_name, ckpts, sources, method, coefficients, alpha, options, background)
                         result.extrapolated.append(name)
-                        del flats
-                    result.bytes_written += math.prod(infos[name].shape) * element_size(out_dtype)
+                    result.bytes_written += math.prod(infos[name].shape) * element_size(out_name)
                     if progress is not None:
                         progress(name, result.bytes_written, total_bytes)
                 background.close()

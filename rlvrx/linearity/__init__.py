@@ -1,32 +1,33 @@
-"""How linearly a trajectory moves: per-parameter weight R² (streamed) and per-token log-prob R²."""
+"""How linearly a trajectory moves: per-parameter weight R² (streamed) and per-token log-prob R².
 
-from rlvrx.linearity.logprobs import Probe, analyze_logprobs, generate_probes, load_probes, score_checkpoints
-from rlvrx.linearity.stats import FINE_BINS, histogram_median, r2_columns, summarize_values
-from rlvrx.linearity.weights import (
-    WeightSettings,
-    WeightState,
-    analyze_weights,
-    merge_states,
-    plan_shards,
-    sample_indices,
-    summarize,
-)
+Names are imported on first use: weight linearity runs without torch, log-prob linearity needs it.
+"""
 
-__all__ = [
-    "FINE_BINS",
-    "Probe",
-    "WeightSettings",
-    "WeightState",
-    "analyze_logprobs",
-    "analyze_weights",
-    "generate_probes",
-    "histogram_median",
-    "load_probes",
-    "merge_states",
-    "plan_shards",
-    "r2_columns",
-    "sample_indices",
-    "score_checkpoints",
-    "summarize",
-    "summarize_values",
-]
+import importlib
+
+_EXPORTS = {
+    "FINE_BINS": "stats",
+    "histogram_median": "stats",
+    "r2_columns": "stats",
+    "summarize_values": "stats",
+    "Probe": "logprobs",
+    "analyze_logprobs": "logprobs",
+    "generate_probes": "logprobs",
+    "load_probes": "logprobs",
+    "score_checkpoints": "logprobs",
+    "WeightSettings": "weights",
+    "WeightState": "weights",
+    "analyze_weights": "weights",
+    "merge_states": "weights",
+    "plan_shards": "weights",
+    "sample_indices": "weights",
+    "summarize": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

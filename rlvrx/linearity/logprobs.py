@@ -241,11 +241,6 @@ def score_checkpoints(
 # Statistics
 
 
-def _r2(values: np.ndarray, steps: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    r2, s_yy = stats.r2_columns(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)), steps)
-    return r2.numpy(), s_yy.numpy()
-
-
 def analyze_logprobs(
     steps: Sequence[int],
     probes: Sequence[Probe],
@@ -257,8 +252,8 @@ def analyze_logprobs(
     steps = stats.check_steps(steps)
     if not min_logprob_change >= 0:
         raise UsageError(f"--min-logprob-change must be >= 0, got {min_logprob_change}")
-    r2, s_yy = _r2(logprobs, steps)
-    logit_r2, logit_syy = _r2(logits, steps)
+    r2, s_yy = stats.r2_columns(logprobs, steps)
+    logit_r2, logit_syy = stats.r2_columns(logits, steps)
     span = logprobs.max(axis=0) - logprobs.min(axis=0)
     constant = (span == 0) | (s_yy <= 0)
     small = ~constant & (span < min_logprob_change)
@@ -270,7 +265,7 @@ def analyze_logprobs(
     lengths = [len(p.response_ids) for p in probes]
     bounds = np.cumsum([0] + lengths)
     means = np.stack([logprobs[:, a:b].mean(axis=1) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
-    resp_r2, resp_syy = _r2(means, steps)
+    resp_r2, resp_syy = stats.r2_columns(means, steps)
     resp_defined = resp_syy > 0
     responses = stats.summarize_values(resp_r2[resp_defined])
 
@@ -299,7 +294,7 @@ def analyze_logprobs(
         }
         for j, probe in enumerate(probes)
     ]
-    hist = stats.histogram(torch.from_numpy(r2[keep]), 100)
+    hist = stats.histogram(r2[keep], 100)
     return {
         "median_r2": tokens.median,
         "mean_r2": tokens.mean,

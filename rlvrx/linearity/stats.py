@@ -1,8 +1,8 @@
 """Statistics shared by weight and log-prob linearity: per-column R² against step, fixed-bin histograms.
 
-The regression math here runs in float64 on a [K, n] block (K checkpoints, n series) with the step
-statistics precomputed, so one call handles millions of series with a few vector operations (weight
-linearity's full-coverage fast path has its own float32 variant, see weights.py).
+The regression math here runs in float64 on a [K, n] block (K checkpoints, n series), a few numpy
+vector operations for millions of series (weight linearity has its own compiled kernel, see
+weights.py, with the same formulas).
 
 R² of a series y against steps t is the squared Pearson correlation, which equals the OLS R² of
 y = a + b*t:  R² = S_ty² / (S_tt * S_yy)  with S_ty = sum (t - t̄)(y - ȳ),  S_yy = sum (y - ȳ)².
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from rlvrx.errors import UsageError
 
@@ -48,122 +47,48 @@ def check_steps(steps: Sequence[int], what: str = "checkpoints") -> list[int]:
     return steps
 
 
-def centered_steps(steps: Sequence[int]) -> torch.Tensor:
-    t = torch.tensor([float(s) for s in steps], dtype=torch.float64)
+def centered_steps(steps: Sequence[int]) -> np.ndarray:
+    t = np.array([float(s) for s in steps], dtype=np.float64)
     return t - t.mean()
 
 
-def r2_columns(y: torch.Tensor, steps: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def r2_columns(y: np.ndarray, steps: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(R², S_yy) per column of y [K, n] (float64). R² is 0 where S_yy = 0: mask those with S_yy > 0."""
-    tc = steps if isinstance(steps, torch.Tensor) else centered_steps(steps)
-    y = y.to(torch.float64).clone()
-    center_(y)
-    return r2_of_centered(y, tc)
-
-
-def center_(y: torch.Tensor) -> torch.Tensor:
-    """Subtract each column's mean over K, in place."""
-    y -= y.mean(dim=0, keepdim=True)
-    return y
-
-
-def r2_of_centered(y: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R², S_yy) of already centered columns y [K, n]; tc: centered steps [K]."""
+    tc = centered_steps(steps)
+    y = np.array(y, dtype=np.float64)
+    y -= y.mean(axis=0, keepdims=True)
     s_ty = tc @ y
-    s_yy = torch.zeros(y.shape[1], dtype=y.dtype)
-    for row in y:  # K passes; no K x n temporary
-        s_yy.addcmul_(row, row)
+    s_yy = np.einsum("kn,kn->n", y, y)
     s_tt = float(tc @ tc)
-    r2 = (s_ty * s_ty).div_(torch.where(s_yy > 0, s_yy, torch.ones_like(s_yy)) * s_tt).clamp_(0.0, 1.0)
-    return r2, s_yy
+    r2 = s_ty * s_ty / (np.where(s_yy > 0, s_yy, 1.0) * s_tt)
+    return np.clip(r2, 0.0, 1.0, out=r2), s_yy
 
 
-_INT_VIEW = {1: (torch.int8, np.int8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32), 8: (torch.int64, np.int64)}
-
-
-def distinct_counts(raw: torch.Tensor) -> np.ndarray:
-    """Number of distinct values per column of raw [K, n] (floats compared exactly, -0 == +0), int16.
-
-    Compares bit patterns through an integer view with numpy (much faster than torch's compares on
-    small dtypes); K(K-1)/2 vector compares, no sort.
-    """
-    if raw.dtype.is_floating_point:
-        size = raw.element_size()
-        torch_int, np_int = _INT_VIEW[size]
-        bits = raw.contiguous().view(torch_int).numpy().copy()
-        bits[bits == np.iinfo(np_int).min] = 0  # -0.0 is +0.0
-    else:
-        bits = raw.contiguous().numpy()
-    return distinct_counts_np(bits)
-
-
-def distinct_counts_np(bits: np.ndarray) -> np.ndarray:
-    """Number of distinct values per column of a numpy array [K, n] (== comparison), int16."""
-    k, n = bits.shape
-    count = np.ones(n, dtype=np.int16)
-    new = np.empty(n, dtype=bool)
-    same = np.empty(n, dtype=bool)
-    for j in range(1, k):
-        new.fill(True)
-        for i in range(j):
-            np.not_equal(bits[j], bits[i], out=same)
-            new &= same
-        count += new
-    return count
-
-
-def holdout_weights(steps: Sequence[int]) -> torch.Tensor:
+def holdout_weights(steps: Sequence[int]) -> np.ndarray:
     """w [K-1] such that w @ y[:K-1] is the least-squares line through the first K-1 points at step K-1."""
-    t = torch.tensor([float(s) for s in steps], dtype=torch.float64)
+    t = np.array([float(s) for s in steps], dtype=np.float64)
     head = t[:-1]
     u = head - head.mean()
     return 1.0 / len(head) + u * (t[-1] - head.mean()) / (u @ u)
 
 
-def holdout_vector(steps: Sequence[int]) -> torch.Tensor:
+def holdout_vector(steps: Sequence[int]) -> np.ndarray:
     """v [K] with v @ y = (line through the first K-1 points, at step K-1) - y[K-1]; sums to 0."""
-    return torch.cat([holdout_weights(steps), torch.tensor([-1.0], dtype=torch.float64)])
-
-
-def total_change_sq(gram: np.ndarray) -> float:
-    """|y_{K-1} - y_0|² from G = Y Y^T."""
-    gram = np.asarray(gram, dtype=np.float64)
-    return max(float(gram[-1, -1] - 2 * gram[0, -1] + gram[0, 0]), 0.0)
-
-
-def delta_products(gram: np.ndarray) -> tuple[list[float], list[float]]:
-    """From G = Y Y^T ([K, K]): (|d_i|², <d_i, d_i+1>) of the successive deltas d_i = y_{i+1} - y_i.
-
-    Deltas do not change when a column is shifted, so G may come from centered blocks, which keeps
-    the cancellation in G[i+1,i+1] - 2 G[i,i+1] + G[i,i] small.
-    """
-    gram = np.asarray(gram, dtype=np.float64)
-    k = gram.shape[0]
-    diff = np.zeros((k - 1, k))
-    diff[np.arange(k - 1), np.arange(1, k)] = 1.0
-    diff[np.arange(k - 1), np.arange(k - 1)] = -1.0
-    deltas = diff @ gram @ diff.T
-    return [max(float(deltas[i, i]), 0.0) for i in range(k - 1)], [float(deltas[i, i + 1]) for i in range(k - 2)]
+    return np.append(holdout_weights(steps), -1.0)
 
 
 # ----------------------------------------------------------------------------------------------
 # Histograms
 
 
-def bin_index(values: torch.Tensor, bins: int) -> torch.Tensor:
-    return (values * bins).long().clamp_(0, bins - 1)
-
-
-def bin_index_np(values: np.ndarray, bins: int) -> np.ndarray:
+def bin_index(values: np.ndarray, bins: int) -> np.ndarray:
     idx = (values * bins).astype(np.int64)
     return np.clip(idx, 0, bins - 1, out=idx)
 
 
-def histogram(values: torch.Tensor, bins: int) -> np.ndarray:
+def histogram(values: np.ndarray, bins: int) -> np.ndarray:
     """int64 counts of values in [0, 1] over `bins` equal bins (1.0 falls in the last bin)."""
-    if values.numel() == 0:
-        return np.zeros(bins, dtype=np.int64)
-    return torch.bincount(bin_index(values, bins), minlength=bins).numpy().astype(np.int64)
+    return np.bincount(bin_index(np.asarray(values, dtype=np.float64), bins), minlength=bins).astype(np.int64)
 
 
 def _value_at_rank(counts: np.ndarray, cumulative: np.ndarray, rank: int) -> float:

@@ -3,30 +3,25 @@
 Tensors are read as flat views of the memory-mapped safetensors files (no copy; the page cache
 holds the data, so memory stays at a few blocks per thread whatever the model size).
 
-Full coverage (default): every parameter, in blocks of ~64K parameters that stay in a core's cache,
-spread over threads. For each block of K checkpoints:
+Full coverage (default): every parameter, in blocks of 256K parameters spread over threads. A small
+compiled kernel (rlvrx/_native.c, called through ctypes, which releases the GIL) reduces each block of K
+checkpoints in one pass over L1-sized tiles:
 
 - R² per parameter (see stats.py) after the filters: constant parameters, max - min below
   `min_abs_change`, fewer than `min_unique` distinct values (each parameter is counted once, under
   the first filter it fails, in that order);
-- exact counts (R² > 0.7, > 0.9), sums (mean) and fixed histograms (medians, error < 1e-5 + the
-  R² error below);
+- exact counts (R² > 0.7, > 0.9), sums (mean) and fixed histograms (medians, error < 1e-5);
 - diagnostics over every parameter: dot products and squared norms of successive deltas
   (direction cosine) and the error of the least-squares line through the first K-1 checkpoints at
   the last one (held-out relative error = |prediction - W_K| / |W_K - W_{K-1}|; < 1 means the line
   beats "no change").
 
-Precision: the fast path works on deltas from the middle checkpoint, in float32 for 16-bit
-checkpoints (a difference of two nearby bf16/fp16 values is exact in float32) and float64
-otherwise. Any parameter whose fast result could fall on the wrong side of a decision is redone
-exactly in float64 from the stored values: R² within 2e-5 of 0.7 or 0.9, a badly conditioned
-S_yy (sum d² > 16 S_yy), or possibly fewer than `min_unique` distinct values. So filter counts and
-threshold counts are those of float64; R² itself (mean, histogram median) is within ~1.2e-5 in
-float32 (typically ~1e-7).
+Precision: every parameter's K values are widened to float64 and centred before any sum, so R²,
+filters and threshold counts are float64's (distinct values are counted on the stored bits).
 
-With `sample`, only the seeded per-tensor sample is read (gathered from the mapped files) and
-every statistic, the diagnostics (direction cosine, held-out error) included, is computed exactly
-in float64 on the sampled parameters: the paper's setting, and fast.
+With `sample`, only the seeded per-tensor sample is read (gathered from the mapped files) and the
+same kernel computes every statistic, the diagnostics (direction cosine, held-out error) included,
+on the sampled parameters, keeping each R² for exact medians: the paper's setting, and fast.
 
 The result is a `WeightState`: per-tensor records plus integer histograms. States of disjoint
 tensor shards merge exactly (integers add, float sums are combined with math.fsum, which is
@@ -38,12 +33,11 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-import json
+import itertools
 import math
-import mmap
 import os
 import re
-import struct
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -51,10 +45,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from rlvrx.checkpoint import Checkpoint, TensorInfo, compare_structure
-from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.checkpoint import DTYPE_INFO, Checkpoint, TensorInfo, compare_structure
+from rlvrx.errors import CheckpointError, RlvrxError, UsageError
+from rlvrx import native
 from rlvrx.linearity import stats
 
 STATE_FORMAT = "rlvrx.linearity.weights/1"
@@ -165,13 +159,13 @@ class TensorStats:
 
 
 def float_tensors(infos: dict[str, TensorInfo]) -> list[str]:
-    return [name for name, info in infos.items() if info.dtype.is_floating_point]
+    return [name for name, info in infos.items() if info.is_float]
 
 
 def structure_fingerprint(infos: dict[str, TensorInfo]) -> str:
     digest = hashlib.sha256()
     for name, info in infos.items():
-        digest.update(f"{name}:{list(info.shape)}:{info.dtype};".encode())
+        digest.update(f"{name}:{list(info.shape)}:torch.{DTYPE_INFO[info.dtype_name][1]};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -213,14 +207,11 @@ def sample_indices(name: str, numel: int, fraction: float, min_per_tensor: int, 
     return idx
 
 
-def block_elements(k: int, element_size: int, memory_mb: int) -> int:
-    """Parameters per block: small enough that K rows stay in a core's L2 cache, and within memory_mb.
-
-    Per parameter at most: the K values as read and as float64 (sampled and exact columns), and
-    ~16 float64-sized vectors (statistics, masks, indices).
-    """
-    per_column = k * (element_size + 8) + 16 * 8
-    return max(1024, min(_CACHE_BLOCK, memory_mb * (1 << 20) // per_column))
+def block_elements(k: int, itemsize: int, memory_mb: int) -> int:
+    """Parameters per kernel call, within memory_mb: per parameter at most the K gathered values of a
+    sample and its float64 R² (full coverage reads the mapped files in place)."""
+    per_column = k * itemsize + 16
+    return max(1024, min(_BLOCK, memory_mb * (1 << 20) // per_column))
 
 
 def open_checked(checkpoints: Sequence[tuple[int, Checkpoint]]) -> tuple[list[int], list[Checkpoint]]:
@@ -363,22 +354,20 @@ def analyze_weights(
     names = float_tensors(infos)
     index = {name: i for i, name in enumerate(infos)}
     todo = selected_tensors(checkpoints, shard)
-    maps = _Maps()
-    kernels: dict[torch.dtype, _Kernel] = {}
-    jobs, tensor_infos = [], []
+    kernels: dict[str, _Kernel] = {}
+    jobs = []
     for name, _ in todo:
         info = infos[name]
         record = TensorStats(index=index[name], name=name, module=module_of(name), layer=layer_of(name), numel=info.numel)
-        kernel = kernels.get(info.dtype) or kernels.setdefault(info.dtype, _Kernel(steps, info.dtype, settings))
-        tensor_infos.append([c.info(name) for c in ckpts])
-        jobs.append(_TensorJob(record, [maps.view(i) for i in tensor_infos[-1]], kernel, settings))
+        kernel = kernels.get(info.dtype_name) or kernels.setdefault(info.dtype_name, _Kernel(steps, info.dtype_name, settings))
+        jobs.append(_TensorJob(record, [c.raw(name).data for c in ckpts], kernel, settings))
     hists: dict[str, np.ndarray] = {}
     cells: dict[str, np.ndarray] = {}
 
     def read_ahead(i: int) -> None:
         if settings.sample is None and i < len(jobs):  # a sample reads 0.1%: no whole-tensor readahead
-            for info in tensor_infos[i]:
-                maps.will_need(info)
+            for ckpt in ckpts:
+                ckpt.will_need(jobs[i].record.name)
 
     def tasks():
         read_ahead(0)
@@ -391,17 +380,12 @@ def analyze_weights(
                 yield job, part
             job.parts = None
 
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # parallel over blocks instead: one op on one block is too small to split
-    try:
-        for (job, part), result in _ordered_map(_run_part, tasks(), settings.threads or _default_threads()):
-            job.add(result)
-            if progress is not None:
-                progress(job.record.name, part.n_params)
-            if job.pending == 0:
-                _add_tensor(hists, cells, job)
-    finally:
-        torch.set_num_threads(saved_threads)
+    for (job, part), result in _ordered_map(_run_part, tasks(), settings.threads or _default_threads()):
+        job.add(result)
+        if progress is not None:
+            progress(job.record.name, part.n_params)
+        if job.pending == 0:
+            _add_tensor(hists, cells, job)
     records = [job.record for job in jobs]
     return WeightState(
         steps=steps,
@@ -451,204 +435,58 @@ def _ordered_map(fn, items, threads: int) -> Iterator:
             yield item, future.result()
 
 
-class _Maps:
-    """Tensors as flat views of their safetensors files mapped into memory (no copy; pages load on access)."""
-
-    def __init__(self):
-        self._files: dict = {}
-
-    def _open(self, file) -> tuple[dict, int, mmap.mmap]:
-        try:
-            with open(file, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > size - 8:
-                    raise ValueError(f"header of {header_len} bytes in a file of {size}")
-                header = json.loads(f.read(header_len))
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable for torch, never written
-        except (OSError, ValueError, struct.error) as exc:
-            raise CheckpointError(f"{file}: cannot map the safetensors file ({exc})") from None
-        entry = (header, 8 + header_len, mapped)
-        self._files[file] = entry
-        return entry
-
-    def _locate(self, info: TensorInfo) -> tuple[mmap.mmap, int]:
-        """(the file's map, byte offset of the tensor's data), checked against the header."""
-        header, base, mapped = self._files.get(info.file) or self._open(info.file)
-        meta = header.get(info.name)
-        try:
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{info.file}: no valid data_offsets for tensor {info.name} in the header") from None
-        if end - begin != info.nbytes or base + end > len(mapped):
-            raise CheckpointError(f"{info.file}: tensor {info.name} lies outside the file or has the wrong size; the file is truncated or corrupt")
-        return mapped, base + begin
-
-    def view(self, info: TensorInfo) -> torch.Tensor:
-        mapped, offset = self._locate(info)
-        if info.numel == 0:
-            return torch.empty(0, dtype=info.dtype)
-        return torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=offset)
-
-    def will_need(self, info: TensorInfo) -> None:
-        """Ask the kernel to read a tensor ahead (cold cache: 8 files read in small blocks would
-        otherwise wait on one page fault after another)."""
-        if not info.numel or not hasattr(mmap, "MADV_WILLNEED"):
-            return
-        mapped, offset = self._locate(info)
-        start = offset - offset % mmap.PAGESIZE
-        try:
-            mapped.madvise(mmap.MADV_WILLNEED, start, offset + info.nbytes - start)
-        except OSError:  # advice only
-            pass
+_BLOCK = 1 << 18  # parameters per kernel call (the kernel itself works in L1-sized tiles)
 
 
-# Fast path (full coverage): float32 for 16-bit checkpoints, float64 otherwise. A column is re-done
-# exactly (float64, the same code as sampled mode) when the fast result could be off on the wrong side
-# of a decision: R² within _MARGIN of a threshold, a badly conditioned S_yy, or possibly too few
-# distinct values. With sum d² <= _MAX_CONDITION * S_yy, |R² error| <= 2 K eps (sqrt(c) + c / 2),
-# about 1.2e-5 for K = 8 in float32 (eps = 2^-24); typical errors are ~1e-7.
-_MAX_CONDITION = 16.0
-_MARGIN = 2.0 / stats.FINE_BINS  # >= the error bound, and two histogram bins: threshold counts come from the bins
-_CACHE_BLOCK = 1 << 16  # parameters per block: K rows of float32 stay in L2
+def _lookup_table(dtype_name: str) -> np.ndarray | None:
+    """float64 value of every bit pattern of a 1- or 2-byte float type other than bf16."""
+    if dtype_name == "F16":
+        return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    if dtype_name.startswith("F8"):
+        import torch
+
+        fp8 = getattr(torch, DTYPE_INFO[dtype_name][1])
+        return torch.arange(256, dtype=torch.uint8).view(fp8).double().numpy()
+    return None
 
 
 class _Kernel:
     """Everything a block needs that depends only on the steps, the dtype and the settings."""
 
-    def __init__(self, steps: Sequence[int], dtype: torch.dtype, settings: WeightSettings):
-        k = len(steps)
-        self.k = k
+    def __init__(self, steps: Sequence[int], dtype_name: str, settings: WeightSettings):
+        self.k = len(steps)
         self.settings = settings
-        self.dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+        self.kind = native.RAW_KINDS[dtype_name]
+        self.lut = _lookup_table(dtype_name)
         self.tc = stats.centered_steps(steps)
         self.s_tt = float(self.tc @ self.tc)
         self.holdout = stats.holdout_vector(steps)
-        # Fast path: deltas d_c = W_c - W_ref (exact in float32 for nearby 16-bit values); d_ref = 0.
-        self.ref = k // 2
-        self.others = [c for c in range(k) if c != self.ref]
-        rows = torch.stack([self.tc, torch.ones(k, dtype=torch.float64), self.holdout])
-        self.reducer = rows[:, self.others].to(self.dtype).contiguous()  # S_ty, sum d, holdout residual
-        self.thresholds = stats.THRESHOLDS
-        self.threshold_bins = [int(round(t * stats.FINE_BINS)) for t in self.thresholds]
-        unique = settings.min_unique
-        positions = [i * (k - 1) // (unique - 1) for i in range(unique)] if 1 < unique <= k else []  # distinct
-        self.prefilter_pairs = [(a, b) for i, a in enumerate(positions) for b in positions[i + 1:]]
-        self.prefilter_never = unique > k  # no column can pass: every kept column goes the exact way
-        # span < min_abs_change decided in the compute dtype without double rounding of the threshold
-        np_dtype = np.float32 if self.dtype == torch.float32 else np.float64
-        limit = np_dtype(settings.min_abs_change)
-        self.span_limit = limit
-        self.span_inclusive = float(limit) < settings.min_abs_change  # span < x  <=>  span <= round_down(x)
+        self.thresholds = np.array(stats.THRESHOLDS, dtype=np.float64)
 
-
-def _exact_columns(kernel: _Kernel, raw: torch.Tensor, diagnostics: bool) -> dict:
-    """Exact statistics (float64) of the columns of raw [K, n]; with diagnostics also Gram and holdout."""
-    settings = kernel.settings
-    y = stats.center_(raw.to(torch.float64, copy=True))  # raw stays as read: distinct values count on it
-    out: dict = {"n_examined": int(y.shape[1])}
-    if diagnostics:
-        out["gram"] = (y @ y.T).numpy()
-        err = kernel.holdout @ y
-        out["err_sq"] = float(err @ err)
-    span = y.amax(dim=0) - y.amin(dim=0)
-    unique = torch.from_numpy(stats.distinct_counts(raw)) if settings.min_unique > 1 else None
-    r2, s_yy = stats.r2_of_centered(y, kernel.tc)
-    constant = (span == 0) | (s_yy <= 0)
-    small = ~constant & (span < settings.min_abs_change)
-    keep = ~(constant | small)
-    few = keep & (unique < settings.min_unique) if unique is not None else torch.zeros_like(keep)
-    keep &= ~few
-    kept = r2.numpy()[keep.numpy()]
-    out.update(
-        constant=int(np.count_nonzero(constant.numpy())),
-        min_abs_change=int(np.count_nonzero(small.numpy())),
-        min_unique=int(np.count_nonzero(few.numpy())),
-        values=kept,
-    )
-    return out
-
-
-def _fast_block(kernel: _Kernel, views: list[torch.Tensor], lo: int, hi: int) -> dict:
-    """Statistics of parameters [lo, hi) of a tensor; uncertain columns are handed to _exact_columns."""
-    settings = kernel.settings
-    n = hi - lo
-    ref = views[kernel.ref][lo:hi].to(kernel.dtype)
-    d = torch.empty((kernel.k - 1, n), dtype=kernel.dtype)
-    for row, c in zip(d, kernel.others):
-        row.copy_(views[c][lo:hi])
-        row.sub_(ref)
-    del ref
-    reduced = torch.mm(kernel.reducer, d)
-    gram_d = torch.mm(d, d.T).to(torch.float64)
-    err_sq = float(torch.dot(reduced[2], reduced[2]))  # diagnostics: the compute dtype is precise enough
-    sumsq = d[0] * d[0]
-    for row in d[1:]:
-        sumsq.addcmul_(row, row)
-    gram = np.zeros((kernel.k, kernel.k))
-    gram[np.ix_(kernel.others, kernel.others)] = gram_d.numpy()  # the reference row is 0
-    dn, s_ty, s_d, sumsq = d.numpy(), reduced[0].numpy(), reduced[1].numpy(), sumsq.numpy()
-    top, bottom = np.maximum(dn[0], 0), np.minimum(dn[0], 0)  # d_ref = 0 is one of the values
-    for row in dn[1:]:
-        np.maximum(top, row, out=top)
-        np.minimum(bottom, row, out=bottom)
-    span = np.subtract(top, bottom, out=top)
-    with np.errstate(all="ignore"):
-        out = span == 0
-        n_constant = int(np.count_nonzero(out))
-        n_small = 0
-        if settings.min_abs_change > 0:
-            small = (span <= kernel.span_limit) if kernel.span_inclusive else (span < kernel.span_limit)
-            small &= ~out
-            n_small = int(np.count_nonzero(small))
-            out |= small
-        s_yy = s_d * s_d
-        s_yy *= 1.0 / kernel.k
-        np.subtract(sumsq, s_yy, out=s_yy)
-        unsure = sumsq > s_yy * _MAX_CONDITION
-        r2 = s_ty * s_ty
-        r2 /= s_yy * kernel.s_tt
-        np.clip(r2, 0.0, 1.0, out=r2)
-        for threshold in kernel.thresholds:
-            unsure |= np.abs(r2 - threshold) < _MARGIN
-        if kernel.prefilter_never:
-            unsure[:] = True
-        elif kernel.prefilter_pairs:
-            # min_unique of the K values all distinct: enough. Else count distinct deltas (equal values
-            # have equal deltas, so this never over-counts) on the few columns left; exact way if too few.
-            rows = {c: dn[i] for i, c in enumerate(kernel.others)}
-            distinct = np.ones(n, dtype=bool)
-            for a, b in kernel.prefilter_pairs:
-                distinct &= np.not_equal(rows.get(a, 0.0), rows.get(b, 0.0))
-            doubt = np.flatnonzero(~(distinct | out))
-            if doubt.size:
-                full = np.zeros((kernel.k, doubt.size), dtype=dn.dtype)
-                full[kernel.others] = dn[:, doubt]
-                distinct[doubt] = stats.distinct_counts_np(full) >= settings.min_unique
-            unsure |= ~distinct
-        unsure &= ~out
-        drop = out | unsure
-        bins = np.empty(n, dtype=np.int64)
-        np.multiply(r2, stats.FINE_BINS, out=bins, casting="unsafe")
-        np.minimum(bins, stats.FINE_BINS - 1, out=bins)
-        np.putmask(bins, drop, stats.FINE_BINS)
-        np.putmask(r2, drop, 0.0)
-    hist = np.bincount(bins, minlength=stats.FINE_BINS + 1)[: stats.FINE_BINS]
-    result = {
-        "n_examined": n,
-        "constant": n_constant,
-        "min_abs_change": n_small,
-        "min_unique": 0,
-        "fast_hist": hist,
-        "fast_sum": float(r2.sum()),  # pairwise, in the compute dtype
-        "gram": gram,
-        "err_sq": err_sq,
-    }
-    columns = np.flatnonzero(unsure)
-    if columns.size:  # done in batches by the tensor's job: one call per block would cost more than the columns
-        where = torch.from_numpy(columns + lo)
-        result["exact_raw"] = torch.stack([v.index_select(0, where) for v in views])
-    return result
+    def run(self, rows: list[np.ndarray], hist: np.ndarray | None, values: bool) -> dict:
+        """Statistics of the parameters in rows (K arrays of n raw values); hist accumulates the kept R²."""
+        n = len(rows[0])
+        k = self.k
+        counts = np.zeros(6, dtype=np.int64)
+        sums = np.zeros(2 * k)
+        kept = np.empty(n) if values else None
+        pointers = np.array([r.ctypes.data for r in rows], dtype=np.uintp)  # alive until the call returns
+        status = native.library().rlvrx_weight_block(
+            pointers.ctypes.data, self.kind, None if self.lut is None else self.lut.ctypes.data, n, self.k,
+            self.tc.ctypes.data, self.s_tt, self.holdout.ctypes.data, float(self.settings.min_abs_change),
+            self.settings.min_unique, self.thresholds.ctypes.data, stats.FINE_BINS, counts.ctypes.data, sums.ctypes.data,
+            None if hist is None else hist.ctypes.data, None if kept is None else kept.ctypes.data,
+        )
+        if status:
+            raise RlvrxError(f"weight-linearity kernel failed (status {status}) on a block of {n} parameters")
+        out = {
+            "n_examined": n, "constant": int(counts[0]), "min_abs_change": int(counts[1]), "min_unique": int(counts[2]),
+            "n": int(counts[3]), "above": (int(counts[4]), int(counts[5])), "sum_r2": float(sums[0]),
+            "err_sq": float(sums[1]), "total_sq": float(sums[2]), "delta_sq": sums[3:k + 2], "delta_dot": sums[k + 2:2 * k],
+        }
+        if kept is not None:
+            out["values"] = kept[: out["n"]]
+        return out
 
 
 @dataclass
@@ -659,34 +497,44 @@ class _Part:
     indices: np.ndarray | None = None  # sampled mode: flat indices of the sampled parameters
 
 
+_thread_slot = threading.local()
+_slots = itertools.count()
+
+
 def _run_part(task) -> dict:
     job, part = task
     if part.indices is None:
-        return _fast_block(job.kernel, job.views, part.lo, part.hi)
-    where = torch.from_numpy(part.indices)
-    raw = torch.stack([v.index_select(0, where) for v in job.views])
-    return _exact_columns(job.kernel, raw, diagnostics=True)
+        rows = [v[part.lo:part.hi] for v in job.views]
+        return job.kernel.run(rows, job.thread_hist(), values=False)
+    rows = [v[part.indices] for v in job.views]  # gathers the sample: K small contiguous arrays
+    return job.kernel.run(rows, None, values=True)
 
 
 class _TensorJob:
     """One tensor: its parts (blocks, or chunks of the sample) and the accumulation of their results."""
 
-    def __init__(self, record: TensorStats, views: list[torch.Tensor], kernel: _Kernel, settings: WeightSettings):
+    def __init__(self, record: TensorStats, views: list[np.ndarray], kernel: _Kernel, settings: WeightSettings):
         self.record, self.views, self.kernel, self.settings = record, views, kernel, settings
         self.sampled = settings.sample is not None
-        per_block = block_elements(kernel.k, views[0].element_size(), settings.memory_mb)
+        per_block = block_elements(kernel.k, views[0].itemsize, settings.memory_mb)
         if settings.max_block_elements is not None:
             per_block = max(1, min(per_block, settings.max_block_elements))
         self.per_block = per_block
         self.parts: list[_Part] | None = None
         self.pending = -1
-        self.hist: np.ndarray | None = None  # made on first use: 800 KB a tensor adds up over a model
-        self.grams: list[np.ndarray] = []
-        self.err_sq: list[float] = []
-        self.sums: list[float] = []
+        self.hists: dict[int, np.ndarray] = {}  # per worker thread: blocks of one tensor run in parallel
+        self.sums: dict[str, list] = {key: [] for key in ("sum_r2", "err_sq", "total_sq", "delta_sq", "delta_dot")}
+        self.above = [0, 0]
         self.values: list[np.ndarray] = []
-        self.exact_raw: list[torch.Tensor] = []
-        self.exact_pending = 0
+
+    def thread_hist(self) -> np.ndarray:
+        slot = getattr(_thread_slot, "slot", None)
+        if slot is None:
+            slot = _thread_slot.slot = next(_slots)
+        hist = self.hists.get(slot)
+        if hist is None:
+            hist = self.hists[slot] = np.zeros(stats.FINE_BINS, dtype=np.int64)
+        return hist
 
     def plan(self) -> None:
         record, settings, per_block = self.record, self.settings, self.per_block
@@ -704,70 +552,38 @@ class _TensorJob:
             self.parts = [_Part(n_params=min(numel, lo + per_block) - lo, lo=lo, hi=min(numel, lo + per_block)) for lo in range(0, numel, per_block)]
         self.pending = len(self.parts)
 
-    def _add_exact(self, exact: dict) -> None:
-        for key in FILTERS:
-            self.record.filtered[key] += exact[key]
-        if exact["values"].size:
-            self.values.append(exact["values"])
-
-    def _flush_exact(self) -> None:
-        if self.exact_raw:
-            self._add_exact(_exact_columns(self.kernel, torch.cat(self.exact_raw, dim=1), diagnostics=False))
-            self.exact_raw, self.exact_pending = [], 0
-
     def add(self, result: dict) -> None:
         record = self.record
         record.n_examined += result["n_examined"]
-        if "fast_hist" in result:
-            for key in FILTERS:
-                record.filtered[key] += result[key]
-            hist = result["fast_hist"]
-            if self.hist is None:
-                self.hist = hist.copy()
-            else:
-                self.hist += hist
-            self.sums.append(result["fast_sum"])
-        if "gram" in result:
-            self.grams.append(result["gram"])
-            self.err_sq.append(result["err_sq"])
-        raw = result.get("exact_raw")
-        if raw is not None:
-            self.exact_raw.append(raw)
-            self.exact_pending += raw.shape[1]
-            if self.exact_pending >= self.per_block:
-                self._flush_exact()
-        if "values" in result:  # sampled: exact throughout
-            self._add_exact(result)
+        for key in FILTERS:
+            record.filtered[key] += result[key]
+        record.n += result["n"]
+        self.above[0] += result["above"][0]
+        self.above[1] += result["above"][1]
+        for key, parts in self.sums.items():
+            parts.append(result[key])
+        if "values" in result and result["values"].size:
+            self.values.append(result["values"])
         self.pending -= 1
-        if self.pending == 0:
-            self._flush_exact()
 
     def finish(self) -> np.ndarray:
         """Fill the record; returns the tensor's FINE_BINS histogram of kept R²."""
-        record, k = self.record, self.kernel.k
-        if self.hist is None:
-            self.hist = np.zeros(stats.FINE_BINS, dtype=np.int64)
-        # Fast columns are never within _MARGIN (two bins) of a threshold: bins count them exactly.
-        fast_above = [int(self.hist[b:].sum()) for b in self.kernel.threshold_bins]
-        values = np.concatenate(self.values) if self.values else np.zeros(0)
-        record.n = int(self.hist.sum()) + int(values.size)
-        if values.size:
-            self.hist += np.bincount(stats.bin_index_np(values, stats.FINE_BINS), minlength=stats.FINE_BINS)
-        record.n_gt_0_7 = fast_above[0] + int(np.count_nonzero(values > 0.7))
-        record.n_gt_0_9 = fast_above[1] + int(np.count_nonzero(values > 0.9))
-        record.sum_r2 = math.fsum(self.sums + [float(v.sum()) for v in self.values])
-        grams = self.grams or [np.zeros((k, k))]
-        gram = np.array([[math.fsum(g[i, j] for g in grams) for j in range(k)] for i in range(k)])
-        record.delta_sq, record.delta_dot = stats.delta_products(gram)
-        record.total_sq = stats.total_change_sq(gram)
-        record.holdout_err_sq = math.fsum(self.err_sq)
+        record, sums = self.record, self.sums
         if self.sampled:
+            values = np.concatenate(self.values) if self.values else np.zeros(0)
+            hist = stats.histogram(values, stats.FINE_BINS)
             record.values = values
             record.median_r2 = float(np.median(values)) if values.size else None
         else:
-            record.median_r2 = stats.histogram_median(self.hist)
-        hist = self.hist
-        self.views = self.grams = self.values = self.hist = None
+            hist = sum(self.hists.values()) if self.hists else np.zeros(stats.FINE_BINS, dtype=np.int64)
+            record.median_r2 = stats.histogram_median(hist)
+        record.n_gt_0_7, record.n_gt_0_9 = self.above
+        record.sum_r2 = math.fsum(sums["sum_r2"])
+        record.holdout_err_sq = math.fsum(sums["err_sq"])
+        record.total_sq = math.fsum(sums["total_sq"])
+        record.delta_sq = [math.fsum(col) for col in zip(*sums["delta_sq"])] or [0.0] * (self.kernel.k - 1)
+        record.delta_dot = [math.fsum(col) for col in zip(*sums["delta_dot"])] or [0.0] * (self.kernel.k - 2)
+        self.views = self.sums = self.values = self.hists = None
         return hist
 
 

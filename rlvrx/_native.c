@@ -6,8 +6,9 @@
  *                       (rlvrx/extrapolate/weights.py).
  *
  * rlvrx_weight_block widens each parameter's K values to float64 and reduces a tile of TILE
- * parameters that stays in L1, four parameters side by side in vector registers (per-lane
- * accumulators: no reassociation, so results do not depend on the compiler's choices).
+ * parameters that stays in L1, four parameters side by side in vector registers. Sums run in a fixed
+ * order (per-lane accumulators) and pyproject.toml compiles with -ffp-contract=off, so every build and
+ * CPU gives the same bits (shards computed on different machines merge exactly).
  */
 #include <Python.h>
 #include <math.h>

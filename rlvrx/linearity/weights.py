@@ -214,8 +214,13 @@ def block_elements(k: int, itemsize: int, memory_mb: int) -> int:
     return max(1024, min(_BLOCK, memory_mb * (1 << 20) // per_column))
 
 
+MAX_CHECKPOINTS = 4096  # the compiled kernel's limit (_native.c MAX_K)
+
+
 def open_checked(checkpoints: Sequence[tuple[int, Checkpoint]]) -> tuple[list[int], list[Checkpoint]]:
     steps = stats.check_steps([s for s, _ in checkpoints])
+    if len(steps) > MAX_CHECKPOINTS:
+        raise UsageError(f"weight linearity takes at most {MAX_CHECKPOINTS} checkpoints, got {len(steps)}; use --window or every n-th step")
     ckpts = [c for _, c in checkpoints]
     for ckpt in ckpts[1:]:
         diff = compare_structure(ckpts[0], ckpt)

@@ -156,12 +156,16 @@ def run_child(
     timeout: float | None = None,
     cold: bool = False,
 ) -> Run:
-    """Run cmd, sampling the process tree's RssAnon; the last stdout line is parsed as JSON if it is one."""
+    """Run cmd, sampling the process tree's RssAnon; the last stdout line is parsed as JSON if it is one.
+
+    Dirty pages left by the previous contestant are written out first (untimed), so that nobody's
+    time includes the disk writing someone else's output."""
     import tempfile
 
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
+    os.sync()
     load = loadavg()
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
         start = time.perf_counter()

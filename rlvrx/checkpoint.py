@@ -11,6 +11,7 @@ files are written into `OUT.tmp-*` and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -112,7 +113,7 @@ class RawValues:
     (bf16 and fp16 as uint16, fp8 as uint8), e.g. a view of a memory-mapped file or a kernel's output."""
 
     dtype_name: str
-    data: "np.ndarray"
+    data: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -304,9 +305,7 @@ class Checkpoint:
         """The tensor's stored values, flat and read-only, straight from the file's memory map (no
         copy, no torch; pages are read when touched)."""
         info = self.info(name)
-        storage = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[info.itemsize]
-        if info.dtype_name in ("F32", "F64"):
-            storage = np.float32 if info.itemsize == 4 else np.float64
+        storage = {"F32": np.float32, "F64": np.float64}.get(info.dtype_name, f"u{info.itemsize}")  # else: bit patterns
         if info.numel == 0:
             return RawValues(info.dtype_name, np.zeros(0, dtype=storage))
         data = np.frombuffer(self._mapped(info), dtype=storage, count=info.numel, offset=info.offset)
@@ -518,6 +517,30 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
         position += written
 
 
+WRITEBACK_BYTES = 64 << 20
+
+
+@functools.cache
+def _sync_file_range():
+    """Linux's sync_file_range (not in the os module), or None."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk without waiting (SYNC_FILE_RANGE_WRITE), so that
+    the disk works while the rest is computed; the close's fsync still guarantees durability."""
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, 0, 0, 2)
+
+
 class _ShardFile:
     """One safetensors file whose header is written first, then tensors land at their offsets."""
 
@@ -542,6 +565,7 @@ class _ShardFile:
         self.file.flush()
         self.pending = set(self.offsets)
         self.done_bytes: dict[str, int] = {}
+        self.unflushed = 0
 
     def write(self, name: str, tensor: torch.Tensor | RawValues, start: int = 0) -> bool:
         """Write the tensor's bytes at byte `start` of `name`'s data; True once `name` is complete.
@@ -555,6 +579,10 @@ class _ShardFile:
         if start != done or done + data.nbytes > nbytes:
             raise CheckpointError(f"tensor {name}: bytes [{start}, {start + data.nbytes}) written where byte {done} of {nbytes} was next")
         _pwrite_all(self.file.fileno(), data, self.data_start + offset + start)
+        self.unflushed += data.nbytes
+        if self.unflushed >= WRITEBACK_BYTES:  # the final fsync then has little left to wait for
+            _start_writeback(self.file.fileno())
+            self.unflushed = 0
         done += data.nbytes
         self.done_bytes[name] = done
         if done == nbytes:

@@ -17,7 +17,8 @@ checkpoints in one pass over L1-sized tiles:
   beats "no change").
 
 Precision: every parameter's K values are widened to float64 and centred before any sum, so R²,
-filters and threshold counts are float64's (distinct values are counted on the stored bits).
+filters and threshold counts are float64's (distinct values: the stored values compared as
+float64, so -0 equals +0).
 
 With `sample`, only the seeded per-tensor sample is read (gathered from the mapped files) and the
 same kernel computes every statistic, the diagnostics (direction cosine, held-out error) included,
@@ -46,9 +47,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from rlvrx import native
 from rlvrx.checkpoint import DTYPE_INFO, Checkpoint, TensorInfo, compare_structure
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
-from rlvrx import native
 from rlvrx.linearity import stats
 
 STATE_FORMAT = "rlvrx.linearity.weights/1"

@@ -1,11 +1,14 @@
 """Hugging Face checkpoint directories: lazy per-tensor reads and an atomic, streaming sharded writer.
 
 Reads go through `safetensors.safe_open`, one tensor (or one block of rows) at a time, so no caller
-ever holds a whole model. Tensor names, shapes, dtypes and offsets come from the files' headers
-without torch, which is imported only by what reads or writes tensors (importing it costs ~2 s,
-more than the work of a sampled linearity run). The writer plans every shard's header up front from the tensors' shapes and
-dtypes, then streams each tensor's bytes straight to its offset: peak memory is one tensor, and the
-files are written into `OUT.tmp-*` and renamed into place only when complete.
+ever holds a whole model; `Checkpoint.raw` gives a tensor's stored values as a view of the file's
+memory map instead. Names, shapes, dtypes and offsets come from the headers, parsed here. None of
+this needs torch, which is imported only by what makes torch tensors (its import takes ~2 s, more
+than the work of a sampled linearity run or a 0.5B extrapolation).
+
+The writer plans every shard's header up front from the tensors' shapes and dtypes, then streams
+each tensor's bytes straight to its offset: peak memory is one tensor, and the files are written
+into `OUT.tmp-*` and renamed into place only when complete.
 """
 
 from __future__ import annotations

@@ -194,6 +194,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no such checkpoint directory")
         if self.path.is_file():
             raise CheckpointError(f"{self.path}: is a file; pass the checkpoint directory that holds it")
+        self._headers: dict[Path, tuple[dict, int]] = {}
         self._file_of = self._map_files()
         self._handles: dict[Path, object] = {}
         self._maps: dict[Path, mmap.mmap] = {}
@@ -215,8 +216,7 @@ class Checkpoint:
             return files
         single = self.path / SINGLE_NAME
         if single.is_file():
-            header, _ = read_header(single)
-            return {name: single for name in header}
+            return {name: single for name in self._header(single)[0]}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise CheckpointError(
                 f"{self.path}: holds only .bin/.pt weights; rlvrx reads safetensors "
@@ -227,6 +227,11 @@ class Checkpoint:
                 f"{self.path}: a verl checkpoint without HF weights; run `rlvrx snapshot convert {self.path}`"
             )
         raise CheckpointError(f"{self.path}: not a checkpoint directory (no {SINGLE_NAME} or {INDEX_NAME})")
+
+    def _header(self, file: Path) -> tuple[dict, int]:
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        return self._headers[file]
 
     def _handle(self, file: Path):
         handle = self._handles.get(file)
@@ -263,7 +268,7 @@ class Checkpoint:
         if self._infos is None:
             infos = {}
             for file in self.files:
-                header, data_start = read_header(file)
+                header, data_start = self._header(file)
                 for name, meta in header.items():
                     if self._file_of.get(name) != file:
                         continue

@@ -13,10 +13,11 @@ formula rounded to the output dtype for dyadic alphas such as -0.5, 2, 3, and is
 it otherwise; --precise computes in float64. For bf16 and fp32 (in = out) a compiled kernel
 (rlvrx/_native.c) does it, bit for bit torch.lerp's result, without importing torch (whose import
 alone takes longer than extrapolating a 0.5B model); fp16, --dtype, --precise and least squares go
-through torch. Norm weights and non-floating tensors are copied from the latest checkpoint. Each tensor is computed in chunks into a small ring of reused
-buffers that a writer thread pwrites into the atomic sharded writer while the next chunk is
-computed: peak memory is the ring (a few chunks), and nothing appears at OUT unless the whole
-checkpoint is complete.
+through torch. Norm weights and non-floating tensors are copied from the latest checkpoint.
+
+Each tensor is computed in chunks into a small ring of reused buffers that a writer thread pwrites
+into the atomic sharded writer while the next chunk is computed: peak memory is the ring (a few
+chunks), and nothing appears at OUT unless the whole checkpoint is complete.
 
 Provenance (extrapolation.json) records each input's path, size, mtime and a fingerprint of its
 safetensors headers by default; the full sha256 of the inputs (another read of every byte) only

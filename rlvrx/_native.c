@@ -6,9 +6,10 @@
  *                       (rlvrx/extrapolate/weights.py).
  *
  * rlvrx_weight_block widens each parameter's K values to float64 and reduces a tile of TILE
- * parameters that stays in L1, four parameters side by side in vector registers. Sums run in a fixed
- * order (per-lane accumulators) and pyproject.toml compiles with -ffp-contract=off, so every build and
- * CPU gives the same bits (shards computed on different machines merge exactly).
+ * parameters that stays in L1, four or eight parameters side by side in vector registers (the body is
+ * _native_block.h, built once per width). Sums run in a fixed order (four per-lane accumulators,
+ * whatever the width) and pyproject.toml compiles with -ffp-contract=off, so every build and CPU
+ * gives the same bits (shards computed on different machines merge exactly).
  */
 #include <Python.h>
 #include <math.h>
@@ -23,6 +24,7 @@ enum { RAW_BF16 = 0, RAW_F32 = 1, RAW_F64 = 2, RAW_LUT8 = 3, RAW_LUT16 = 4 };
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define WIDE  /* an AVX-512 build of the block kernel, used where the CPU has it */
 #else
 #define MULTIVERSION
 #endif
@@ -37,8 +39,8 @@ static int element_size(int kind) {
     return 0;
 }
 
-/* Row k's values [p0, p0 + m) as float64 into out. */
-static void widen(const void *row, int kind, const double *lut, int64_t p0, int m, double *out) {
+/* Row k's values [p0, p0 + m) as float64 into out (inlined: compiled for each kernel's target). */
+static inline __attribute__((always_inline)) void widen(const void *row, int kind, const double *lut, int64_t p0, int m, double *out) {
     switch (kind) {
     case RAW_BF16: {
         const uint16_t *src = (const uint16_t *)row + p0;
@@ -71,6 +73,100 @@ static void widen(const void *row, int kind, const double *lut, int64_t p0, int 
     }
 }
 
+/* The steps in the order the kernel counts distinct values: min_unique of them spread over the steps
+ * first (neighbouring steps are the likeliest to repeat a value), then the rest. */
+static int *distinct_order(int k, int min_unique) {
+    int *order = malloc(sizeof(int) * (size_t)k);
+    char *taken = calloc((size_t)k, 1);
+    if (!order || !taken) { free(order); free(taken); return NULL; }
+    int n_order = 0, spread = min_unique > 1 && min_unique <= k ? min_unique : 0;
+    for (int a = 0; a < spread; a++) {
+        int j = (int)((int64_t)a * (k - 1) / (spread - 1));
+        order[n_order++] = j;
+        taken[j] = 1;
+    }
+    for (int j = 0; j < k; j++)
+        if (!taken[j]) order[n_order++] = j;
+    free(taken);
+    return order;
+}
+
+static inline int all_set(const int64_t *lanes, int n) {
+    int64_t r = lanes[0];
+    for (int l = 1; l < n; l++) r &= lanes[l];
+    return r != 0;
+}
+
+static inline int any_set(const int64_t *lanes, int n) {
+    int64_t r = 0;
+    for (int l = 0; l < n; l++) r |= lanes[l];
+    return r != 0;
+}
+
+/* for _native_block.h, with vd, vl and LANES defined */
+#define LOAD(p) (*(const vd *)(p))
+#define PICK(mask, a, b) ((vd)(((mask) & (vl)(a)) | (~(mask) & (vl)(b))))  /* mask ? a : b */
+#define ALL_SET(mask) all_set((const int64_t *)&(mask), LANES)
+#define ANY_SET(mask) any_set((const int64_t *)&(mask), LANES)
+#define ACCUMULATE4(slot, v)                                                        \
+    do {                                                                            \
+        const vd v_ = (v);                                                          \
+        for (int h_ = 0; h_ < LANES; h_ += 4) {                                     \
+            vd4 part_;                                                              \
+            memcpy(&part_, (const double *)&v_ + h_, sizeof part_);                 \
+            *(vd4 *)(slot) += part_;                                                \
+        }                                                                           \
+    } while (0)
+
+/* loads from double arrays at any 8-byte boundary */
+typedef double vd4 __attribute__((vector_size(32), aligned(8), may_alias));
+typedef int64_t vl4 __attribute__((vector_size(32)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+typedef double vd8 __attribute__((vector_size(64), aligned(8), may_alias));
+typedef int64_t vl8 __attribute__((vector_size(64)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+/* four parameters side by side: AVX2, or two SSE2 halves */
+#define BLOCK rlvrx_weight_block_4
+#define BLOCK_TARGET MULTIVERSION
+#define LANES 4
+#define vd vd4
+#define vl vl4
+#define vi vi4
+#include "_native_block.h"
+#undef BLOCK
+#undef BLOCK_TARGET
+#undef LANES
+#undef vd
+#undef vl
+#undef vi
+
+#ifdef WIDE
+/* eight parameters side by side: AVX-512 */
+#define BLOCK rlvrx_weight_block_8
+#define BLOCK_TARGET __attribute__((target("arch=x86-64-v4")))
+#define LANES 8
+#define vd vd8
+#define vl vl8
+#define vi vi8
+#include "_native_block.h"
+#undef BLOCK
+#undef BLOCK_TARGET
+#undef LANES
+#undef vd
+#undef vl
+#undef vi
+#endif
+
+/* The parameters a call of rlvrx_weight_block reduces side by side: 8 where the CPU has AVX-512, else 4
+ * (the same results either way). */
+int rlvrx_weight_block_lanes(void) {
+#ifdef WIDE
+    if (__builtin_cpu_supports("x86-64-v4")) return 8;
+#endif
+    return 4;
+}
+
 /*
  * rows: K pointers to n raw values each (element p of every row is one parameter).
  * counts (out, int64[6]): constant, min_abs_change, min_unique, kept, kept R² > thresholds[0], > thresholds[1].
@@ -81,138 +177,17 @@ static void widen(const void *row, int kind, const double *lut, int64_t p0, int 
  * min_abs_change, fewer than min_unique distinct values (compared as float64, so -0 == +0).
  * Returns 0, -1 for bad arguments, -2 when out of memory.
  */
-typedef double vd __attribute__((vector_size(32)));  /* 4 parameters side by side (AVX2, or 2 SSE2 halves) */
-typedef int64_t vl __attribute__((vector_size(32)));
-#define LANES 4
-
-static inline vd load(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(double *p, vd v) { memcpy(p, &v, sizeof v); }
-static inline vd pick(vl mask, vd a, vd b) { return (vd)((mask & (vl)a) | (~mask & (vl)b)); }  /* mask ? a : b */
-static inline void add(double *p, vd v) { store(p, load(p) + v); }
-
-MULTIVERSION
 int rlvrx_weight_block(const void *const *rows, int kind, const double *lut, int64_t n, int k,
                        const double *tc, double s_tt, const double *holdout, double min_abs_change,
                        int min_unique, const double *thresholds, int64_t bins, int64_t *counts,
                        double *sums, int64_t *hist, double *values) {
-    if (k < 2 || k > MAX_K || element_size(kind) == 0 || n < 0 || bins < 1 || bins > INT32_MAX) return -1;
-    /* y: the tile's values, K rows of TILE; acc: per-lane sums kept over all tiles (error², whole
-     * change², |d_j|² for the K-1 deltas, <d_j, d_j+1> for the K-2 pairs) */
-    double *y = malloc(sizeof(double) * TILE * (size_t)k);
-    double *acc = calloc((size_t)(2 * k - 1) * LANES, sizeof(double));
-    if (!y || !acc) { free(y); free(acc); return -2; }
-    double mean_of[TILE], s_yy[TILE], r2[TILE];
-    int64_t equal[TILE], wide[TILE], distinct[TILE];
-    int32_t bin_of[TILE];
-    int64_t constant = 0, small = 0, few = 0, kept = 0, above0 = 0, above1 = 0;
-    double sum_r2 = 0.0;
-    const vd zero = {0}, one = zero + 1.0;
-    /* max - min >= max |y - mean| >= sqrt(S_yy / K): above this S_yy, no parameter is below min_abs_change
-     * (the 0.1% margin covers rounding); below it the span is computed exactly */
-    const double wide_limit = k * (min_abs_change * 1.001) * (min_abs_change * 1.001);
-    /* min_unique values at these positions all different: enough distinct values without counting */
-    int probe[16], n_probe = 0;
-    if (min_unique > 1 && min_unique <= k && min_unique <= 16)
-        for (n_probe = 0; n_probe < min_unique; n_probe++) probe[n_probe] = n_probe * (k - 1) / (min_unique - 1);
-
-    for (int64_t p0 = 0; p0 < n; p0 += TILE) {
-        int m = (int)(n - p0 < TILE ? n - p0 : TILE);
-        int padded = (m + LANES - 1) / LANES * LANES;
-        for (int j = 0; j < k; j++) {
-            double *row = y + (size_t)j * TILE;
-            widen(rows[j], kind, lut, p0, m, row);
-            for (int p = m; p < padded; p++) row[p] = 0.0;
-        }
-        for (int p = 0; p < padded; p += LANES) {
-            vd first = load(y + p), mean = zero;
-            vl same = (vl){0} - 1;
-            for (int j = 0; j < k; j++) {
-                vd v = load(y + (size_t)j * TILE + p);
-                mean += v;
-                same &= v == first;
-            }
-            mean /= (double)k;
-            vd sty = zero, syy = zero, err = zero;
-            for (int j = 0; j < k; j++) {
-                vd c = load(y + (size_t)j * TILE + p) - mean;
-                sty += tc[j] * c;
-                syy += c * c;
-                err += holdout[j] * c;
-            }
-            add(acc, err * err);
-            vd whole = load(y + (size_t)(k - 1) * TILE + p) - first;
-            add(acc + LANES, whole * whole);
-            vd prev = first, d_prev = zero;
-            for (int j = 0; j + 1 < k; j++) {  /* successive deltas, from the stored values */
-                vd next = load(y + (size_t)(j + 1) * TILE + p), d = next - prev;
-                add(acc + (size_t)(2 + j) * LANES, d * d);
-                if (j) add(acc + (size_t)(k + j) * LANES, d_prev * d);
-                d_prev = d;
-                prev = next;
-            }
-            if (min_unique > 1) {  /* distinct stored values (compared as float64: -0 == +0) */
-                vl enough = (vl){0} - (n_probe > 0);
-                for (int a = 0; a < n_probe; a++)
-                    for (int b = a + 1; b < n_probe; b++)
-                        enough &= load(y + (size_t)probe[a] * TILE + p) != load(y + (size_t)probe[b] * TILE + p);
-                vl count = (vl){0} + min_unique;
-                if (!(enough[0] & enough[1] & enough[2] & enough[3])) {
-                    count = (vl){0} + 1;
-                    for (int j = 1; j < k; j++) {
-                        vd v = load(y + (size_t)j * TILE + p);
-                        vl fresh = (vl){0} - 1;
-                        for (int i = 0; i < j; i++) fresh &= v != load(y + (size_t)i * TILE + p);
-                        count -= fresh;
-                    }
-                }
-                memcpy(distinct + p, &count, sizeof count);
-            }
-            vd v = sty * sty / (syy * s_tt);
-            v = pick(v > one, one, v);
-            v = pick(v < zero, zero, v);
-            vl is_wide = syy > wide_limit;
-            store(r2 + p, v);
-            store(s_yy + p, syy);
-            store(mean_of + p, mean);
-            memcpy(equal + p, &same, sizeof same);
-            memcpy(wide + p, &is_wide, sizeof is_wide);
-        }
-        int n_kept = 0;
-        for (int p = 0; p < m; p++) {
-            if (equal[p] || s_yy[p] <= 0.0) { constant++; continue; }
-            if (min_abs_change > 0.0 && !wide[p]) {
-                double lo = y[p] - mean_of[p], hi = lo;
-                for (int j = 1; j < k; j++) {
-                    double c = y[(size_t)j * TILE + p] - mean_of[p];
-                    lo = c < lo ? c : lo;
-                    hi = c > hi ? c : hi;
-                }
-                if (hi - lo < min_abs_change) { small++; continue; }
-            }
-            if (min_unique > 1 && distinct[p] < min_unique) { few++; continue; }
-            double v = r2[p];
-            sum_r2 += v;
-            above0 += v > thresholds[0];
-            above1 += v > thresholds[1];
-            if (values) values[kept] = v;
-            double scaled = v * (double)bins;
-            int64_t b = scaled == scaled ? (int64_t)scaled : 0;
-            bin_of[n_kept++] = (int32_t)(b < bins ? b : bins - 1);
-            kept++;
-        }
-        if (hist)  /* a loop of its own: the increments overlap instead of waiting on the branches */
-            for (int i = 0; i < n_kept; i++) hist[bin_of[i]]++;
-    }
-    sums[0] = sum_r2;
-    for (int s = 0; s < 2 * k - 1; s++) {  /* error², whole change², |d_j|², then <d_j, d_j+1> */
-        const double *l = acc + (size_t)s * LANES;
-        sums[1 + s] = (l[0] + l[1]) + (l[2] + l[3]);
-    }
-    free(acc);
-    free(y);
-    counts[0] = constant; counts[1] = small; counts[2] = few; counts[3] = kept;
-    counts[4] = above0; counts[5] = above1;
-    return 0;
+#ifdef WIDE
+    if (rlvrx_weight_block_lanes() == 8)
+        return rlvrx_weight_block_8(rows, kind, lut, n, k, tc, s_tt, holdout, min_abs_change, min_unique,
+                                    thresholds, bins, counts, sums, hist, values);
+#endif
+    return rlvrx_weight_block_4(rows, kind, lut, n, k, tc, s_tt, holdout, min_abs_change, min_unique,
+                                thresholds, bins, counts, sums, hist, values);
 }
 
 /* torch's float -> bfloat16 rounding: to nearest even, NaN -> 0x7FC0 */

@@ -24,8 +24,10 @@ def library() -> ctypes.CDLL:
         raise RlvrxError("rlvrx's compiled kernels are missing; reinstall rlvrx where a C compiler is available (pip install -e .)")
     lib = ctypes.CDLL(spec.origin)
     ptr, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    lib.rlvrx_weight_block.argtypes = [ptr, cint, ptr, i64, cint, ptr, dbl, ptr, dbl, cint, ptr, i64, ptr, ptr, ptr, ptr]
-    lib.rlvrx_weight_block.restype = cint
+    for block in (lib.rlvrx_weight_block, lib.rlvrx_weight_block_4):  # _4: the 4-lane build, whatever the CPU
+        block.argtypes = [ptr, cint, ptr, i64, cint, ptr, dbl, ptr, dbl, cint, ptr, i64, ptr, ptr, ptr, ptr]
+        block.restype = cint
+    lib.rlvrx_weight_block_lanes.restype = cint
     lib.rlvrx_lerp.argtypes = [cint, ptr, ptr, dbl, ptr, i64]
     lib.rlvrx_lerp.restype = i64
     return lib

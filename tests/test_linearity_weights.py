@@ -547,3 +547,41 @@ def test_weight_linearity_runs_without_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     here = [summarize(analyze_weights(ckpts, WeightSettings(sample=s))) for s in (None, 0.5)]
     assert json.loads(proc.stdout) == json.loads(json.dumps(here))
+
+
+@pytest.mark.parametrize("dtype_name", ["BF16", "F32", "F16"])
+@pytest.mark.parametrize(("steps", "min_abs_change", "min_unique"), [(STEPS, 1e-4, 4), (STEPS, 0.0, 1), ([0, 5, 9], 1e-4, 3), (list(range(0, 90, 10)), 1e-4, 7)])
+def test_kernel_widths_give_the_same_bits(steps, min_abs_change, min_unique, dtype_name):
+    """The AVX-512 build (8 parameters per vector) and the 4-lane build agree bit for bit, filters, sums,
+    histogram and every kept R²; 1001 parameters cover several tiles and a ragged end."""
+    from rlvrx import native
+    from rlvrx.linearity.weights import _Kernel
+
+    if native.library().rlvrx_weight_block_lanes() == 4:
+        pytest.skip("this CPU has no AVX-512: there is one build to run")
+    rng = np.random.default_rng(len(steps) * 10 + min_unique)
+    k, n = len(steps), 1001
+    values = 0.02 * rng.normal(size=n) + np.multiply.outer(np.asarray(steps, float), 1e-4 * rng.normal(size=n))
+    values += rng.normal(size=(k, n)) * 1e-3 * rng.uniform(0, 1, size=n)
+    values[:, :100] = values[:1, :100]  # constant
+    values[:, 100:200] = values[:1, 100:200] + rng.integers(0, 2, size=(k, 100)) * 2.0**-17  # change below 1e-4
+    values[:, 200:400] = 1.0 + rng.integers(0, 3, size=(k, 200)) * 2.0**-6  # at most 3 distinct values
+    values[:, 400] = -0.0
+    values[::2, 400] = 0.0  # -0 == +0: constant
+    numpy_dtype = {"BF16": None, "F32": np.float32, "F16": np.float16}[dtype_name]
+    if numpy_dtype is None:
+        raw = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    else:
+        raw = values.astype(numpy_dtype)
+    rows = [np.ascontiguousarray(r) for r in raw]
+    kernel = _Kernel(steps, dtype_name, WeightSettings(min_abs_change=min_abs_change, min_unique=min_unique))
+    results = []
+    for entry in (native.library().rlvrx_weight_block, native.library().rlvrx_weight_block_4):
+        kernel.entry = entry
+        hist = np.zeros(stats.FINE_BINS, np.int64)
+        results.append((kernel.run(rows, hist, values=True), hist))
+    (wide, wide_hist), (narrow, narrow_hist) = results
+    assert wide["n"] > 300 and wide["constant"] >= 101 and (wide["min_unique"] > 0) == (min_unique > 1)
+    np.testing.assert_array_equal(wide_hist, narrow_hist)
+    for key in wide:
+        np.testing.assert_array_equal(np.atleast_1d(wide[key]).view(np.uint8), np.atleast_1d(narrow[key]).view(np.uint8), err_msg=key)

@@ -468,6 +468,7 @@ class _Kernel:
         self.s_tt = float(self.tc @ self.tc)
         self.holdout = stats.holdout_vector(steps)
         self.thresholds = np.array(stats.THRESHOLDS, dtype=np.float64)
+        self.entry = native.library().rlvrx_weight_block
 
     def run(self, rows: list[np.ndarray], hist: np.ndarray | None, values: bool) -> dict:
         """Statistics of the parameters in rows (K arrays of n raw values); hist accumulates the kept R²."""
@@ -477,7 +478,7 @@ class _Kernel:
         sums = np.zeros(2 * k)
         kept = np.empty(n) if values else None
         pointers = np.array([r.ctypes.data for r in rows], dtype=np.uintp)  # alive until the call returns
-        status = native.library().rlvrx_weight_block(
+        status = self.entry(
             pointers.ctypes.data, self.kind, None if self.lut is None else self.lut.ctypes.data, n, self.k,
             self.tc.ctypes.data, self.s_tt, self.holdout.ctypes.data, float(self.settings.min_abs_change),
             self.settings.min_unique, self.thresholds.ctypes.data, stats.FINE_BINS, counts.ctypes.data, sums.ctypes.data,

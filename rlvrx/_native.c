@@ -24,9 +24,11 @@ enum { RAW_BF16 = 0, RAW_F32 = 1, RAW_F64 = 2, RAW_LUT8 = 3, RAW_LUT16 = 4 };
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define MULTIVERSION_WIDE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define WIDE  /* an AVX-512 build of the block kernel, used where the CPU has it */
 #else
 #define MULTIVERSION
+#define MULTIVERSION_WIDE
 #endif
 
 static int element_size(int kind) {
@@ -211,7 +213,7 @@ static inline float from_bf16(uint16_t h) {
  * base = |w| < 0.5 ? a : b, and one fused multiply-add coeff * (b - a) + base, rounded to the
  * storage type (bf16: to nearest even). Returns the number of non-finite results, or -1 for a bad kind.
  */
-MULTIVERSION
+MULTIVERSION_WIDE  /* element-wise: every width gives the same bits */
 int64_t rlvrx_lerp(int kind, const void *a, const void *b, double weight, void *out, int64_t n) {
     const float w = (float)weight;
     const int small = fabsf(w) < 0.5f;

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
+# numpy's OpenBLAS starts a thread per core that spins for about 0.1 s of CPU after import; the CLI's
+# numpy work is small (the heavy loops are torch's or rlvrx's own kernels). A user's setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import typer
 
 from rlvrx import __version__

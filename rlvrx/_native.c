@@ -22,7 +22,7 @@
 
 enum { RAW_BF16 = 0, RAW_F32 = 1, RAW_F64 = 2, RAW_LUT8 = 3, RAW_LUT16 = 4 };
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define MULTIVERSION_WIDE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define WIDE  /* an AVX-512 build of the block kernel, used where the CPU has it */
@@ -164,14 +164,17 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
  * (the same results either way). */
 int rlvrx_weight_block_lanes(void) {
 #ifdef WIDE
-    if (__builtin_cpu_supports("x86-64-v4")) return 8;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))  /* x86-64-v4 */
+        return 8;
 #endif
     return 4;
 }
 
 /*
  * rows: K pointers to n raw values each (element p of every row is one parameter).
- * counts (out, int64[6]): constant, min_abs_change, min_unique, kept, kept R² > thresholds[0], > thresholds[1].
+ * counts (out, int64[7]): constant, min_abs_change, min_unique, kept, kept R² > thresholds[0], > thresholds[1],
+ *   then non-finite: parameters with a NaN or infinite value (the other outputs are then meaningless).
  * sums (out, double[2K]): sum of kept R², the held-out error² sum, |W_K - W_1|², |d_i|² for the K-1
  *   successive deltas d_i = W_{i+1} - W_i, then <d_i, d_{i+1}> for the K-2 neighbouring pairs.
  * hist (accumulated, int64[bins]) and values (out, double[n]: kept R² in parameter order) may be NULL.

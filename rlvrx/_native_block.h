@@ -24,7 +24,7 @@ int BLOCK(const void *const *rows, int kind, const double *lut, int64_t n, int k
     const vl none = {0}, all = none - 1;
     vl lane;
     for (int l = 0; l < LANES; l++) lane[l] = l;
-    vl n_constant = none, n_small = none, n_few = none, n_kept = none, n_above0 = none, n_above1 = none;
+    vl n_constant = none, n_small = none, n_few = none, n_kept = none, n_above0 = none, n_above1 = none, n_bad = none;
     /* max - min >= max |y - mean| >= sqrt(S_yy / K): above this S_yy, no parameter is below min_abs_change
      * (the 0.1% margin covers rounding); below it the span is computed exactly */
     const double wide_limit = k * (min_abs_change * 1.001) * (min_abs_change * 1.001);
@@ -85,8 +85,9 @@ int BLOCK(const void *const *rows, int kind, const double *lut, int64_t n, int k
                 for (int j = 1; j < k; j++) constant &= LOAD(yp + (size_t)j * TILE) == first;
             }
             const vl valid = lane + p < m;
+            n_bad -= ~(mean - mean == zero) & valid;  /* a NaN or infinite value: the caller refuses the block */
             constant = (constant | (syy <= zero)) & valid;
-            vl small = none, open = valid & ~constant, narrow = open & (syy <= wide_limit);
+            vl small = none, open = valid & ~constant, narrow = open & ~(syy > wide_limit);  /* NaN S_yy too */
             if (min_abs_change > 0.0 && ANY_SET(narrow)) {
                 vd lo = first - mean, hi = lo;
                 for (int j = 1; j < k; j++) {
@@ -124,10 +125,10 @@ int BLOCK(const void *const *rows, int kind, const double *lut, int64_t n, int k
             for (int p = 0; p < m; p++)
                 if (keep_of[p]) hist[bin_of[p]]++;
     }
-    int64_t total[6] = {0};
+    int64_t total[7] = {0};
     for (int l = 0; l < LANES; l++) {
         total[0] += n_constant[l]; total[1] += n_small[l]; total[2] += n_few[l];
-        total[3] += n_kept[l]; total[4] += n_above0[l]; total[5] += n_above1[l];
+        total[3] += n_kept[l]; total[4] += n_above0[l]; total[5] += n_above1[l]; total[6] += n_bad[l];
     }
     memcpy(counts, total, sizeof total);
     for (int s = 0; s < 2 * k; s++) {  /* kept R², error², whole change², |d_j|², then <d_j, d_j+1> */

@@ -424,6 +424,27 @@ def test_cli_bad_input(tmp_path):
     assert "at least 3 checkpoints" in proc.stderr and "Traceback" not in proc.stderr
 
 
+
+@pytest.mark.parametrize(("dtype", "sample"), [(torch.float32, None), (torch.bfloat16, None), (torch.float16, 1.0)])
+def test_non_finite_weights_are_refused_with_tensor_and_steps(tmp_path, dtype, sample):
+    series = noisy_lines(14, shapes={"model.layers.0.mlp.up_proj.weight": (40, 30), "model.layers.1.mlp.up_proj.weight": (8,)})
+    bad = series["model.layers.1.mlp.up_proj.weight"]
+    bad[2, 3] = np.nan  # step 20
+    bad[4, 3] = np.inf  # step 45
+    bad[4, 4] = -np.inf
+    ckpts = write_trajectory(tmp_path, series, dtype=dtype)
+    with pytest.raises(CheckpointError) as error:
+        analyze_weights(ckpts, WeightSettings(sample=sample, max_block_elements=5))
+    message = str(error.value)
+    assert message == "model.layers.1.mlp.up_proj.weight: 2 parameters are NaN or infinite at steps 20, 45; weight linearity needs finite weights"
+    # End to end: one line, a non-zero exit, no traceback, nothing written.
+    pairs = [arg for step, c in ckpts for arg in ("-c", f"{step}={c.path}")]
+    proc = subprocess.run([sys.executable, "-m", "rlvrx", "linearity", "weights", *pairs, "--no-plots", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "NaN or infinite at steps 20, 45" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # 16-bit checkpoints, blocks and threads against float64 numpy
 

@@ -461,6 +461,7 @@ class _Kernel:
 
     def __init__(self, steps: Sequence[int], dtype_name: str, settings: WeightSettings):
         self.k = len(steps)
+        self.steps = list(steps)
         self.settings = settings
         self.kind = native.RAW_KINDS[dtype_name]
         self.lut = _lookup_table(dtype_name)
@@ -470,11 +471,19 @@ class _Kernel:
         self.thresholds = np.array(stats.THRESHOLDS, dtype=np.float64)
         self.entry = native.library().rlvrx_weight_block
 
+    def as_float(self, row: np.ndarray) -> np.ndarray:
+        """Raw stored values as floats (for error messages)."""
+        if self.lut is not None:
+            return self.lut[row]
+        if row.dtype == np.uint16:  # bf16: the high half of a float32
+            return (row.astype(np.uint32) << 16).view(np.float32)
+        return row
+
     def run(self, rows: list[np.ndarray], hist: np.ndarray | None, values: bool) -> dict:
         """Statistics of the parameters in rows (K arrays of n raw values); hist accumulates the kept R²."""
         n = len(rows[0])
         k = self.k
-        counts = np.zeros(6, dtype=np.int64)
+        counts = np.zeros(7, dtype=np.int64)
         sums = np.zeros(2 * k)
         kept = np.empty(n) if values else None
         pointers = np.array([r.ctypes.data for r in rows], dtype=np.uintp)  # alive until the call returns
@@ -487,7 +496,7 @@ class _Kernel:
         if status:
             raise RlvrxError(f"weight-linearity kernel failed (status {status}) on a block of {n} parameters")
         out = {
-            "n_examined": n, "constant": int(counts[0]), "min_abs_change": int(counts[1]), "min_unique": int(counts[2]),
+            "n_examined": n, "non_finite": int(counts[6]), "constant": int(counts[0]), "min_abs_change": int(counts[1]), "min_unique": int(counts[2]),
             "n": int(counts[3]), "above": (int(counts[4]), int(counts[5])), "sum_r2": float(sums[0]),
             "err_sq": float(sums[1]), "total_sq": float(sums[2]), "delta_sq": sums[3:k + 2], "delta_dot": sums[k + 2:2 * k],
         }
@@ -512,9 +521,17 @@ def _run_part(task) -> dict:
     job, part = task
     if part.indices is None:
         rows = [v[part.lo:part.hi] for v in job.views]
-        return job.kernel.run(rows, job.thread_hist(), values=False)
-    rows = [v[part.indices] for v in job.views]  # gathers the sample: K small contiguous arrays
-    return job.kernel.run(rows, None, values=True)
+        result = job.kernel.run(rows, job.thread_hist(), values=False)
+    else:
+        rows = [v[part.indices] for v in job.views]  # gathers the sample: K small contiguous arrays
+        result = job.kernel.run(rows, None, values=True)
+    if result["non_finite"]:
+        kernel = job.kernel
+        n = result["non_finite"]
+        steps = [str(s) for s, row in zip(kernel.steps, rows) if not np.isfinite(kernel.as_float(row)).all()]
+        what = f"NaN or infinite at step{'s' * (len(steps) > 1)} {', '.join(steps)}" if steps else "too large to sum in float64"
+        raise CheckpointError(f"{job.record.name}: {n} parameter{'s are' if n > 1 else ' is'} {what}; weight linearity needs finite weights")
+    return result
 
 
 class _TensorJob:

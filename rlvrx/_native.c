@@ -136,12 +136,6 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 #define vl vl4
 #define vi vi4
 #include "_native_block.h"
-#undef BLOCK
-#undef BLOCK_TARGET
-#undef LANES
-#undef vd
-#undef vl
-#undef vi
 
 #ifdef WIDE
 /* eight parameters side by side: AVX-512 */
@@ -152,12 +146,6 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 #define vl vl8
 #define vi vi8
 #include "_native_block.h"
-#undef BLOCK
-#undef BLOCK_TARGET
-#undef LANES
-#undef vd
-#undef vl
-#undef vi
 #endif
 
 /* The parameters a call of rlvrx_weight_block reduces side by side: 8 where the CPU has AVX-512, else 4

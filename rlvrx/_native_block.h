@@ -1,6 +1,6 @@
 /* The weight-linearity block kernel for one vector width: _native.c includes this file once per width,
  * with BLOCK (the function's name), BLOCK_TARGET, LANES and the vector types vd (LANES doubles), vl
- * (LANES int64) and vi (LANES int32) defined. The results do not depend on the width: each parameter's
+ * (LANES int64) and vi (LANES int32) defined; they are undefined at the end, ready for the next width. The results do not depend on the width: each parameter's
  * arithmetic is lane-wise, and sums over parameters go through ACCUMULATE4, four lanes at a time in
  * parameter order. See rlvrx_weight_block in _native.c for the arguments. */
 
@@ -140,3 +140,10 @@ int BLOCK(const void *const *rows, int kind, const double *lut, int64_t n, int k
     free(y);
     return 0;
 }
+
+#undef BLOCK
+#undef BLOCK_TARGET
+#undef LANES
+#undef vd
+#undef vl
+#undef vi

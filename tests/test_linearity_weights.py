@@ -424,7 +424,6 @@ def test_cli_bad_input(tmp_path):
     assert "at least 3 checkpoints" in proc.stderr and "Traceback" not in proc.stderr
 
 
-
 @pytest.mark.parametrize(("dtype", "sample"), [(torch.float32, None), (torch.bfloat16, None), (torch.float16, 1.0)])
 def test_non_finite_weights_are_refused_with_tensor_and_steps(tmp_path, dtype, sample):
     series = noisy_lines(14, shapes={"model.layers.0.mlp.up_proj.weight": (40, 30), "model.layers.1.mlp.up_proj.weight": (8,)})

@@ -84,6 +84,7 @@ def checkpoint_series(tiny_model_dir):
 
 # A lane (`.ci/vllm-lane.sh`, `.ci/verl-lane.sh`) sets RLVRX_LANE: its library is installed there, so a
 # test that skips (an importorskip, a skipif) hides a broken install or a broken test: it fails instead.
+# A lane names its own test files (tests/test_<lane>*.py): a module skipped at collection fails too.
 LANE = __import__("os").environ.get("RLVRX_LANE", "")
 
 

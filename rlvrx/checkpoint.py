@@ -180,6 +180,27 @@ def read_header(file: Path) -> tuple[dict, int]:
     return header, data_start
 
 
+def load_torch_file(path: str | os.PathLike, map_location="cpu", allowed: Iterable = ()):
+    """torch.load of a file a user handed us: tensors, containers and numbers only (weights_only=True),
+    plus the classes in `allowed` (e.g. DTensor pieces); anything else, or a damaged file, is a
+    CheckpointError naming the file. Never runs code from the file."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values ({first[:200]})") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     path = Path(path)
     return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()

@@ -270,3 +270,29 @@ def test_shared_prompt_logprobs_equal_the_packed_forward():
     torch.testing.assert_close(got[1][keep], ref[1][keep], atol=1e-5, rtol=0)
     for a, b in zip(got[2], ref[2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class _WritesMarker:
+    """Unpickling this calls pathlib.Path.touch: a crafted trainer_state.pt that would run code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("damage", ["code", "garbage", "empty"])
+def test_resume_never_runs_code_from_trainer_state_and_names_the_file(tmp_path, damage):
+    r = recipe(tmp_path)
+    Trainer(r).fit(show_progress=False)
+    state = tmp_path / "run" / "checkpoints" / "step_000006" / "trainer_state.pt"
+    marker = tmp_path / "PWNED"
+    if damage == "code":
+        torch.save({"step": 6, "optimizer": _WritesMarker(marker)}, state)
+    else:
+        state.write_bytes(b"" if damage == "empty" else b"\x80\x04garbage" * 10)
+    with pytest.raises(RlvrxError, match=r"trainer_state\.pt: (refused to load|not a readable torch file)") as info:
+        Trainer(r).fit(show_progress=False)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlvrx.checkpoint import atomic_dir, atomic_write_text
+from rlvrx.checkpoint import atomic_dir, atomic_write_text, load_torch_file
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate, left_pad, pack_prompt_response
@@ -205,7 +205,7 @@ class Trainer:
             raise RlvrxError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         if self.model.config.tie_word_embeddings:
             self.model.tie_weights()
-        state = torch.load(path / TRAINER_STATE, map_location=self.device, weights_only=False)
+        state = load_torch_file(path / TRAINER_STATE, map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

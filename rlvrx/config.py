@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlvrx.errors import UsageError
+from rlvrx.yamlio import load_yaml, read_yaml_file
 
 
 class Strict(BaseModel):
@@ -187,8 +188,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UsageError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. grpo.lr=1e-5")
         try:
-            parsed.append((key.split("."), yaml.safe_load(value) if value.strip() else None))
-        except yaml.YAMLError:
+            parsed.append((key.split("."), load_yaml(value, "override") if value.strip() else None))
+        except UsageError:  # not YAML: the text itself
             parsed.append((key.split("."), value))
     return parsed
 
@@ -336,16 +337,7 @@ def find_recipe(name: str | os.PathLike) -> Path:
 
 
 def read_yaml(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-        if context and start and mark and start.line != mark.line:  # e.g. an unclosed bracket: say where it opened
-            problem += f" ({context} at line {start.line + 1})"
-        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    raw = read_yaml_file(path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -373,8 +365,8 @@ def recipe_to_yaml(recipe: BaseModel) -> str:
 
 def recipe_description(path: Path) -> str:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        raw = read_yaml_file(path) or {}
+    except UsageError:
         return "(invalid YAML)"
     text = str(raw.get("description") or "").strip() if isinstance(raw, dict) else ""
     return text.splitlines()[0] if text else ""

@@ -173,6 +173,30 @@ def test_invalid_yaml_names_the_line(tmp_path):
     assert errors_of(write(tmp_path, "", "empty.yaml")) == ["model: Field required"]
 
 
+def test_hostile_yaml_is_refused_in_one_line(tmp_path):
+    # An alias bomb: 9 levels of 9 references expand to 9**9 strings under yaml.safe_load.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    lines += ["model:\n  tiny: {}"]
+    cases = {
+        "bomb.yaml": ("\n".join(lines), r"bomb.yaml: invalid YAML at line 2, column \d+: YAML aliases \(\*a0\) are not accepted"),
+        "dup.yaml": ("model:\n  tiny: {}\ngrpo:\n  lr: 1\n  lr: 2\n", r"dup.yaml: invalid YAML at line 5, column 3: duplicate key 'lr' \(first at line 4\)"),
+        "deep.yaml": ("model: " + "[" * 5000 + "]" * 5000 + "\n", r"deep.yaml: invalid YAML at line 1, column \d+: nested deeper than 32 levels"),
+        "big.yaml": ("model: {tiny: {}}\n" + "# padding\n" * 120_000, r"big.yaml: \d+ bytes; a YAML file of at most 1048576 is read"),
+    }
+    for name, (text, message) in cases.items():
+        with pytest.raises(UsageError, match=message) as err:
+            load_recipe(write(tmp_path, text, name))
+        assert "\n" not in str(err.value)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("description: caf\u00e9\nmodel:\n  tiny: {}\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"latin1.yaml: not UTF-8 text \(byte 16\)"):
+        load_recipe(latin1)
+    # Overrides and plain recipes are unaffected: a mapping value still parses, an alias-like text stays text.
+    recipe = load_recipe(write(tmp_path, MINIMAL, "ok.yaml"), ["description=*not-an-alias"])
+    assert recipe.description == "*not-an-alias"
+
+
 def test_find_recipe_by_name(tmp_path, monkeypatch):
     recipes = tmp_path / "shipped"
     recipes.mkdir()

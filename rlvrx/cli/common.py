@@ -43,14 +43,13 @@ def write_json(path: str | os.PathLike | None, data: Any) -> None:
 
 def task_options(pairs: list[str]) -> dict:
     """`--task-option KEY=VALUE` pairs -> {key: YAML-typed value}."""
-    import yaml
-
     from rlvrx.errors import UsageError
+    from rlvrx.yamlio import load_yaml
 
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--task-option {pair!r}: expected KEY=VALUE, e.g. digits=3")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = load_yaml(value, f"--task-option {key.strip()}")
     return options

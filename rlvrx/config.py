@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlvrx.errors import UsageError
 from rlvrx.yamlio import load_yaml, read_yaml_file
@@ -74,6 +74,16 @@ class TaskConfig(Strict):
     answer_key: str = "answer"
     id_key: str = "id"
     limit: Optional[int] = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from rlvrx.tasks.registry import unknown_task
+
+        problem = unknown_task(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return name
 
 
 class SFTConfig(Strict):

@@ -2,7 +2,8 @@
 
 A stage is the command a user would type: its positional `args` and `options` (long option names,
 dashes or underscores) become the command line, with `{run}` replaced by the run directory and
-`{recipe}` by the recipe file. Every stage writes its JSON summary to RUN/stages/NAME.json; a marker
+`{recipe}` by the recipe file. An eval stage without `out` writes its results into RUN/eval, whatever
+the models (rlvrx.eval.runner.resolve_model names the folders). Every stage writes its JSON summary to RUN/stages/NAME.json; a marker
 RUN/stages/NAME.done records the exact command, so a rerun skips finished stages (and reruns one whose
 command changed). A failed stage stops the run with its error; everything done before stays.
 """
@@ -81,7 +82,17 @@ def check_stages(recipe: Recipe) -> list[str]:
                 close = difflib.get_close_matches(flag, list(flags), n=1)
                 hint = f"; did you mean {close[0]}?" if close else f"; options of `rlvrx {' '.join(COMMANDS[stage.kind])}`: {', '.join(sorted(flags))}"
                 problems.append(f"stages[{i}] ({stage_name(stage)}).options.{key}: unknown option{hint}")
+            elif flag == "task":
+                problems += [f"stages[{i}] ({stage_name(stage)}).options.{key}: {problem}" for problem in _task_problems(stage.options[key])]
     return problems
+
+
+def _task_problems(value) -> list[str]:
+    """Unknown names among a stage's task option (a name, a comma-separated list, or a list of them)."""
+    from rlvrx.tasks.registry import unknown_task
+
+    names = [part.strip() for item in (value if isinstance(value, list) else [value]) for part in str(item).split(",") if part.strip()]
+    return [problem for problem in map(unknown_task, names) if problem is not None]
 
 
 def stage_argv(stage: StageConfig, run_dir: Path, recipe_path: Path, overrides: Sequence[str], json_path: Path) -> list[str]:
@@ -104,6 +115,8 @@ def stage_argv(stage: StageConfig, run_dir: Path, recipe_path: Path, overrides: 
             continue
         for item in values:
             argv += [f"--{flag}", fill(item)]
+    if stage.kind == "eval" and "out" not in {key.replace("_", "-") for key in stage.options}:
+        argv += ["--out", str(run_dir / "eval")]
     argv += ["--json", str(json_path)]
     if "no-progress" in flags and not _interactive():
         argv.append("--no-progress")

@@ -17,10 +17,10 @@ from rlvrx.eval.grading import grade_one
 from rlvrx.eval.runner import (
     EvalOptions,
     Evaluation,
-    batch_seed,
     build_tasks,
     generations_spec,
     load_results,
+    problem_key,
     resolve_model,
     summarize_records,
     summarize_runs,
@@ -52,8 +52,9 @@ def model_run(model_dir, out, tasks=None, **options):
 
 
 def test_model_run_matches_direct_sampling_grading_and_metrics(tiny_model_dir, tmp_path):
-    """Each problem's line holds exactly the completions `generate` gives for its batch and seed, the
-    verdicts of in-process grading, and the summary equals metrics recomputed from the lines."""
+    """Each problem's line holds exactly the completions `generate` gives for its batch, seeded by
+    (seed, problem_key(id)) per problem, also when the problem is sampled alone; the verdicts of
+    in-process grading; and the summary equals metrics recomputed from the lines."""
     from rlvrx.generation import SamplingParams, generate
     from rlvrx.train.trainer import load_pretrained
 
@@ -69,12 +70,15 @@ def test_model_run_matches_direct_sampling_grading_and_metrics(tiny_model_dir, t
     model, tokenizer = load_pretrained(tiny_model_dir, torch.device("cpu"))
     for start in range(0, 12, 5):
         batch = examples[start : start + 5]
-        params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=6, seed=batch_seed(0, [e.id for e in batch]))
-        generations = generate(model, tokenizer, [task.encode_prompt(e, tokenizer) for e in batch], n=4, params=params)
+        params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=6, seed=0)
+        keys = [problem_key(e.id) for e in batch]
+        generations = generate(model, tokenizer, [task.encode_prompt(e, tokenizer) for e in batch], n=4, params=params, prompt_keys=keys)
         for p, example in enumerate(batch):
             texts = [g.text for g in generations if g.prompt_index == p]
             record = written[start + p]
             assert record["completions"] == texts
+            alone = generate(model, tokenizer, [task.encode_prompt(example, tokenizer)], n=4, params=params, prompt_keys=[keys[p]])
+            assert [g.text for g in alone] == texts
             assert record["gold"] == example.answer and record["prompt"] == example.prompt
             assert record["num_tokens"] == [len(g.token_ids) for g in generations if g.prompt_index == p]
 

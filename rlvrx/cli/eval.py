@@ -153,6 +153,9 @@ def eval_(
     options = task_options(task_option)
     tasks = build_tasks(task_names, data, data_dir, problem_key, answer_key or "answer", id_key, options) if (task_names or data) else []
     specs = _specs(models, generations, name, out)
+    if models:
+        for the_task in tasks:  # read the problems now: a bad data file is refused before any work
+            the_task.test_examples()
     eval_options = EvalOptions(
         n=samples,
         temperature=temperature,

@@ -9,7 +9,6 @@ path to a .jsonl / .parquet file whose rows have problem/answer (and optionally 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """Rows of a .jsonl (or .json list) / .parquet file."""
+    """Rows of a .jsonl (or .json list) / .parquet file; an empty or unreadable file is a one-line UsageError."""
+    from rlvrx.jsonio import read_json, read_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such data file")
@@ -54,19 +55,16 @@ def read_records(path: str | os.PathLike) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise UsageError(f"{path}: reading parquet needs pyarrow (pip install 'rlvrx[data]')") from e
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid / OSError for a damaged file
+            raise UsageError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    elif suffix == ".json" and path.read_bytes().lstrip().startswith(b"["):
+        rows = read_json(path, expect=list)
     else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{number}: not valid JSON ({e.msg}); expected one JSON object per line") from e
+        rows = read_jsonl(path)
+    if not rows:
+        raise UsageError(f"{path}: no rows; expected one JSON object per line with problem and answer fields")
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise UsageError(f"{path}: row {number} is not a JSON object")

@@ -74,24 +74,25 @@ def write_generations(path: str | os.PathLike, records: Iterable[dict | Generati
 
 
 def read_jsonl_records(path: str | os.PathLike, allow_partial_last: bool = False) -> tuple[list[dict], int]:
-    """(records, bytes of complete lines). With allow_partial_last, a last line without its newline
-    (a write cut short by a kill) is left out instead of being an error."""
+    """(records, bytes of complete lines), read with rlvrx.jsonio (one-line errors for text that is
+    not UTF-8, not JSON or nested too deeply). With allow_partial_last, a last line without its
+    newline (a write cut short by a kill) is left out instead of being an error."""
+    from rlvrx.jsonio import iter_jsonl
+
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     good_end = len(data)
     if allow_partial_last and data and not data.endswith(b"\n"):
         good_end = data.rfind(b"\n") + 1
-    records = []
-    for number, line in enumerate(data[:good_end].split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path}:{number}: not valid JSON ({e}); expected one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise UsageError(f"{path}:{number}: not a JSON object")
-        records.append(record)
+    complete_lines = data[:good_end].count(b"\n") if allow_partial_last else None
+    records = [
+        record
+        for number, record in iter_jsonl(path, torn_tail="drop" if allow_partial_last else "error")
+        if complete_lines is None or number <= complete_lines
+    ]
     return records, good_end
 
 

@@ -9,8 +9,16 @@ before it in its batch are written. A rerun reads the finished lines (a last lin
 is dropped), checks they were made with the same settings and for the same problems, and only
 generates what is missing; a finished rerun loads no model at all.
 
-Seeds: each batch samples with a seed derived from (seed, the ids of its problems), so the same
-command reproduces the same samples; a resumed run draws its remaining batches with their own seeds.
+Seeds: sample j of problem p draws from a random stream seeded by (seed, a 32-bit hash of p's id,
+j) alone, whatever batch p lands in, so a run resumed after a kill at any point writes the records an
+uninterrupted run writes (on the same machine; a different batch layout can change logits by
+rounding, which flips a token only in rare near-ties), and a problem's samples do not depend on
+which other problems are selected.
+
+Output: each (model, task) result file is locked while an eval writes it, and --overwrite replaces
+old results only once the new ones are complete (rlvrx.eval.output). Settings record the model's
+sha256 (rlvrx.checkpoint.checkpoint_sha256), so results of another model at the same path are never
+resumed.
 
 Sampling defaults (`resolve_sampling`): the paper's on a GPU (n = 64 samples, temperature 0.6,
 top-p 0.95, max 32768 new tokens), small ones on CPU (n = 4, max 256 new tokens); arithmetic answers
@@ -22,6 +30,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -33,10 +42,10 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from rlvrx.errors import UsageError
 from rlvrx.eval.generations import (
-    ResultsFile,
     generation_record,
     read_generations,
 )
+from rlvrx.eval.output import SETTINGS_SUFFIX, EvalOutput
 from rlvrx.tasks.base import Example, Task
 
 __all__ = [
@@ -68,7 +77,6 @@ ENGINES = ("auto", "hf", "vllm")
 ENGINE_ALIASES = {"native": "hf"}
 GPU_DEFAULTS = {"n": 64, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32768}
 CPU_DEFAULTS = {"n": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 256}
-SETTINGS_SUFFIX = ".settings.json"
 SMALL_MODEL_PARAMS = 20_000_000  # below this, the hf engine decodes on one CPU thread
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=@-]+")
 
@@ -132,6 +140,11 @@ class EvalOptions:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         self.engine = engine
+        timeout = self.grading_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf):
+            raise UsageError(f"grading-timeout must be a positive, finite number of seconds, got {timeout!r}")
+        if self.device != "auto":
+            check_device(self.device)
 
 
 def _gpu_available() -> bool:
@@ -157,6 +170,22 @@ def resolve_device(device: str, engine: str) -> str:
         return "cuda"
     if device == "auto":
         return "cuda" if _gpu_available() else "cpu"
+    return device
+
+
+def check_device(device: str) -> str:
+    """A torch device this machine has (a UsageError naming --device otherwise)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
@@ -265,8 +294,11 @@ def _find_run(path: Path) -> tuple[Path, int] | None:
 
 def resolve_model(arg: str, out: str | os.PathLike | None = None, name: str | None = None) -> ModelSpec:
     """A model argument -> ModelSpec. `arg` is a checkpoint dir or RUN:STEP (a run dir holding
-    trajectory.json, and one of its steps). Models in a run are named RUN:STEP and write to
-    RUN/eval/step_NNNNNN unless `out` is given; others are named by their directory, under ./eval."""
+    trajectory.json, and one of its steps). Models of a run's trajectory are named RUN:STEP and write
+    to RUN/eval/step_NNNNNN; other checkpoints inside a run (RUN/extrapolated/step_NNNNNN) write to
+    RUN/eval/<their path in the run, dashed>; others are named by their directory, under ./eval. With
+    `out` (other than RUN/eval), folders of run models carry the run's name. The weight files are
+    checked here (headers and sizes), before any work."""
     from rlvrx.trajectory import MANIFEST, Trajectory, step_dir_name
 
     path = Path(arg).expanduser()
@@ -296,18 +328,29 @@ def resolve_model(arg: str, out: str | os.PathLike | None = None, name: str | No
         raise UsageError(f"{arg}: no such model directory; give a checkpoint directory or RUN:STEP (a run directory and a step)")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"{path}: not a model checkpoint directory (no config.json)")
+    check_weights(path)
+    owner = run_dir if run_dir is not None else _enclosing_run(path)
+    base = Path(out) if out is not None else (owner / "eval" if owner is not None else Path("eval"))
+    prefix = "" if owner is None or base.resolve() == (owner / "eval").resolve() else f"{owner.resolve().name}-"
     if run_dir is not None:
-        run_name = run_dir.resolve().name
-        display = name or f"{run_name}:{step}"
-        folder = safe_name(name) if name else step_dir_name(step)
-        base = Path(out) if out is not None else run_dir / "eval"
-        if out is not None and not name:
-            folder = safe_name(f"{run_name}-{step_dir_name(step)}")
+        display = name or f"{run_dir.resolve().name}:{step}"
+        folder = safe_name(name) if name else safe_name(prefix + step_dir_name(step))
     else:
         display = name or path.resolve().name
-        folder = safe_name(display)
-        base = Path(out) if out is not None else Path("eval")
+        if name or owner is None:
+            folder = safe_name(display)
+        else:
+            folder = safe_name(prefix + "-".join(path.resolve().relative_to(owner.resolve()).parts))
     return ModelSpec(name=display, out_dir=base / folder, path=path, run_dir=run_dir, step=step)
+
+
+def check_weights(path: str | os.PathLike) -> None:
+    """The checkpoint's safetensors headers read and checked against the file sizes: a CheckpointError
+    naming the file for an empty, garbage or truncated file, or a directory with only .bin weights."""
+    from rlvrx.checkpoint import Checkpoint
+
+    with Checkpoint(path) as checkpoint:
+        checkpoint.infos()
 
 
 def _enclosing_run(path: Path) -> Path | None:
@@ -415,7 +458,7 @@ class _HFEngine:
         self.model, self.tokenizer = load_pretrained(path, self.device, torch_dtype)
         self.max_rows = max_rows
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params, progress: Callable[[int], None] | None):
+    def generate(self, prompt_ids: list[list[int]], n: int, params, progress: Callable[[int], None] | None, keys: Sequence[int] | None = None):
         import torch
 
         from rlvrx.generation import generate
@@ -427,7 +470,7 @@ class _HFEngine:
         if single:
             torch.set_num_threads(1)
         try:
-            return generate(self.model, self.tokenizer, prompt_ids, n=n, params=params, batch_size=self.max_rows, progress=progress)
+            return generate(self.model, self.tokenizer, prompt_ids, n=n, params=params, batch_size=self.max_rows, progress=progress, prompt_keys=keys)
         finally:
             if single:
                 torch.set_num_threads(threads)
@@ -465,8 +508,8 @@ class _VLLMEngine:
         )
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params, progress: Callable[[int], None] | None):
-        generations = self.engine.generate(prompt_ids, n=n, params=params)
+    def generate(self, prompt_ids: list[list[int]], n: int, params, progress: Callable[[int], None] | None, keys: Sequence[int] | None = None):
+        generations = self.engine.generate(prompt_ids, n=n, params=params, prompt_keys=keys)
         if progress is not None:
             progress(len(generations))
         return generations
@@ -536,20 +579,26 @@ class TaskRun:
     settings: dict = field(default_factory=dict)
 
 
-def batch_seed(seed: int, ids: Sequence[str]) -> int:
-    digest = hashlib.sha256(json.dumps([int(seed), list(ids)]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+def problem_key(problem_id: str) -> int:
+    """The 32-bit key of a problem's random streams: sample j of it draws from (seed, key, j)."""
+    return int.from_bytes(hashlib.sha256(str(problem_id).encode()).digest()[:4], "little")
 
 
-def _check_settings(path: Path, settings: dict, results: ResultsFile) -> None:
-    """Refuse to mix results made with other settings into one file (a file without settings beside
-    it, e.g. written by another tool, is taken as it is)."""
-    if not path.is_file():
-        return
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return
+def _check_settings(path: Path, settings: dict, results: EvalOutput) -> None:
+    """Refuse to mix results made with other settings, or by another model, into one file. A file of
+    graded generations without settings beside it (e.g. written by another tool) is taken as it is;
+    model results must name the same model sha256."""
+    from rlvrx.jsonio import read_json
+
+    stored = read_json(path, expect=dict) if path.is_file() else {}
+    sha = settings.get("model_sha256")
+    if sha is not None and stored.get("model_sha256") != sha:
+        found = stored.get("model_sha256")
+        made_by = f"another model (sha256 {found[:12]}...)" if isinstance(found, str) else "a model it does not name (no model_sha256 in its settings)"
+        raise UsageError(
+            f"{results.path} holds results of {made_by}, not of {settings.get('model')} (sha256 {sha[:12]}...); "
+            "pass --overwrite to replace them, or --out DIR to write elsewhere"
+        )
     for key in ("source", "kind", "engine", "sampling"):
         if key in stored and stored[key] != settings.get(key):
             raise UsageError(
@@ -602,7 +651,8 @@ class Evaluation:
         self.note = note or (lambda message: None)
         self.ids = parse_ids(self.options.ids)
         self.gold_key = gold_key
-        self.pool = GradingPool(workers=self.options.workers, timeout=self.options.grading_timeout or DEFAULT_TIMEOUT)
+        timeout = self.options.grading_timeout
+        self.pool = GradingPool(workers=self.options.workers, timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvrx-grading")
         self._stop = threading.Event()
 
@@ -634,7 +684,12 @@ class Evaluation:
         if engine_name == "vllm":
             _require_vllm_engine()
         device = resolve_device(self.options.device, engine_name)
+        if engine_name == "hf":
+            check_device(device)
         gpu = device.startswith("cuda")
+        from rlvrx.checkpoint import checkpoint_sha256
+
+        model_sha256 = checkpoint_sha256(spec.path)
         engine = None
         runs = []
         try:
@@ -644,6 +699,7 @@ class Evaluation:
                 settings = {
                     "source": "model",
                     "model": str(spec.path),
+                    "model_sha256": model_sha256,
                     "task": task.name,
                     "kind": task.grading_kind,
                     "engine": engine_name,
@@ -665,6 +721,7 @@ class Evaluation:
                             engine = self._load_engine(spec.path, engine_name, device)
                         self._generate_and_grade(engine, task, todo, sampling, results, run, f"{spec.name} / {task.name}")
                     run.generated = len(todo)
+                    results.commit()
                 finally:
                     results.close()
                 run.records = [results.finished[e.id] for e in examples]
@@ -679,17 +736,13 @@ class Evaluation:
             return _VLLMEngine(path, self.options)
         return _HFEngine(path, device, self.options.dtype, self.options.max_rows)
 
-    def _open_results(self, spec: ModelSpec, task_name: str, settings: dict) -> ResultsFile:
-        folder = spec.out_dir
-        path = folder / f"{safe_name(task_name)}.jsonl"
-        settings_path = folder / f"{safe_name(task_name)}{SETTINGS_SUFFIX}"
-        results = ResultsFile(path)
-        if self.options.overwrite:
-            settings_path.unlink(missing_ok=True)
-        results.open(fresh=self.options.overwrite)
+    def _open_results(self, spec: ModelSpec, task_name: str, settings: dict) -> EvalOutput:
+        """The (model, task) output, locked; with --overwrite a fresh one that replaces the old on commit."""
+        results = EvalOutput(spec.out_dir, safe_name(task_name), self.options.overwrite).open()
         try:
             if results.finished:
-                _check_settings(settings_path, settings, results)
+                _check_settings(results.settings_path, settings, results)
+            settings_path = results.writing_settings_path
             if not settings_path.is_file() or not results.finished:
                 _write_settings(settings_path, {**settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         except BaseException:
@@ -710,7 +763,7 @@ class Evaluation:
                 "pass --overwrite to start over, or --out DIR"
             )
 
-    def _generate_and_grade(self, engine, task: Task, todo: list[Example], sampling: Sampling, results: ResultsFile, run: TaskRun, label: str) -> None:
+    def _generate_and_grade(self, engine, task: Task, todo: list[Example], sampling: Sampling, results: EvalOutput, run: TaskRun, label: str) -> None:
         from rlvrx.generation import SamplingParams
 
         batch = self.options.batch_size or (64 if engine.name == "vllm" else max(1, min(16, 256 // sampling.n)))
@@ -724,11 +777,12 @@ class Evaluation:
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     max_new_tokens=sampling.max_new_tokens,
-                    seed=batch_seed(sampling.seed, [e.id for e in examples]),
+                    seed=sampling.seed,
                 )
                 prompts = [task.encode_prompt(e, engine.tokenizer) for e in examples]
+                keys = [problem_key(e.id) for e in examples]
                 began = time.perf_counter()
-                generations = engine.generate(prompts, sampling.n, params, lambda k: self.progress.advance("generate", k))
+                generations = engine.generate(prompts, sampling.n, params, lambda k: self.progress.advance("generate", k), keys)
                 run.seconds_generate += time.perf_counter() - began
                 completions = [[] for _ in examples]
                 extras = [{"finish_reason": [], "num_tokens": []} for _ in examples]
@@ -754,7 +808,7 @@ class Evaluation:
 
     # -- grading ------------------------------------------------------------------------------
 
-    def _grade_batch(self, task: Task, examples: list[Example], completions: list[list[str]], extras: list[dict], results: ResultsFile, run: TaskRun) -> None:
+    def _grade_batch(self, task: Task, examples: list[Example], completions: list[list[str]], extras: list[dict], results: EvalOutput, run: TaskRun) -> None:
         """Grade a batch of problems; append each problem's line once it and those before it are done."""
         began = time.perf_counter()
         verdicts = [[None] * len(c) for c in completions]
@@ -830,6 +884,7 @@ class Evaluation:
                     chunk = todo[start : start + batch]
                     completions = [by_id[e.id].completions for e in chunk]
                     self._grade_batch(grader, chunk, completions, [by_id[e.id].extra for e in chunk], results, run)
+            results.commit()
         finally:
             results.close()
         run.records = [results.finished[e.id] for e in examples]
@@ -839,12 +894,10 @@ class Evaluation:
     def _generations_task(spec: ModelSpec, tasks: Sequence[Task], task_options: dict | None) -> tuple[Task, str, str | None]:
         name = spec.task
         if name is None:
-            with open(spec.generations, encoding="utf-8") as handle:
-                first = handle.readline()
-            try:
-                name = json.loads(first).get("task") if first.strip() else None
-            except (json.JSONDecodeError, AttributeError):
-                name = None
+            from rlvrx.jsonio import iter_jsonl
+
+            first = next(iter_jsonl(spec.generations, torn_tail="drop"), None)
+            name = first[1].get("task") if first is not None else None
         if tasks:
             matching = [t for t in tasks if t.name == name]
             if matching:
@@ -857,6 +910,13 @@ class Evaluation:
                     "or evaluate it in a command with a single --task"
                 )
             return task, task.name, task.grading_kind
+        from rlvrx.tasks.registry import task_names
+
+        if name is not None and name not in task_names():  # a data file never names code to import
+            raise UsageError(
+                f"{spec.generations}: its records name task {name!r}, which is not a registered task "
+                f"({', '.join(task_names())}); a custom task (package.module:function) is given with --task"
+            )
         task = grading_task(name, task_options)
         return task, task.name, task.grading_kind
 

@@ -46,6 +46,12 @@ class LogitsOptions:
     k_list: Sequence[int] | None = None
     overwrite: bool = False
 
+    def __post_init__(self):
+        if self.device != "auto":
+            from rlvrx.eval.runner import check_device
+
+            check_device(self.device)
+
 
 @dataclass
 class LogitsExtrapolation:
@@ -113,11 +119,11 @@ def check_same_tokenizer(a, b, path_a: str | os.PathLike, path_b: str | os.PathL
 def resolve_device(device: str) -> str:
     import torch
 
+    from rlvrx.eval.runner import check_device
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is visible; use --device cpu")
-    return device
+    return check_device(device)
 
 
 def load_pair(base_path: str | os.PathLike, second_path: str | os.PathLike, device: str = "cpu", dtype: str | None = None):
@@ -277,6 +283,10 @@ def extrapolate_logits(
     options = options or LogitsOptions()
     note = note or (lambda message: None)
     base_path, second_path, base, second, target, alpha = _resolve_inputs(run, base, second, target, alpha, base_path, second_path)
+    from rlvrx.eval.runner import check_weights
+
+    for path in (base_path, second_path):
+        check_weights(path)
     tasks = build_tasks([task] if task else [], data=data, data_dir=data_dir, options=task_options)
     if len(tasks) != 1:
         raise UsageError("give one task: --task NAME or --data FILE")

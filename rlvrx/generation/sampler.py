@@ -514,6 +514,7 @@ def generate(
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     add_special_tokens: bool = False,
+    prompt_keys: Sequence[int] | None = None,
 ) -> list[Generation]:
     """Sample `n` completions for every prompt; results ordered by (prompt_index, sample_index).
 
@@ -524,7 +525,9 @@ def generate(
     decoded `batch_size` at a time (None = all at once); each prompt is prefilled once per batch and
     its KV cache shared by its samples. A row stops at a stop token ("eos") or after
     max_new_tokens, or when it reaches the model's max_position_embeddings ("length").
-    progress(k) is called with the number of rows that just finished.
+    progress(k) is called with the number of rows that just finished. prompt_keys: row (i, j) draws
+    its random stream from (seed, prompt_keys[i], j) instead of (seed, i, j), so a prompt's samples
+    do not depend on its position among the prompts (eval keys each problem by its id).
     """
     params = params or SamplingParams()
     if n < 1:
@@ -548,6 +551,9 @@ def generate(
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad_id = 0 if pad_id is None else int(pad_id)
 
+    if prompt_keys is not None and len(prompt_keys) != len(prompt_ids):
+        raise ValueError(f"{len(prompt_keys)} prompt keys for {len(prompt_ids)} prompts")
+    keys = [int(k) for k in prompt_keys] if prompt_keys is not None else list(range(len(prompt_ids)))
     rows = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
     chunk = batch_size or len(rows)
     results: list[Generation] = []
@@ -558,7 +564,7 @@ def generate(
                 params.max_new_tokens if max_pos is None else min(params.max_new_tokens, max_pos - len(prompt_ids[i]))
                 for i, _ in chunk_rows
             ]
-            uniforms = None if params.greedy else _row_uniforms(params.seed, chunk_rows, max(limits))
+            uniforms = None if params.greedy else _row_uniforms(params.seed, [(keys[i], j) for i, j in chunk_rows], max(limits))
             with torch.inference_mode():
                 raw = _decode_rows(source, prompt_ids, chunk_rows, limits, uniforms, params, stop_ids, pad_id, progress)
             results.extend(_to_generations(raw, prompt_ids, chunk_rows, tokenizer))

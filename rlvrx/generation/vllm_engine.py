@@ -166,7 +166,9 @@ class VLLMEngine:
         n: int = 1,
         params: SamplingParams | None = None,
         use_tqdm: bool = False,
+        prompt_keys: Sequence[int] | None = None,
     ) -> list[Generation]:
+        """prompt_keys: request i is seeded from (seed, prompt_keys[i]) instead of (seed, i)."""
         params = params or SamplingParams()
         prompt_ids = self.encode(prompts)
         if not prompt_ids:
@@ -174,7 +176,7 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         sampling = [
             self._vllm.SamplingParams(**sampling_kwargs(params, n, i, logprobs=self.logprobs is not None))
-            for i in range(len(requests))
+            for i in (prompt_keys if prompt_keys is not None else range(len(requests)))
         ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=use_tqdm)
         return to_generations(outputs, self.logprobs)

@@ -70,16 +70,23 @@ def get_task(name: str, **options) -> Task:
     return task
 
 
+def unknown_task(name: str) -> str | None:
+    """None for a registered task name or a 'package.module:function' path (not imported here),
+    else the message naming the known tasks, with a did-you-mean."""
+    if name in _REGISTRY or (isinstance(name, str) and ":" in name):
+        return None
+    close = difflib.get_close_matches(str(name), task_names(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown task {name!r}; {hint}known tasks: {', '.join(task_names())}, or 'package.module:function' returning a Task"
+
+
 def _factory(name: str) -> Callable[..., Task]:
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if ":" in name:
-        return _import_factory(name)
-    close = difflib.get_close_matches(name, task_names(), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise UsageError(
-        f"unknown task {name!r}; {hint}known tasks: {', '.join(task_names())}, or 'package.module:function' returning a Task"
-    )
+    problem = unknown_task(name)
+    if problem is not None:
+        raise UsageError(problem)
+    return _import_factory(name)
 
 
 def _import_factory(path: str) -> Callable[..., Task]:

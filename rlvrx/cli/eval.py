@@ -129,16 +129,17 @@ def eval_(
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm engine: context length (default: the model's)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Grading worker processes (default: min(4, CPUs))."),
     grading_timeout: float = typer.Option(10.0, "--grading-timeout", help="Seconds per answer before its grading worker is killed (it counts as wrong)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Results directory: OUT/<model>/<task>.jsonl (default: RUN/eval for models and files in a run, else ./eval)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results directory: OUT/<model>/<task>.jsonl (default: RUN/eval for checkpoints and files inside a run, else ./eval)."),
     name: List[str] = typer.Option([], "--name", help="Column name of each model / generations file, in order (repeat; default: RUN:STEP, the directory or file name)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier results instead of resuming from them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results instead of resuming from them (they are kept until the new ones are complete)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs and CI)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write {model: {task: {n, avg, pass@k, maj@k, ...}}} here (fractions)."),
 ) -> None:
     """Sample completions, grade them in worker processes, and report pass@k, avg and maj@k per task.
 
     Results stream to OUT/<model>/<task>.jsonl one line per finished problem; rerunning the same
-    command resumes where it stopped.
+    command resumes where it stopped, with the samples an uninterrupted run gives. One eval writes an
+    output at a time, and only results of the same model (by sha256) and settings are resumed.
     """
     from rlvrx.eval.runner import EvalOptions, Evaluation, build_tasks, failed_samples, parse_k_list, summarize_runs
     from rlvrx.report import progress_bar

@@ -45,7 +45,7 @@ from rlvrx.eval.generations import (
     generation_record,
     read_generations,
 )
-from rlvrx.eval.output import SETTINGS_SUFFIX, EvalOutput
+from rlvrx.eval.output import EvalOutput
 from rlvrx.tasks.base import Example, Task
 
 __all__ = [

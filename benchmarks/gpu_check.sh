@@ -22,6 +22,9 @@
 # python3), RLVRX_GPU_CHECK_OVERRIDES (extra verl Hydra overrides for both recipes, one per line:
 # a rehearsal on CPU passes the verl lane's CPU overrides here), TIMEOUT_<STAGE> in seconds (e.g.
 # TIMEOUT_INSTALL=600).
+# Rehearsed on CPU with the verl lane's plugin (tests/verl_cpu: PYTHONPATH, VERL_USE_EXTERNAL_MODULES,
+# its env and overrides) and --venv pointing at the verl lane's env; there `rlvrx eval --engine vllm`
+# refuses (it needs CUDA), the other stages run.
 set -uo pipefail  # no -e: a failed stage must not end the check
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -100,7 +103,7 @@ stop_ray() {
         pid=${environ#/proc/}
         pid=${pid%/environ}
         [ "$pid" = "$$" ] && continue
-        if tr '\0' '\n' < "$environ" 2> /dev/null | grep -qxF "RLVRX_GPU_CHECK_RUN=$RLVRX_GPU_CHECK_RUN"; then
+        if tr '\0' '\n' 2> /dev/null < "$environ" | grep -qxF "RLVRX_GPU_CHECK_RUN=$RLVRX_GPU_CHECK_RUN"; then
             kill -9 "$pid" 2> /dev/null
         fi
     done
@@ -159,7 +162,7 @@ fi
 
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, verl" > /dev/null 2>&1; then
     echo "== install: using $VENV"
-    printf 'install\tok (existing venv)\t0\t-\n' >> "$WORK/stages.tsv"
+    printf 'install\tok\t0\t(existing %s)\n' "$VENV" >> "$WORK/stages.tsv"
 else
     stage install 240 install_env
 fi
@@ -172,8 +175,9 @@ else
     if [ -n "${FAILED[model]:-}${FAILED[recipes]:-}" ]; then
         for name in eval train rl-extra jump; do skip "$name" "no model or recipe"; done
     else
-        stage eval 120 "$PY" -m rlvrx eval "$WORK/model" --task arithmetic --task-option digits=1 --engine vllm \
-            -n 4 --limit 32 --max-new-tokens 4 --gpu-memory-utilization 0.3 --out "$WORK/eval" --no-progress \
+        stage eval 120 "$PY" -m rlvrx eval "$WORK/model" --task arithmetic --task-option digits=1 \
+            --task-option n_train=64 --task-option n_test=16 --engine vllm \
+            -n 4 --max-new-tokens 4 --gpu-memory-utilization 0.3 --out "$WORK/eval" --no-progress \
             --json "$WORK/eval.json"
         stage train 150 verl_run train train "$WORK/train.yaml" --no-progress
         stop_ray

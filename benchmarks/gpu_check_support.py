@@ -103,8 +103,6 @@ def recipe(args) -> None:
 def jump(args) -> int:
     """The RL-Extra jump of the run, from its trajectory: J = A + ((m+n)/m)(B - A) for every jumped
     tensor (float64 reference), J = B for the kept ones (norms, copied)."""
-    import torch
-
     from rlvrx.backends.verl.jump import jump_factor, kept
     from rlvrx.checkpoint import Checkpoint
     from rlvrx.trajectory import Trajectory
@@ -179,7 +177,7 @@ def summary(args) -> int:
     report = {"stages": {s[0]: {"status": s[1], "seconds": s[2], "log": s[3]} for s in stages}}
 
     for name in ("train", "rl-extra"):
-        rows = _metrics(work / f"{name}-metrics.jsonl")
+        rows = [r for r in _metrics(work / f"{name}-metrics.jsonl") if any(k in r for k in STEP_KEYS)]
         if rows:
             keys = [k for k in STEP_KEYS if any(k in r for r in rows)]
             out.append(_table(f"\n{name}: verl steps", ["step", *keys], [[r["step"], *(_fmt(r.get(k)) for k in keys)] for r in rows]))
@@ -192,9 +190,9 @@ def summary(args) -> int:
         for model, tasks in results.items():
             for task, numbers in tasks.items():
                 if isinstance(numbers, dict):
-                    rows.append([model, task, _fmt(numbers.get("n")), _fmt(numbers.get("avg")),
+                    rows.append([model, task, _fmt(numbers.get("problems")), _fmt(numbers.get("n")), _fmt(numbers.get("avg")),
                                  _fmt(numbers.get("pass@1")), _fmt(numbers.get("pass@4"))])
-        out.append(_table("\neval (vllm engine)", ["model", "task", "n", "avg", "pass@1", "pass@4"], rows))
+        out.append(_table("\neval (vllm engine)", ["model", "task", "problems", "n", "avg", "pass@1", "pass@4"], rows))
         report["eval"] = results
 
     jump_file = work / "jump.json"

@@ -106,7 +106,7 @@ def shard_paths(actor: Path) -> list[Path]:
 
 def load_shard(path: Path) -> dict:
     """One rank's state dict, unpickled with weights_only=True (tensors and DTensors, never code)."""
-    import torch.distributed.tensor  # noqa: F401  (lets weights_only accept DTensor, DeviceMesh, placements)
+    import torch.distributed.tensor  # lets weights_only accept DTensor, DeviceMesh and placements
 
     mesh_log = logging.getLogger("torch.distributed.device_mesh")  # warns that no process group exists: none is needed
     level = mesh_log.level
@@ -201,7 +201,7 @@ def expected_structure(hf_dir: Path) -> tuple[dict[str, tuple[tuple[int, ...], b
         cls = getattr(transformers, arch, None) if arch else None
         with torch.device("meta"):
             model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
-    except Exception as exc:  # noqa: BLE001 - any failure of transformers here is the config's
+    except Exception as exc:  # any failure of transformers here is the config's
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{hf_dir / 'config.json'}: transformers cannot build this model ({first}); "
@@ -270,7 +270,7 @@ def convert_fsdp_checkpoint(
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != set(keys):
             odd = sorted(set(shard) ^ set(keys))[0]
-            raise CheckpointError(f"rank {rank} and rank 0 hold different entries (e.g. {odd}): shards of different runs?")
+            raise CheckpointError(f"{actor}: rank {rank} and rank 0 hold different entries (e.g. {odd}): shards of different runs?")
     if any("lora_" in key for key in keys):
         raise UsageError(f"{actor}: LoRA checkpoints are not converted here; use `python -m verl.model_merger merge`")
     target = _TARGET[dtype]

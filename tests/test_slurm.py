@@ -283,3 +283,72 @@ def test_slurm_environment_is_read_from_slurm_variables():
     assert (info["job_id"], info["procid"], info["ntasks"], info["nnodes"]) == ("42", 3, 8, 2)
     assert array_shard(env) == (2, 4)
     assert array_shard({"SLURM_JOB_ID": "1", "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}) == (0, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real sbatch (Debian's slurm-wlm, a one-node cluster from tests/slurm/start_cluster.sh): how it reads
+# the quoted #SBATCH lines is checked by where it writes the logs.
+
+CLUSTER_TOOLS = ("sbatch", "squeue", "slurmctld", "slurmd", "munged")
+
+
+@pytest.fixture(scope="module")
+def real_cluster(tmp_path_factory):
+    import shutil
+
+    missing = [tool for tool in CLUSTER_TOOLS if shutil.which(tool) is None]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs Slurm and munge ({', '.join(missing) or 'root'} missing): apt-get install slurm-wlm munge")
+    state = tmp_path_factory.mktemp("slurm")
+    scripts = REPO / "tests" / "slurm"
+    started = subprocess.run(["bash", str(scripts / "start_cluster.sh"), str(state)], capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    finally:
+        subprocess.run(["bash", str(scripts / "stop_cluster.sh"), str(state)], timeout=60)
+
+
+def _until_done(env: dict, patience_s: float = 300) -> None:
+    """Until the queue is empty (a guard against a wedged cluster, not a performance limit)."""
+    import time
+
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=env, timeout=30)
+        if queue.returncode == 0 and not queue.stdout.strip():
+            return
+        time.sleep(1)
+    pytest.fail(f"jobs still queued after {patience_s} s")
+
+
+@pytest.mark.slurm
+def test_real_sbatch_reads_quoted_log_paths_and_the_dependency_chain(real_cluster, tmp_path, monkeypatch):
+    """submit.sh under bash with the real sbatch: the array, then the merge after it; the logs land in a
+    directory whose name holds spaces, quotes, `#`, `%` and `$(...)`, and nothing in it runs."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "x$(touch PWNED)y"
+    out = tmp_path / "logs 'q' \"d\" #h 50%"
+    python = tmp_path / "python"  # the cluster's python, standing in: when it ran, and its argv
+    python.write_text('#!/bin/bash\necho "$(date +%s.%N) $*"\n')
+    python.chmod(0o755)
+    result = CliRunner().invoke(app, ["slurm", "quickstart", f"output.dir={run}", "--command", "linearity", "--shards", "2",
+                                      "--cpus-per-task", "1", "--out", str(out), "--python", str(python),
+                                      "--sbatch=--comment=a b # c"])
+    assert result.exit_code == 0, result.output
+    submitted = subprocess.run(["bash", str(out / "submit.sh")], capture_output=True, text=True, env=real_cluster, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    array_id, merge_id = (line.split()[-1] for line in submitted.stdout.splitlines())
+    _until_done(real_cluster)
+    name = "rlvrx-linearity-x__touch_PWNED_y"
+    logs = {p.name: p.read_text().strip().split(" ", 1) for p in out.glob("*.out")}
+    weights = f"-m rlvrx linearity weights {run} --out {run}/linearity/weights"
+    assert logs[f"{name}-{array_id}_0.out"][1] == f"{weights} --shard 0/2"
+    assert logs[f"{name}-{array_id}_1.out"][1] == f"{weights} --shard 1/2"
+    merge = logs[f"{name}-merge-{merge_id}.out"]
+    assert merge[1].startswith(f"-m rlvrx linearity merge {run}/linearity/weights/part-0-of-2.json")
+    # afterok: the merge ran after both array tasks.
+    assert float(merge[0]) > max(float(logs[f"{name}-{array_id}_{i}.out"][0]) for i in (0, 1))
+    job = subprocess.run(["scontrol", "show", "job", merge_id], capture_output=True, text=True, env=real_cluster, timeout=30)
+    assert "Comment=a b # c" in job.stdout
+    assert not list(tmp_path.rglob("PWNED"))

@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
         --work) WORK=${2:?--work needs a directory}; shift 2 ;;
         --venv) VENV=${2:?--venv needs a directory}; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -51,7 +51,8 @@ VENV=${VENV:-$WORK/venv}
 : > "$WORK/stages.tsv"
 
 # verl and vLLM settings for this check; the support module patches verl for the tiny tokenizer.
-export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+# This checkout's rlvrx comes first, also in a --venv that has another one installed.
+export PYTHONPATH="$HERE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:+$VERL_USE_EXTERNAL_MODULES,}gpu_check_support
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
@@ -179,6 +180,7 @@ else
             --task-option n_train=64 --task-option n_test=16 --engine vllm \
             -n 4 --max-new-tokens 4 --gpu-memory-utilization 0.3 --out "$WORK/eval" --no-progress \
             --json "$WORK/eval.json"
+        stop_ray
         stage train 150 verl_run train train "$WORK/train.yaml" --no-progress
         stop_ray
         if stage rl-extra 150 verl_run rl-extra rl-extra "$WORK/rl-extra.yaml"; then

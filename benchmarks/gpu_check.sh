@@ -83,7 +83,10 @@ stage() {
         status="failed (exit $rc)"
     fi
     [ "$DRY_RUN" -eq 1 ] && [ "$rc" -eq 0 ] && status=dry-run
-    [ "$rc" -eq 0 ] || { FAILED[$name]=1; tail -n 20 "$log" | sed 's/^/   | /'; }
+    if [ "$rc" -ne 0 ]; then
+        FAILED[$name]=1
+        { grep -E '^(error|Error|[A-Za-z.]*Error):' "$log" | tail -n 3; tail -n 12 "$log"; } | sed 's/^/   | /'
+    fi
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - start ))" "$log" >> "$WORK/stages.tsv"
     echo "   $status"
     return "$rc"

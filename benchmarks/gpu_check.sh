@@ -10,7 +10,8 @@
 #   jump       the jump checked from the run's checkpoints: J = A + 2 (B - A), norms J = B
 # then one summary (stage status and times, verl step timings, eval accuracy, the jump check).
 # Every stage runs under `timeout`; a failed stage is reported and the script goes on (stages that
-# need its output are skipped). Exit status 0 only when every stage passed.
+# need its output are skipped). Exit status 0 only when every stage passed. The stage limits add up
+# to 9.5 minutes; the verl jobs are the long poles (Ray and vLLM start-up, then about a second a step).
 #
 #   benchmarks/gpu_check.sh [--work DIR] [--venv DIR] [--dry-run]
 #     --work DIR  where everything goes (default: a new /tmp/rlvrx-gpu-check.XXXXXX)
@@ -168,26 +169,26 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, verl" > /dev
     echo "== install: using $VENV"
     printf 'install\tok\t0\t(existing %s)\n' "$VENV" >> "$WORK/stages.tsv"
 else
-    stage install 240 install_env
+    stage install 180 install_env
 fi
 export PY="$VENV/bin/python"
 
 if [ -n "${FAILED[install]:-}" ]; then
     for name in model eval train rl-extra jump; do skip "$name" "install failed"; done
 else
-    stage model 60 write_model && stage recipes 30 write_recipes
+    stage model 30 write_model && stage recipes 15 write_recipes
     if [ -n "${FAILED[model]:-}${FAILED[recipes]:-}" ]; then
         for name in eval train rl-extra jump; do skip "$name" "no model or recipe"; done
     else
-        stage eval 120 "$PY" -m rlvrx eval "$WORK/model" --task arithmetic --task-option digits=1 \
+        stage eval 75 "$PY" -m rlvrx eval "$WORK/model" --task arithmetic --task-option digits=1 \
             --task-option n_train=64 --task-option n_test=16 --engine vllm \
             -n 4 --max-new-tokens 4 --gpu-memory-utilization 0.3 --out "$WORK/eval" --no-progress \
             --json "$WORK/eval.json"
         stop_ray
-        stage train 150 verl_run train train "$WORK/train.yaml" --no-progress
+        stage train 120 verl_run train train "$WORK/train.yaml" --no-progress
         stop_ray
-        if stage rl-extra 150 verl_run rl-extra rl-extra "$WORK/rl-extra.yaml"; then
-            stage jump 60 "$PY" "$SUPPORT" jump "$WORK/runs/rl-extra" --m 2 --n 2 --json "$WORK/jump.json"
+        if stage rl-extra 120 verl_run rl-extra rl-extra "$WORK/rl-extra.yaml"; then
+            stage jump 30 "$PY" "$SUPPORT" jump "$WORK/runs/rl-extra" --m 2 --n 2 --json "$WORK/jump.json"
         else
             skip jump "rl-extra failed"
         fi

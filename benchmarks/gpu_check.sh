@@ -11,7 +11,7 @@
 # then one summary (stage status and times, verl step timings, eval accuracy, the jump check).
 # Every stage runs under `timeout`; a failed stage is reported and the script goes on (stages that
 # need its output are skipped). Exit status 0 only when every stage passed. The stage limits add up
-# to 9.5 minutes; the verl jobs are the long poles (Ray and vLLM start-up, then about a second a step).
+# to 9.5 minutes; the verl jobs are the long poles (Ray and vLLM start once per job).
 #
 #   benchmarks/gpu_check.sh [--work DIR] [--venv DIR] [--dry-run]
 #     --work DIR  where everything goes (default: a new /tmp/rlvrx-gpu-check.XXXXXX)

@@ -9,11 +9,16 @@ Two shapes:
     SLURM_ARRAY_TASK_COUNT), then a merge job submitted with --dependency=afterok:ARRAY_JOB.
   eval: one job on one node.
 Scripts are written next to a submit.sh that submits them in order; `submit()` does the same.
+
+Every value from the user reaches a script through `shell_word` (a shell line: shlex.quote) or
+`sbatch_word` (an `#SBATCH` line, which sbatch splits itself, not a shell); nothing else writes
+user text into a script.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -24,6 +29,53 @@ from rlvrx.errors import RlvrxError, UsageError
 
 COMMANDS = ("train", "rl-extra", "eval", "linearity")
 RAY_PORT = 6379
+
+
+# ----------------------------------------------------------------------------------------------
+# Quoting: the one place user values enter a script
+
+
+def shell_word(value: object) -> str:
+    """VALUE as one shell word that expands to itself (no variables, no command substitution)."""
+    return shlex.quote(str(value))
+
+
+def check_line(value: object, what: str) -> str:
+    """VALUE as text for a one-line field, refusing line breaks and other control characters."""
+    text = str(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise UsageError(f"{what}: {text!r} holds a line break or another control character; "
+                         "it cannot be written into an sbatch script")
+    return text
+
+
+def sbatch_word(value: object, what: str) -> str:
+    r"""VALUE as one argument of an `#SBATCH` line.
+
+    sbatch splits these lines itself (src/sbatch/opt.c `_get_argument`): whitespace separates
+    arguments unless inside "..." (newer versions: also '...'), a backslash escapes the next character,
+    an unescaped `#` outside quotes ends the line. So: no control characters (a newline would start
+    a new script line); a value of only [A-Za-z0-9_@%+=:,./-] is written as is, any other goes inside double
+    quotes with `\ " ' #` backslash-escaped, which every Slurm version reads back as VALUE.
+    """
+    text = check_line(value, what)
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", text):
+        return text
+    return '"' + re.sub(r'([\\"\'#])', r"\\\1", text) + '"'
+
+
+def output_pattern(log_dir: Path, what: str) -> str:
+    """A log directory inside sbatch's --output pattern: `%` doubled (sbatch expands %x, %A, ...), and no
+    backslash (a backslash anywhere in the name turns the pattern expansion off)."""
+    text = check_line(log_dir, what)
+    if "\\" in text:
+        raise UsageError(f"{what}: {text!r} holds a backslash, which sbatch --output does not allow in a log path")
+    return text.replace("%", "%%")
+
+
+def job_name(command: str, run_dir: Path) -> str:
+    """rlvrx-COMMAND-RUN with anything but letters, digits, `.`, `_`, `-` in RUN replaced by `_` (also a file name)."""
+    return f"rlvrx-{command}-" + re.sub(r"[^A-Za-z0-9._-]", "_", run_dir.name or "run")
 
 
 @dataclass
@@ -47,6 +99,14 @@ class SlurmOptions:
             raise UsageError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
         if self.shards is not None and self.shards < 1:
             raise UsageError(f"--shards must be >= 1, got {self.shards}")
+        for key in ("partition", "time", "account"):
+            if getattr(self, key) is not None:
+                check_line(getattr(self, key), f"--{key}")
+        for arg in self.sbatch_args:
+            check_line(arg, "--sbatch")
+            if not arg.startswith("-"):
+                raise UsageError(f"--sbatch {arg!r}: give one sbatch option per --sbatch, e.g. --sbatch=--qos=high")
+        check_line(self.python, "--python")
 
 
 @dataclass
@@ -96,26 +156,27 @@ def array_shard(env: dict | None = None) -> tuple[int, int] | None:
 # Rendering
 
 
-def _header(opts: SlurmOptions, job_name: str, log_dir: Path, nodes: int, gpus: int, array: str | None = None) -> list[str]:
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --output={log_dir}/%x-%A{'_%a' if array else ''}.out",
+def _header(opts: SlurmOptions, name: str, log_dir: Path, nodes: int, gpus: int, array: str | None = None) -> list[str]:
+    log = output_pattern(log_dir, "the log directory (--out, default output.dir/slurm)")
+    options = [
+        f"--job-name={name}",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        f"--output={log}/%x-%A{'_%a' if array else ''}.out",
     ]
     if gpus > 0:
-        lines.append(f"#SBATCH --gpus-per-node={gpus}")
+        options.append(f"--gpus-per-node={gpus}")
     if opts.cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={opts.cpus_per_task}")
+        options.append(f"--cpus-per-task={opts.cpus_per_task}")
     if array:
-        lines.append(f"#SBATCH --array={array}")
+        options.append(f"--array={array}")
     for key in ("partition", "time", "account"):
         value = getattr(opts, key)
         if value:
-            lines.append(f"#SBATCH --{key}={value}")
-    lines += [f"#SBATCH {arg}" for arg in opts.sbatch_args]
-    lines += ["", "set -euo pipefail", f"PY={shlex.quote(opts.python)}", ""]
+            options.append(f"--{key}={value}")
+    options += opts.sbatch_args
+    lines = ["#!/bin/bash", *(f"#SBATCH {sbatch_word(o, 'an #SBATCH option')}" for o in options)]
+    lines += ["", "set -euo pipefail", f"PY={shell_word(opts.python)}", ""]
     return lines
 
 
@@ -125,17 +186,17 @@ class Raw(str):
 
 def _rlvrx(args: list[str]) -> str:
     """`"$PY" -m rlvrx ARGS`: user arguments quoted, Raw ones left for the shell to expand."""
-    return '"$PY" -m rlvrx ' + " ".join(a if isinstance(a, Raw) else shlex.quote(a) for a in args)
+    return '"$PY" -m rlvrx ' + " ".join(a if isinstance(a, Raw) else shell_word(a) for a in args)
 
 
 def render_verl_job(
-    command: str, recipe: str, overrides: list[str], opts: SlurmOptions, log_dir: Path, job_name: str
+    command: str, recipe: str, overrides: list[str], opts: SlurmOptions, log_dir: Path, name: str
 ) -> str:
     """Ray head on the first node, workers on the rest, then the rlvrx command on the head."""
     gpus = opts.gpus_per_node
     ray_resources = f"--num-gpus={gpus} " if gpus else ""
     cpus = '--num-cpus="${SLURM_CPUS_PER_TASK:-$(nproc)}"'
-    lines = _header(opts, job_name, log_dir, opts.nodes, gpus)
+    lines = _header(opts, name, log_dir, opts.nodes, gpus)
     lines += [
         "# Nodes of this job, one name per line (scontrol expands ranges like node[01-04]).",
         'mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
@@ -168,15 +229,15 @@ def render_verl_job(
     return "\n".join(lines)
 
 
-def render_single_job(args: list[str], opts: SlurmOptions, log_dir: Path, job_name: str) -> str:
-    lines = _header(opts, job_name, log_dir, 1, opts.gpus_per_node)
+def render_single_job(args: list[str], opts: SlurmOptions, log_dir: Path, name: str) -> str:
+    lines = _header(opts, name, log_dir, 1, opts.gpus_per_node)
     lines += [_rlvrx(args), ""]
     return "\n".join(lines)
 
 
-def render_array_job(args: list[str], shards: int, opts: SlurmOptions, log_dir: Path, job_name: str) -> str:
+def render_array_job(args: list[str], shards: int, opts: SlurmOptions, log_dir: Path, name: str) -> str:
     """Task I of the array runs ARGS --shard I/K (I from the array's first index)."""
-    lines = _header(opts, job_name, log_dir, 1, opts.gpus_per_node, array=f"0-{shards - 1}")
+    lines = _header(opts, name, log_dir, 1, opts.gpus_per_node, array=f"0-{shards - 1}")
     lines += [
         'shard=$((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}))',
         _rlvrx([*args, "--shard", Raw('"${shard}/${SLURM_ARRAY_TASK_COUNT}"')]),
@@ -185,7 +246,7 @@ def render_array_job(args: list[str], shards: int, opts: SlurmOptions, log_dir: 
     return "\n".join(lines)
 
 
-def linearity_scripts(run_dir: Path, extra: list[str], opts: SlurmOptions, out_dir: Path, job_name: str) -> list[Script]:
+def linearity_scripts(run_dir: Path, extra: list[str], opts: SlurmOptions, out_dir: Path, name: str) -> list[Script]:
     """`linearity weights RUN --shard I/K` as an array, then `linearity merge` of the K parts."""
     shards = opts.shards or 4
     parts_dir = run_dir / "linearity" / "weights"
@@ -194,24 +255,27 @@ def linearity_scripts(run_dir: Path, extra: list[str], opts: SlurmOptions, out_d
     merge = ["linearity", "merge", *parts, "--json", str(run_dir / "linearity" / "weights.json"), "--out", str(parts_dir)]
     cpu_opts = SlurmOptions(**{**opts.__dict__, "gpus_per_node": 0})
     return [
-        Script(f"{job_name}", out_dir / f"{job_name}.sbatch", render_array_job(weights, shards, cpu_opts, out_dir, job_name)),
+        Script(name, out_dir / f"{name}.sbatch", render_array_job(weights, shards, cpu_opts, out_dir, name)),
         Script(
-            f"{job_name}-merge",
-            out_dir / f"{job_name}-merge.sbatch",
-            render_single_job(merge, cpu_opts, out_dir, f"{job_name}-merge"),
-            depends_on=job_name,
+            f"{name}-merge",
+            out_dir / f"{name}-merge.sbatch",
+            render_single_job(merge, cpu_opts, out_dir, f"{name}-merge"),
+            depends_on=name,
         ),
     ]
 
 
 def render_submit(scripts: list[Script]) -> str:
-    """A shell script that submits the scripts in order, each after the one it depends on."""
+    """A shell script that submits the scripts in order, each after the one it depends on.
+
+    Job ids live in job_0, job_1, ... (script names hold dots and dashes, which shell names cannot).
+    """
+    index = {s.name: i for i, s in enumerate(scripts)}
     lines = ["#!/bin/bash", "set -euo pipefail", 'cd "$(dirname "$0")"']
-    for s in scripts:
-        var = s.name.replace("-", "_") + "_id"
-        dep = f"--dependency=afterok:${{{s.depends_on.replace('-', '_')}_id}} " if s.depends_on else ""
-        lines.append(f"{var}=$(sbatch --parsable {dep}{shlex.quote(s.path.name)})")
-        lines.append(f'echo "{s.name}: job ${{{var}}}"')
+    for i, s in enumerate(scripts):
+        dep = f'--dependency="afterok:${{job_{index[s.depends_on]}%%;*}}" ' if s.depends_on else ""
+        lines.append(f"job_{i}=$(sbatch --parsable {dep}{shell_word(s.path.name)})")
+        lines.append(f'echo {shell_word(s.name + ": job")} "${{job_{i}%%;*}}"')
     return "\n".join(lines) + "\n"
 
 
@@ -221,23 +285,25 @@ def build_scripts(
     opts.check()
     if command not in COMMANDS:
         raise UsageError(f"--command {command!r}: use one of {', '.join(COMMANDS)}")
-    job_name = f"rlvrx-{command}-{run_dir.name}"
+    check_line(run_dir, "output.dir")
+    check_line(out_dir, "--out")
+    name = job_name(command, run_dir)
     if command in ("train", "rl-extra"):
-        text = render_verl_job(command, recipe_source, overrides, opts, out_dir, job_name)
-        return [Script(job_name, out_dir / f"{job_name}.sbatch", text)]
+        text = render_verl_job(command, recipe_source, overrides, opts, out_dir, name)
+        return [Script(name, out_dir / f"{name}.sbatch", text)]
     if command == "linearity":
-        return linearity_scripts(run_dir, extra, opts, out_dir, job_name)
-    return [Script(job_name, out_dir / f"{job_name}.sbatch", render_single_job(["eval", *extra], opts, out_dir, job_name))]
+        return linearity_scripts(run_dir, extra, opts, out_dir, name)
+    return [Script(name, out_dir / f"{name}.sbatch", render_single_job(["eval", *extra], opts, out_dir, name))]
 
 
 def write_scripts(scripts: list[Script], out_dir: Path) -> Path:
+    from rlvrx.checkpoint import atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    for s in scripts:
-        s.path.write_text(s.text)
-        s.path.chmod(0o755)
     submit_sh = out_dir / "submit.sh"
-    submit_sh.write_text(render_submit(scripts))
-    submit_sh.chmod(0o755)
+    for path, text in [*((s.path, s.text) for s in scripts), (submit_sh, render_submit(scripts))]:
+        atomic_write_text(path, text)
+        path.chmod(0o755)
     return submit_sh
 
 

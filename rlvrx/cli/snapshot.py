@@ -120,20 +120,24 @@ def convert(
     out: Optional[Path] = typer.Option(None, "--out", help="Output HF dir (default: global_step_N/huggingface, which `scan` finds)."),
     dtype: str = typer.Option(
         "bfloat16", "--dtype",
-        help="bfloat16 (verl's model merger as is), float32 (keep full precision: use it for linearity and "
+        help="bfloat16 (what verl's model merger writes), float32 (keep full precision: use it for linearity and "
         "extrapolation of small-lr runs) or auto (the dtype the shards hold).",
     ),
     run: Optional[Path] = typer.Option(None, "--run", help="Also register the result in RUN/trajectory.json."),
     step: Optional[int] = typer.Option(None, "--step", help="Step to register at (default: N of global_step_N)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output dir (only once the new one is complete)."),
+    no_check: bool = typer.Option(
+        False, "--no-check",
+        help="Skip checking names and shapes against the model config.json describes (for models transformers cannot build).",
+    ),
     no_hash: bool = NO_HASH,
 ) -> None:
-    """Merge verl FSDP shards into HF safetensors with verl's own model merger (needs verl installed)."""
+    """Merge verl FSDP shards into HF safetensors, as verl's model merger does (no verl needed)."""
     from rlvrx.backends.verl.convert import convert_fsdp_checkpoint, step_of
     from rlvrx.errors import UsageError
     from rlvrx.trajectory import Trajectory
 
-    written = convert_fsdp_checkpoint(path, out=out, dtype=dtype, overwrite=overwrite)
+    written = convert_fsdp_checkpoint(path, out=out, dtype=dtype, overwrite=overwrite, check=not no_check)
     console.print(f"[green]wrote[/] {escape(str(written))} ({dtype})", highlight=False)
     if run is not None:
         step = step if step is not None else step_of(path)

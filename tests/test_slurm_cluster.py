@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from rlvrx.cli import app
 
 pytestmark = pytest.mark.slurm
 
@@ -112,3 +115,34 @@ def test_linearity_array_and_merge_on_slurm_equal_a_local_run(cluster, trajector
     merged, single = json.loads(merged_path.read_text()), json.loads(local_path.read_text())
     assert single["n_params"] > 10_000
     assert merged == single
+
+
+def test_real_sbatch_reads_quoted_log_paths_and_the_dependency_chain(cluster, tmp_path, monkeypatch):
+    """submit.sh under bash with the real sbatch: the array, then the merge after it; the logs land in a
+    directory whose name holds spaces, quotes, `#`, `%` and `$(...)`, and nothing in it runs."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "x$(touch PWNED)y"
+    out = tmp_path / "logs 'q' \"d\" #h 50%"
+    python = tmp_path / "python"  # the cluster's python, standing in: when it ran, and its argv
+    python.write_text('#!/bin/bash\necho "$(date +%s.%N) $*"\n')
+    python.chmod(0o755)
+    result = CliRunner().invoke(app, ["slurm", "quickstart", f"output.dir={run}", "--command", "linearity", "--shards", "2",
+                                      "--cpus-per-task", "1", "--out", str(out), "--python", str(python),
+                                      "--sbatch=--comment=a b # c"])
+    assert result.exit_code == 0, result.output
+    submitted = subprocess.run(["bash", str(out / "submit.sh")], capture_output=True, text=True, env=cluster, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    array_id, merge_id = (line.split()[-1] for line in submitted.stdout.splitlines())
+    _wait([array_id, merge_id], cluster)
+    name = "rlvrx-linearity-x__touch_PWNED_y"
+    logs = {p.name: p.read_text().strip().split(" ", 1) for p in out.glob("*.out")}
+    weights = f"-m rlvrx linearity weights {run} --out {run}/linearity/weights"
+    assert logs[f"{name}-{array_id}_0.out"][1] == f"{weights} --shard 0/2"
+    assert logs[f"{name}-{array_id}_1.out"][1] == f"{weights} --shard 1/2"
+    merge = logs[f"{name}-merge-{merge_id}.out"]
+    assert merge[1].startswith(f"-m rlvrx linearity merge {run}/linearity/weights/part-0-of-2.json")
+    # afterok: the merge ran after both array tasks.
+    assert float(merge[0]) > max(float(logs[f"{name}-{array_id}_{i}.out"][0]) for i in (0, 1))
+    job = subprocess.run(["scontrol", "show", "job", merge_id], capture_output=True, text=True, env=cluster, timeout=30)
+    assert "Comment=a b # c" in job.stdout
+    assert not list(tmp_path.rglob("PWNED"))

@@ -20,7 +20,9 @@ import json
 import math
 import mmap
 import os
+import re
 import shutil
+import socket
 import tempfile
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.jsonio import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -165,8 +168,11 @@ def read_header(file: Path) -> tuple[dict, int]:
             raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: corrupt safetensors file (its header is nested too deeply)") from None
     header.pop("__metadata__", None)
     data_start = 8 + length
+    spans = []
     for name, meta in header.items():
         try:
             begin, end = (int(x) for x in meta["data_offsets"])
@@ -175,8 +181,18 @@ def read_header(file: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file (no valid dtype, shape and data_offsets for tensor {name})") from None
         if dtype not in DTYPE_INFO:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
-        if not 0 <= begin <= end or end - begin != math.prod(shape) * DTYPE_INFO[dtype][0] or data_start + end > size:
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != math.prod(shape) * DTYPE_INFO[dtype][0] or data_start + end > size:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file (tensor {name} lies outside the file or has the wrong size)")
+        spans.append((begin, end, name))
+    # As safetensors itself checks: the tensors' data, in offset order, tile the data section exactly.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves a gap of {begin - position} bytes before it"
+            raise CheckpointError(f"{file}: corrupt safetensors file (tensor {name} at data offset {begin} {what})")
+        position = end
+    if data_start + position != size:
+        raise CheckpointError(f"{file}: corrupt safetensors file ({size - data_start - position} bytes after the last tensor's data)")
     return header, data_start
 
 
@@ -225,11 +241,17 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+                weight_map = read_json(index, dict)["weight_map"]
+            except UsageError as exc:
+                detail = str(exc).removeprefix(f"{index}: ")
+                raise CheckpointError(f"{index}: not a valid safetensors index ({detail})") from None
+            except KeyError:
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+            for shard in set(weight_map.values()):
+                if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+                    raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside {self.path}; refusing to read it")
             files = {name: self.path / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
                 if not shard.is_file():
@@ -424,17 +446,81 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_HOST = socket.gethostname() or "host"
+
+
+def _tmp_prefix(name: str, kind: str) -> str:
+    """`NAME.tmp-HOST-PID-` (or `.old-`): whose temporary it is, so that a later start can tell a dead
+    writer's leftovers (removed or restored) from a live one's (never touched)."""
+    return f"{name}.{kind}-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def _leftovers(parent: Path, name: str, kind: str) -> Iterator[Path]:
+    """`NAME.<kind>-HOST-PID-XXXXXXXX*` entries of dead processes of this host (a pid seen from
+    another host says nothing, so those are left alone)."""
+    pattern = re.compile(rf"^{re.escape(name)}\.{kind}-(.+)-(\d+)-[A-Za-z0-9_]{{8}}")
+    try:
+        children = list(parent.iterdir())
+    except OSError:
+        return
+    for child in children:
+        match = pattern.match(child.name)
+        if match and match.group(1) == _HOST and not _alive(int(match.group(2))):
+            yield child
+
+
+def recover(out: str | os.PathLike) -> None:
+    """Undo what a killed writer of `out` left: its `OUT.tmp-*` are removed, and a lone
+    `OUT.old-*` (killed between atomic_dir's two renames) is put back as `out`."""
+    out = Path(out)
+    for tmp in _leftovers(out.parent, out.name, "tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in _leftovers(out.parent, out.name, "old"):
+        kept = old / out.name
+        if kept.exists() and not out.exists():
+            with contextlib.suppress(FileNotFoundError):  # a concurrent recovery did it first
+                os.replace(kept, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_file(path: str | os.PathLike) -> None:
+    """Remove the `.NAME.tmp-*` files that dead writers of `path` left."""
+    path = Path(path)
+    for tmp in _leftovers(path.parent, f".{path.name}", "tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace a run directory (one that holds trajectory.json) with anything."""
+    if out.is_dir() and (out / "trajectory.json").exists():
+        raise UsageError(f"{out} is a run directory (it holds trajectory.json); refusing to replace it: choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to `out`, on failure remove it.
 
-    With overwrite, an existing `out` is replaced only after the new one is complete.
+    With overwrite, an existing `out` is replaced only after the new one is complete; never a run
+    directory. What a killed writer left (see `recover`) is cleaned up first.
     """
     out = Path(out)
+    recover(out)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name, "tmp"), dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get the usual mode
         yield tmp
@@ -444,9 +530,13 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
                     os.fsync(f.fileno())
         _fsync_dir(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name, "old"), dir=out.parent))
             os.replace(out, old / out.name)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -475,7 +565,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success fsync it and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    recover_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(f".{path.name}", "tmp"), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600

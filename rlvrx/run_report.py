@@ -9,30 +9,27 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
 from rlvrx.errors import UsageError
+from rlvrx.jsonio import read_json
+from rlvrx.train.metrics_log import read_metrics
 
 STAGE_ORDER = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval")
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _read_json(path: Path) -> dict:
+    """A stage summary: a JSON object (anything else is a one-line error naming the file)."""
+    return read_json(path, dict)
 
 
 def gather(run_dir: str | Path) -> dict:
     run = Path(run_dir)
     if not run.is_dir():
         raise UsageError(f"{run}: no such run directory")
-    metrics = []
-    if (run / "metrics.jsonl").is_file():
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_metrics(run)
     stages = {}
     for path in sorted((run / "stages").glob("*.json")):
         stages[path.stem] = _read_json(path)
@@ -66,8 +63,9 @@ def _plt():
 
 
 def plot_training(metrics: list[dict], out: Path) -> Path | None:
-    steps = [m for m in metrics if m.get("stage") == "grpo" and "reward_mean" in m]
-    evals = [m for m in metrics if "test_accuracy" in m]
+    metrics = [m for m in metrics if m.get("step") is not None]
+    steps = [m for m in metrics if m.get("stage") == "grpo" and m.get("reward_mean") is not None]
+    evals = [m for m in metrics if m.get("test_accuracy") is not None]
     if not steps and not evals:
         return None
     plt = _plt()

@@ -37,6 +37,10 @@ def gather(run_dir: str | Path) -> dict:
         stages["linearity-weights"] = _read_json(run / "linearity/weights/summary.json")
     if "linearity-logprobs" not in stages and (run / "linearity/logprobs/summary.json").is_file():
         stages["linearity-logprobs"] = _read_json(run / "linearity/logprobs/summary.json")
+    if (run / "trajectory.json").is_file():
+        from rlvrx.trajectory import Trajectory
+
+        Trajectory.load(run)  # a damaged manifest is a one-line error, not a silently missing plot
     if not metrics and not stages and not (run / "trajectory.json").is_file():
         raise UsageError(f"{run}: nothing to report (no metrics.jsonl, stages/ or trajectory.json)")
     images = {}

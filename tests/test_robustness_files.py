@@ -139,7 +139,8 @@ def test_second_train_on_a_run_is_refused_and_sigterm_leaves_nothing_half_writte
             first.kill()
             first.communicate()
     assert first.returncode == 143, err
-    assert one_line(err) and "terminated (SIGTERM)" in err
+    # (training's generation may print a library FutureWarning before it: not the error's business)
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM)" and "Traceback" not in err
     assert leftovers(run) == []
     # every registered checkpoint is complete and loads
     entries = json.loads((run / "trajectory.json").read_text())

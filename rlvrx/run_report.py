@@ -33,6 +33,9 @@ def gather(run_dir: str | Path) -> dict:
     stages = {}
     for path in sorted((run / "stages").glob("*.json")):
         stages[path.stem] = _read_json(path)
+    for model, tasks in (stages.get("eval") or {}).items():
+        if not isinstance(tasks, dict) or not all(isinstance(t, dict) for t in tasks.values()):
+            raise UsageError(f"{run / 'stages' / 'eval.json'}: model {model!r} must map task names to objects of metrics")
     if "linearity-weights" not in stages and (run / "linearity/weights/summary.json").is_file():
         stages["linearity-weights"] = _read_json(run / "linearity/weights/summary.json")
     if "linearity-logprobs" not in stages and (run / "linearity/logprobs/summary.json").is_file():
@@ -188,14 +191,14 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 rows.append(["direction cosine (successive deltas)", _fmt(s.get("direction_cosine"))])
             if "holdout_rel_error" in s:
                 rows.append(["held-out relative error (last checkpoint)", _fmt(s.get("holdout_rel_error"))])
-            steps = s.get("steps") or []
+            steps = s.get("steps") if isinstance(s.get("steps"), list) else []
             rows.append(["checkpoints (steps)", f"{len(steps)} ({steps[0]}..{steps[-1]})" if steps else "-"])
             tables.append((key.replace("-", " "), ["", "value"], rows))
     rows = []
     for key in ("extrapolate-weights", "extrapolate-logits"):
         s = stages.get(key)
         if isinstance(s, dict):
-            inputs = ", ".join(f"{i.get('role')} {i.get('step')}" for i in s.get("inputs", []))
+            inputs = ", ".join(f"{i.get('role')} {i.get('step')}" for i in s.get("inputs") or [] if isinstance(i, dict))
             rows.append([key.split("-")[1], s.get("method", "-"), inputs, _fmt(s.get("target_step")), _fmt(s.get("alpha")), str(s.get("out", "-"))])
     if rows:
         tables.append(("extrapolation", ["kind", "method", "inputs", "target", "alpha", "output"], rows))

@@ -222,6 +222,10 @@ def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(tmp
 
 def test_a_train_that_fails_on_its_recipe_leaves_no_recipe_and_the_corrected_rerun_runs(tmp_path, tiny_model_dir, cli):
     run = tmp_path / "run"
+    run.write_text("a file")
+    rc, _, err = cli("train", _train_recipe(tmp_path, run, steps=1), "--no-progress")
+    assert rc == 2 and one_line(err) and f"output.dir {run} is a file" in err
+    run.unlink()
     broken = tmp_path / "broken-model"
     broken.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -463,6 +467,10 @@ def test_damaged_run_files_are_one_line_errors(tmp_path, checkpoint_series, cli)
         (run / "stages" / "train.json").write_bytes(damage)
         rc, _, err = cli("report", run)
         assert rc == 2 and one_line(err) and expected in err and "train.json" in err, err
+    (run / "stages" / "train.json").unlink()
+    (run / "stages" / "eval.json").write_text('{"real@10": ["pass@1", 0.5]}')
+    rc, _, err = cli("report", run)
+    assert rc == 2 and one_line(err) and "eval.json: model 'real@10' must map task names" in err, err
     assert not (run / "report" / "index.html").exists()
 
 

@@ -433,6 +433,8 @@ class Trainer:
     def fit(self, show_progress: bool = True) -> dict:
         """Resume from the last checkpoint, or SFT + save step 0; then GRPO steps until the budget is spent.
         The run directory is this process's alone meanwhile: a second trainer is refused at once."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"output.dir {self.run_dir} is a file, not a run directory")
         with locked(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}"):
             self.setup()
             try:

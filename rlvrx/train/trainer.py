@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
 from safetensors import SafetensorError
 
 from rlvrx.checkpoint import Checkpoint, atomic_dir, atomic_write_text, load_torch_file
@@ -25,8 +24,8 @@ from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate, left_pad, pack_prompt_response
 from rlvrx.generation.scoring import shared_prompt_token_logprobs
 from rlvrx.generation.sampler import NonFiniteLogits
-from rlvrx.train.grpo import group_advantages, policy_loss, zero_std_fraction
 from rlvrx.locks import locked
+from rlvrx.train.grpo import group_advantages, policy_loss, zero_std_fraction
 from rlvrx.train.metrics_log import metrics_path, read_metrics
 from rlvrx.trajectory import Trajectory, step_dir_name
 

@@ -254,6 +254,8 @@ def test_resume_drops_a_torn_metrics_line(tmp_path, cli):
         f.write('{"step": 3, "stage": "grpo", "rew')
     rc, _, err = cli("report", run)
     assert rc == 0, err
+    rc, out, err = cli("rl-extra", "compare", run, run, "--png", tmp_path / "compare.png")
+    assert rc == 0 and (tmp_path / "compare.png").is_file(), err
     rc, _, err = cli("train", recipe, "grpo.steps=3", "--force", "--no-progress")
     assert rc == 0, err
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -485,6 +487,15 @@ def test_bad_options_are_one_line_usage_errors(tmp_path, checkpoint_series, cli)
     assert rc == 2 and one_line(err) and "--copy-pattern ''" in err
     rc, _, err = cli(*two, "--alpha", 2, "--copy-pattern", "norm", "--copy-pattern", " ")
     assert rc == 2 and one_line(err) and "--copy-pattern" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+    # a zero-byte or garbage weights file: one line naming it
+    for name, data in (("empty", b""), ("garbage", b"\x10" + bytes(7) + b"{not a header}" + bytes(64))):
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "config.json").write_bytes((ckpts[10] / "config.json").read_bytes())
+        (bad / "model.safetensors").write_bytes(data)
+        rc, _, err = cli("extrapolate", "weights", "--base-path", ckpts[0], "--second-path", bad, "--alpha", 2, "--out", out)
+        assert rc == 1 and one_line(err) and str(bad / "model.safetensors") in err, err
     assert not out.exists() and leftovers(tmp_path) == []
     # the same missing directory, through add and through scan: exit 2 both
     missing = tmp_path / "no-such-dir"

@@ -450,7 +450,7 @@ def test_read_header_accepts_tensors_listed_out_of_offset_order(tmp_path):
 
 def test_damaged_run_files_are_one_line_errors(tmp_path, checkpoint_series, cli):
     run = tmp_path / "run"
-    ckpts = checkpoint_series(run / "checkpoints", [0, 10], name="step_{step:06d}")
+    checkpoint_series(run / "checkpoints", [0, 10], name="step_{step:06d}")
     assert cli("snapshot", "scan", run / "checkpoints", "--run", run, "--no-hash")[0] == 0
     manifest = run / "trajectory.json"
     good = manifest.read_bytes()

@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rlvrx.checkpoint import Checkpoint, atomic_dir, read_header
+from rlvrx.atomic import atomic_dir, atomic_write_text
+from rlvrx.checkpoint import Checkpoint, read_header
 from rlvrx.errors import CheckpointError
 
 TIMEOUT = 300  # only so that a hung child fails the test instead of hanging it
@@ -326,7 +327,7 @@ def test_sigterm_mid_write_leaves_no_temporary_and_the_old_output(tmp_path, chec
 KILLED_BETWEEN_RENAMES = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from rlvrx.checkpoint import atomic_dir
+    from rlvrx.atomic import atomic_dir
 
     real = os.replace
 
@@ -376,8 +377,6 @@ def test_only_dead_writers_temporaries_are_removed(tmp_path):
     stale_file.write_text("{")
     with atomic_dir(out) as tmp:
         (tmp / "a").write_text("a")
-    from rlvrx.checkpoint import atomic_write_text
-
     atomic_write_text(tmp_path / "out.json", "{}\n")
     assert not stale.exists() and not stale_file.exists()
     assert live.exists() and foreign.exists()

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from rlvrx import __version__, native
+from rlvrx.atomic import check_replaceable, recover
 from rlvrx.checkpoint import (
     DTYPE_INFO,
     FLOAT_DTYPES,
@@ -50,14 +51,12 @@ from rlvrx.checkpoint import (
     RawValues,
     ShardedWriter,
     atomic_dir,
-    check_replaceable,
     checkpoint_sha256,
     compare_structure,
     copy_aux_files,
     dtype_name,
     element_size,
     is_checkpoint_dir,
-    recover,
     weight_files,
 )
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError

@@ -13,7 +13,6 @@ into `OUT.tmp-*` and renamed into place only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -21,7 +20,6 @@ import math
 import mmap
 import os
 import shutil
-import tempfile
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from rlvrx.atomic import atomic_dir, atomic_file, atomic_write_text, check_replaceable, recover  # noqa: F401 (re-exported)
 from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.jsonio import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -165,8 +165,11 @@ def read_header(file: Path) -> tuple[dict, int]:
             raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: corrupt safetensors file (its header is nested too deeply)") from None
     header.pop("__metadata__", None)
     data_start = 8 + length
+    spans = []
     for name, meta in header.items():
         try:
             begin, end = (int(x) for x in meta["data_offsets"])
@@ -175,8 +178,18 @@ def read_header(file: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file (no valid dtype, shape and data_offsets for tensor {name})") from None
         if dtype not in DTYPE_INFO:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
-        if not 0 <= begin <= end or end - begin != math.prod(shape) * DTYPE_INFO[dtype][0] or data_start + end > size:
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != math.prod(shape) * DTYPE_INFO[dtype][0] or data_start + end > size:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file (tensor {name} lies outside the file or has the wrong size)")
+        spans.append((begin, end, name))
+    # As safetensors itself checks: the tensors' data, in offset order, tile the data section exactly.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves a gap of {begin - position} bytes before it"
+            raise CheckpointError(f"{file}: corrupt safetensors file (tensor {name} at data offset {begin} {what})")
+        position = end
+    if data_start + position != size:
+        raise CheckpointError(f"{file}: corrupt safetensors file ({size - data_start - position} bytes after the last tensor's data)")
     return header, data_start
 
 
@@ -225,11 +238,17 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+                weight_map = read_json(index, dict)["weight_map"]
+            except UsageError as exc:
+                detail = str(exc).removeprefix(f"{index}: ")
+                raise CheckpointError(f"{index}: not a valid safetensors index ({detail})") from None
+            except KeyError:
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+            for shard in set(weight_map.values()):
+                if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+                    raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside {self.path}; refusing to read it")
             files = {name: self.path / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
                 if not shard.is_file():
@@ -405,94 +424,6 @@ def compare_structure(a: Checkpoint, b: Checkpoint) -> str | None:
     if not diffs:
         return None
     return diffs[0] + (f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else "")
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic directories
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success rename it to `out`, on failure remove it.
-
-    With overwrite, an existing `out` is replaced only after the new one is complete.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get the usual mode
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is racy across threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; on success fsync it and rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file via a temporary sibling, fsync and rename."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
 
 
 def copy_aux_files(source: Path, dest: Path) -> list[str]:

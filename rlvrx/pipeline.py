@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from rlvrx.checkpoint import atomic_write_text
 from rlvrx.config import Recipe, StageConfig, find_recipe
 from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.jsonio import read_json
 
 COMMANDS = {
     "train": ("train",),
@@ -186,7 +187,7 @@ def run_pipeline(
         json_path = stages_dir / f"{name}.json"
         argv = stage_argv(stage, run_dir, recipe_path, overrides, json_path)
         marker = stages_dir / f"{name}.done"
-        if marker.is_file() and json.loads(marker.read_text()).get("argv") == argv and json_path.is_file() and only is None:
+        if marker.is_file() and read_json(marker, dict).get("argv") == argv and json_path.is_file() and only is None:
             echo(f"[skip] {name}: finished earlier ({marker})")
             results.append({"name": name, "kind": stage.kind, "status": "skipped", "argv": argv})
             continue

@@ -9,37 +9,41 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
 from rlvrx.errors import UsageError
+from rlvrx.jsonio import read_json
+from rlvrx.train.metrics_log import read_metrics
 
 STAGE_ORDER = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval")
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _read_json(path: Path) -> dict:
+    """A stage summary: a JSON object (anything else is a one-line error naming the file)."""
+    return read_json(path, dict)
 
 
 def gather(run_dir: str | Path) -> dict:
     run = Path(run_dir)
     if not run.is_dir():
         raise UsageError(f"{run}: no such run directory")
-    metrics = []
-    if (run / "metrics.jsonl").is_file():
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_metrics(run)
     stages = {}
     for path in sorted((run / "stages").glob("*.json")):
         stages[path.stem] = _read_json(path)
+    for model, tasks in (stages.get("eval") or {}).items():
+        if not isinstance(tasks, dict) or not all(isinstance(t, dict) for t in tasks.values()):
+            raise UsageError(f"{run / 'stages' / 'eval.json'}: model {model!r} must map task names to objects of metrics")
     if "linearity-weights" not in stages and (run / "linearity/weights/summary.json").is_file():
         stages["linearity-weights"] = _read_json(run / "linearity/weights/summary.json")
     if "linearity-logprobs" not in stages and (run / "linearity/logprobs/summary.json").is_file():
         stages["linearity-logprobs"] = _read_json(run / "linearity/logprobs/summary.json")
+    if (run / "trajectory.json").is_file():
+        from rlvrx.trajectory import Trajectory
+
+        Trajectory.load(run)  # a damaged manifest is a one-line error, not a silently missing plot
     if not metrics and not stages and not (run / "trajectory.json").is_file():
         raise UsageError(f"{run}: nothing to report (no metrics.jsonl, stages/ or trajectory.json)")
     images = {}
@@ -66,8 +70,9 @@ def _plt():
 
 
 def plot_training(metrics: list[dict], out: Path) -> Path | None:
-    steps = [m for m in metrics if m.get("stage") == "grpo" and "reward_mean" in m]
-    evals = [m for m in metrics if "test_accuracy" in m]
+    metrics = [m for m in metrics if m.get("step") is not None]
+    steps = [m for m in metrics if m.get("stage") == "grpo" and m.get("reward_mean") is not None]
+    evals = [m for m in metrics if m.get("test_accuracy") is not None]
     if not steps and not evals:
         return None
     plt = _plt()
@@ -186,14 +191,14 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 rows.append(["direction cosine (successive deltas)", _fmt(s.get("direction_cosine"))])
             if "holdout_rel_error" in s:
                 rows.append(["held-out relative error (last checkpoint)", _fmt(s.get("holdout_rel_error"))])
-            steps = s.get("steps") or []
+            steps = s.get("steps") if isinstance(s.get("steps"), list) else []
             rows.append(["checkpoints (steps)", f"{len(steps)} ({steps[0]}..{steps[-1]})" if steps else "-"])
             tables.append((key.replace("-", " "), ["", "value"], rows))
     rows = []
     for key in ("extrapolate-weights", "extrapolate-logits"):
         s = stages.get(key)
         if isinstance(s, dict):
-            inputs = ", ".join(f"{i.get('role')} {i.get('step')}" for i in s.get("inputs", []))
+            inputs = ", ".join(f"{i.get('role')} {i.get('step')}" for i in s.get("inputs") or [] if isinstance(i, dict))
             rows.append([key.split("-")[1], s.get("method", "-"), inputs, _fmt(s.get("target_step")), _fmt(s.get("alpha")), str(s.get("out", "-"))])
     if rows:
         tables.append(("extrapolation", ["kind", "method", "inputs", "target", "alpha", "output"], rows))

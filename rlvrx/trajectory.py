@@ -11,8 +11,11 @@ from typing import Iterable
 
 from rlvrx.checkpoint import Checkpoint, checkpoint_sha256, compare_structure, is_checkpoint_dir, atomic_write_text
 from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.jsonio import read_json
+from rlvrx.locks import locked
 
 MANIFEST = "trajectory.json"
+LOCK = "trajectory.json.lock"  # held while trajectory.json is read, changed and written
 KINDS = ("base", "rl", "extrapolated")
 STEP_DIR = re.compile(r"^(?:step_|global_step_|checkpoint-)(\d+)$")
 
@@ -75,6 +78,7 @@ class Trajectory:
     def __init__(self, run_dir: str | os.PathLike, entries: Iterable[Entry] = ()):
         self.run_dir = Path(run_dir)
         self.entries: list[Entry] = sorted(entries, key=lambda e: e.step)
+        self._pending: list[tuple[Entry, bool]] = []  # (entry, replace) added since load, applied by save
 
     @property
     def manifest(self) -> Path:
@@ -90,10 +94,7 @@ class Trajectory:
             if not run_dir.exists():
                 raise UsageError(f"{run_dir}: no such run directory")
             raise UsageError(f"{manifest}: no trajectory manifest; create one with `rlvrx snapshot scan DIR --run {run_dir}`")
-        try:
-            raw = json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{manifest}: not valid JSON ({exc})") from None
+        raw = read_json(manifest)
         if isinstance(raw, dict):
             raw = raw.get("checkpoints")
         if not isinstance(raw, list):
@@ -108,8 +109,22 @@ class Trajectory:
         return cls(run_dir, entries)
 
     def save(self) -> None:
+        """Write the entries added since load into trajectory.json. Several processes may register
+        checkpoints of one run at once (a Slurm array): under a lock, the manifest is read again, this
+        object's additions are applied to what it holds now, and the result is written atomically."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.manifest, json.dumps([e.to_json() for e in self.entries], indent=2) + "\n")
+        with locked(self.run_dir / LOCK, str(self.manifest), wait=True):
+            current = {e.step: e for e in Trajectory.load(self.run_dir, create=True).entries}
+            for entry, replace in self._pending:
+                known = current.get(entry.step)
+                if known is not None and not replace and (known.kind, self.resolve(known).resolve()) != (entry.kind, self.resolve(entry).resolve()):
+                    raise UsageError(
+                        f"step {entry.step} was registered in {self.manifest} meanwhile ({known.path}); pass --replace to replace it"
+                    )
+                current[entry.step] = entry
+            self.entries = sorted(current.values(), key=lambda e: e.step)
+            atomic_write_text(self.manifest, json.dumps([e.to_json() for e in self.entries], indent=2) + "\n")
+            self._pending.clear()
 
     # -- access ---------------------------------------------------------------------------------
 
@@ -169,6 +184,8 @@ class Trajectory:
         path = Path(path)
         if not path.is_absolute() and not path.exists() and (self.run_dir / path).exists():
             path = self.run_dir / path
+        if not path.exists():
+            raise UsageError(f"{path}: no such checkpoint directory")
         ckpt = Checkpoint(path)  # validates the directory and its headers
         ckpt.infos()
         existing = [e for e in self.entries if e.step == step]
@@ -186,6 +203,7 @@ class Trajectory:
             meta=meta or {},
         )
         self.entries = sorted([e for e in self.entries if e.step != step] + [entry], key=lambda e: e.step)
+        self._pending.append((entry, replace))
         return entry
 
     def scan(self, directory: str | os.PathLike, hash: bool = True, replace: bool = False) -> list[Entry]:

@@ -482,7 +482,13 @@ def test_output_exists_and_output_is_input(tmp_path, pair_bf16):
     with pytest.raises(UsageError, match="already exists; pass --overwrite"):
         extrapolate_two_point(base_dir, second_dir, 2.0, out)
     assert listing(out) == ["keep.txt"]
+    with pytest.raises(UsageError, match="is not a checkpoint directory; --overwrite replaces only a model"):
+        extrapolate_two_point(base_dir, second_dir, 2.0, out, options=WeightsOptions(overwrite=True))
+    assert listing(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()  # an empty directory, or an earlier output, is replaced
     extrapolate_two_point(base_dir, second_dir, 2.0, out, options=WeightsOptions(overwrite=True))
+    (out / "keep.txt").write_text("x")
+    extrapolate_two_point(base_dir, second_dir, 3.0, out, options=WeightsOptions(overwrite=True))
     assert "keep.txt" not in listing(out) and PROVENANCE in listing(out)
     with pytest.raises(UsageError, match="is one of the input checkpoints"):
         extrapolate_two_point(base_dir, second_dir, 2.0, second_dir, options=WeightsOptions(overwrite=True))

@@ -141,7 +141,7 @@ def test_relative_path_resolved_against_run_dir(tmp_path, checkpoint_series, mon
 
 GOOD = {"step": 0, "path": "a", "kind": "base"}
 BAD_MANIFESTS = {
-    "not json": ("[{", "not valid JSON"),
+    "not json": ("[{", "invalid JSON at line 1"),
     "not a list": ('{"step": 1}', "expected a list of checkpoint entries"),
     "entry not an object": ("[1]", "entry 0: each entry must be an object"),
     "unsorted": (json.dumps([{"step": 20, "path": "b"}, {"step": 10, "path": "a"}]), r"steps are out of order \(\[20, 10\]\)"),

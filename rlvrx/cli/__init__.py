@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # numpy's OpenBLAS starts a thread per core that spins for about 0.1 s of CPU after import; the CLI's
@@ -62,13 +63,42 @@ common.quiet_libraries()  # before any module imports transformers
 _register()
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM (what Slurm sends at its time limit) arrived. Raised in the main thread, it
+    unwinds like KeyboardInterrupt: atomic writers remove their temporaries, locks are released."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked child: die of the signal as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Stopped(signum)
+
+
+_MAIN_PID = os.getpid()
+
+
 def main() -> None:
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):  # not if ignored (nohup)
+            signal.signal(signum, _on_signal)
     try:
         app()
     except RlvrxError as exc:
         if common.DEBUG:
             raise
         common.fail(str(exc), exc.exit_code)
+    except Stopped as exc:
+        if exc.signum == signal.SIGTERM:
+            common.fail("terminated (SIGTERM)", 128 + signal.SIGTERM)
+        common.fail("interrupted", 130)
     except KeyboardInterrupt:
         common.fail("interrupted", 130)
     except (MemoryError, OSError) as exc:

@@ -109,7 +109,7 @@ def verify(
     if problems:
         for line in problems:
             err_console.print(f"[red]x[/] {escape(line)}", highlight=False, soft_wrap=True)
-        err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {traj.manifest}", highlight=False)
+        err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {escape(str(traj.manifest))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {len(traj)} checkpoints, steps {traj.steps}", highlight=False)
 

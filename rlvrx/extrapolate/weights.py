@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from rlvrx import __version__, native
+from rlvrx.atomic import check_replaceable, recover
 from rlvrx.checkpoint import (
     DTYPE_INFO,
     FLOAT_DTYPES,
@@ -55,6 +56,7 @@ from rlvrx.checkpoint import (
     copy_aux_files,
     dtype_name,
     element_size,
+    is_checkpoint_dir,
     weight_files,
 )
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
@@ -444,12 +446,22 @@ def _open_all(sources: Sequence[Source]) -> list[Checkpoint]:
 
 
 def _check_out(out: Path, sources: Sequence[Source], overwrite: bool) -> None:
+    """Refuse an output that would replace an input, a directory holding one, a run directory, or
+    anything but an earlier checkpoint (--overwrite replaces a model, never a directory of results)."""
+    recover(out)  # a writer killed between atomic_dir's renames: its previous output comes back first
     resolved = out.resolve()
     for src in sources:
         if src.path.resolve() == resolved:
             raise UsageError(f"output {out} is one of the input checkpoints; choose another --out")
-    if out.exists() and not overwrite:
+        if resolved in src.path.resolve().parents:
+            raise UsageError(f"output {out} holds the input checkpoint {src.path}; choose another --out")
+    if not out.exists():
+        return
+    if not overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
+    check_replaceable(out)
+    if not out.is_dir() or not (is_checkpoint_dir(out) or not any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not a checkpoint directory; --overwrite replaces only a model, choose another --out")
 
 
 FINGERPRINT_BLOCKS = 16  # 4 KiB blocks sampled evenly from each weight file's data
@@ -706,6 +718,8 @@ def extrapolate_lstsq(
 
 def resolve_alpha(base: int | None, second: int | None, target: int | None, alpha: float | None) -> tuple[float, int | None]:
     """(alpha, target) from --target or --alpha: alpha = (T - S0) / (S1 - S0); T is derived from alpha when integral."""
+    if alpha is not None and not math.isfinite(alpha):
+        raise UsageError(f"--alpha {alpha}: must be a finite number")
     if base is not None and second is not None:
         if target is not None and alpha is not None:
             raise UsageError("give --target or --alpha, not both (alpha = (target - base) / (second - base))")
@@ -832,6 +846,8 @@ def extrapolate_weights(
     """The `rlvrx extrapolate weights` request: checkpoints by step from RUN's trajectory, or two
     model directories; two-point or least squares; optional registration in the trajectory."""
     options = options or WeightsOptions()
+    if any(not pattern.strip() for pattern in options.copy_patterns):
+        raise UsageError("--copy-pattern '': an empty pattern matches every tensor name (nothing would be extrapolated); give a name substring such as norm")
     if fit not in METHODS:
         raise UsageError(f"--fit {fit!r}: use one of {', '.join(METHODS)}")
     if register and run is None:

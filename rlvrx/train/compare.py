@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rlvrx.errors import UsageError
+from rlvrx.train.metrics_log import metrics_path, read_metrics
 
 
 def eval_curve(run_dir: str | Path) -> list[dict]:
     """The run's test-accuracy points: [{grad_step, step, elapsed, test_accuracy, stage}] in log order."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise UsageError(f"{path}: no metrics; is {run_dir} a training run directory?")
     points = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_metrics(run_dir):
         if "test_accuracy" in record:
             points.append({k: record.get(k) for k in ("grad_step", "step", "elapsed", "test_accuracy", "stage")})
     if not points:

@@ -16,24 +16,34 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from rlvrx.checkpoint import atomic_dir, atomic_write_text, load_torch_file
+from rlvrx.checkpoint import Checkpoint, atomic_dir, atomic_write_text, load_torch_file
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate, left_pad, pack_prompt_response
 from rlvrx.generation.scoring import shared_prompt_token_logprobs
 from rlvrx.generation.sampler import NonFiniteLogits
+from rlvrx.locks import locked
 from rlvrx.train.grpo import group_advantages, policy_loss, zero_std_fraction
+from rlvrx.train.metrics_log import metrics_path, read_metrics
 from rlvrx.trajectory import Trajectory, step_dir_name
 
 TRAINER_STATE = "trainer_state.pt"
-METRICS = "metrics.jsonl"
+RECIPE = "recipe.yaml"
+RUN_LOCK = ".rlvrx.lock"  # held by the one process that trains in a run directory
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"model.device {name!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"model.device {name}: no CUDA device is visible; use model.device=cpu (or auto)")
+    return device
 
 
 def load_model(recipe: Recipe, device: torch.device):
@@ -56,14 +66,23 @@ def load_pretrained(path: str | Path, device: torch.device, dtype: torch.dtype =
         raise UsageError(f"model path {path} is not a directory")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
         raise UsageError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); save the tokenizer next to the weights")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    Checkpoint(path).infos()  # a damaged weights file: one line naming it, before transformers reads it
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # tokenizers raises bare Exceptions for a damaged tokenizer.json
+        raise UsageError(f"{path}: cannot load the tokenizer ({_first_line(exc)})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UsageError(f"{path}: cannot load the model ({_first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def build_task(recipe: Recipe):
@@ -127,27 +146,34 @@ class Trainer:
                 f"grpo.batch_size ({cfg.batch_size}) is not divisible by grpo.mini_batch_size ({cfg.mini_batch_size})"
             )
 
-    def _claim_run_dir(self) -> None:
-        """Write recipe.yaml, or check the run dir holds this recipe (refuse a different one unless force)."""
-        saved = self.run_dir / "recipe.yaml"
+    def _check_run_dir(self) -> str:
+        """The recipe's YAML; refuse a run dir that holds a different recipe (unless force)."""
+        saved = self.run_dir / RECIPE
         text = recipe_to_yaml(self.recipe)
-        if saved.is_file() and saved.read_text() != text and not self.force:
-            raise UsageError(
-                f"{self.run_dir} holds a different recipe ({saved}); use another output.dir, or pass --force to continue with this one"
-            )
-        atomic_write_text(saved, text)
+        if saved.is_file() and not self.force:
+            try:
+                same = saved.read_bytes() == text.encode()
+            except OSError as exc:
+                raise UsageError(f"{saved}: cannot read: {exc.strerror or exc}") from None
+            if not same:
+                raise UsageError(
+                    f"{self.run_dir} holds a different recipe ({saved}); use another output.dir, or pass --force to continue with this one"
+                )
+        return text
 
     def setup(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._claim_run_dir()
+        """Check and load everything the recipe names; recipe.yaml is written only once all of it
+        loaded, so a recipe that fails here leaves nothing that would refuse the corrected rerun."""
+        recipe_text = self._check_run_dir()
         torch.manual_seed(self.cfg.seed)
+        self.trajectory = Trajectory.load(self.run_dir, create=True)
         self.model, self.tokenizer = load_model(self.recipe, self.device)
         self.task = build_task(self.recipe)
         self.train_examples = list(self.task.train_examples())
         self.test_examples = list(self.task.test_examples())
         if not self.train_examples:
             raise UsageError(f"task {self.recipe.task.name!r} yields no training prompts; check task settings (n_train, data, limit)")
-        self.trajectory = Trajectory.load(self.run_dir, create=True)
+        atomic_write_text(self.run_dir / RECIPE, recipe_text)
         self.ref_model = None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999)
@@ -194,11 +220,8 @@ class Trainer:
         return None
 
     def restore(self, path: Path) -> dict:
-        from safetensors.torch import load_file
-
-        state_dict = {}
-        for file in sorted(path.glob("*.safetensors")):
-            state_dict.update(load_file(file, device=str(self.device)))
+        with Checkpoint(path) as ckpt:  # its headers checked: a damaged file is one line naming it
+            state_dict = {name: ckpt.get(name).to(self.device) for name in ckpt.names()}
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)]
         if missing or unexpected:
@@ -218,14 +241,14 @@ class Trainer:
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / METRICS
+        return metrics_path(self.run_dir)
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric lines past the resumed step: they are recomputed."""
+        """Drop metric lines past the resumed step (they are recomputed), and a torn last line."""
         if not self.metrics_path.is_file():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+        keep = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= after_step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -407,12 +430,16 @@ class Trainer:
         """Hook: called after each GRPO step is logged, before the step's checkpoint is saved."""
 
     def fit(self, show_progress: bool = True) -> dict:
-        """Resume from the last checkpoint, or SFT + save step 0; then GRPO steps until the budget is spent."""
-        self.setup()
-        try:
-            return self._fit(show_progress)
-        finally:
-            self.close()
+        """Resume from the last checkpoint, or SFT + save step 0; then GRPO steps until the budget is spent.
+        The run directory is this process's alone meanwhile: a second trainer is refused at once."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"output.dir {self.run_dir} is a file, not a run directory")
+        with locked(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}"):
+            self.setup()
+            try:
+                return self._fit(show_progress)
+            finally:
+                self.close()
 
     def _fit(self, show_progress: bool) -> dict:
         from rlvrx.train.progress import TrainProgress
@@ -475,7 +502,7 @@ class Trainer:
     progress_label = "GRPO"
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.run_dir)
 
     def summary(self) -> dict:
         records = self.records()

@@ -31,12 +31,15 @@ from rlvrx.backends.verl.overrides import (
     build_overrides,
     check_recipe,
     entry_module,
+    override_key,
     run_paths,
+    total_training_steps,
 )
 from rlvrx.errors import RlvrxError, UsageError
 
 STEP_SIDECAR = "rlvrx_step.json"
 JUMPS_DIR = "rl_extra"
+TRACKER = "latest_checkpointed_iteration.txt"  # verl's record of the step it resumes from
 
 
 @dataclass
@@ -119,6 +122,51 @@ def register_run_checkpoints(recipe, run_dir, python: str | None = None) -> list
         added.append(step)
     traj.save()
     return added
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming
+
+
+def latest_saved_step(checkpoint_dir) -> int | None:
+    """The step verl's resume_mode=auto will start after (its tracker file), or None before any save.
+
+    verl reads the tracker and, when the global_step_N it names is missing, trains from step 0 over
+    the run without a word; here that is an error instead.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tracker = checkpoint_dir / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        step = int(text)
+    except ValueError:
+        raise RlvrxError(f"{tracker}: holds {text!r}, not a step number; fix or remove it to resume") from None
+    if not (checkpoint_dir / f"global_step_{step}").is_dir():
+        raise RlvrxError(
+            f"{tracker} names step {step}, but {checkpoint_dir / f'global_step_{step}'} is missing, and verl would "
+            "silently train again from step 0; restore that dir or write the last step that exists into the tracker"
+        )
+    return step
+
+
+def _overridden(recipe, key: str) -> str | None:
+    """The value the recipe's verl.overrides give `key` (the last one wins), or None."""
+    value = None
+    for item in recipe.verl.overrides:
+        if "=" in item and override_key(item) == key:
+            value = item.split("=", 1)[1].strip()
+    return value
+
+
+def resume_point(recipe, run_dir) -> tuple[int | None, int]:
+    """(the saved step the job resumes from, or None; the job's total steps)."""
+    total = _overridden(recipe, "trainer.total_training_steps")
+    total = int(total) if total not in (None, "null") else total_training_steps(recipe)
+    if (_overridden(recipe, "trainer.resume_mode") or "auto") != "auto":
+        return None, total
+    return latest_saved_step(run_paths(recipe, run_dir)["checkpoints"]), total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +283,15 @@ def launch(recipe, run_dir, dry_run: bool = False) -> int:
     _register_base(recipe, plan)
     if restart:
         return restart_loop(recipe, plan)
+    saved, total = resume_point(recipe, plan.run_dir)
+    checkpoints = run_paths(recipe, plan.run_dir)["checkpoints"]
+    if saved is not None and saved >= total:
+        print(f"Nothing to train: {checkpoints / f'global_step_{saved}'} is step {saved}, and the job trains "
+              f"{total} steps; raise grpo.steps to train further", flush=True)
+        register_run_checkpoints(recipe, plan.run_dir, plan.python)
+        return 0
+    if saved is not None:
+        print(f"Resuming from {checkpoints / f'global_step_{saved}'}: steps {saved + 1} to {total}", flush=True)
     code = subprocess.call(plan.command, cwd=plan.run_dir)
     register_run_checkpoints(recipe, plan.run_dir, plan.python)
     return code

@@ -136,14 +136,15 @@ class _suppress:
         return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError, subprocess.TimeoutExpired))
 
 
-def run_rlvrx(args: list[str], log: Path, cwd: Path, timeout: float, stop_when=None, poll: float = 2.0):
+def run_rlvrx(args: list[str], log: Path, cwd: Path, timeout: float, stop_when=None, poll: float = 2.0,
+              env: dict[str, str] | None = None):
     """Run `python -m rlvrx ARGS` with the CPU environment, output to `log`.
 
     Returns (exit code or None when stopped, log text). `stop_when()` is polled; once true the run is
     killed (SIGKILL, like a lost node), which is how the resume test interrupts training. A run that
     outlives `timeout` is killed and reported as a TimeoutError carrying the log tail.
     """
-    env = environment()
+    env = {**environment(), **(env or {})}
     token = env[MARKER]
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "rlvrx", *args], cwd=cwd, env=env, stdout=out,

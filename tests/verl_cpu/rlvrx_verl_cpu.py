@@ -15,13 +15,21 @@ file is edited; each patch below answers one failure seen without it:
    the LM head, updates a weight the packed kernel never reads. Plain F.linear keeps the live weight.
 6. verl maps model_type qwen2 to its Qwen chat-boundary builder, which needs `<|im_end|>`; the tiny
    character tokenizer has none, so for a tokenizer without it the default builder is used.
+
+Not a fix but an observation point: with RLVRX_E2E_ROLLOUT_WEIGHTS=DIR, each vLLM worker writes the
+weights it serves after every weight sync from the trainer to DIR/update_NNN.safetensors, so a test
+can compare the rollout engine's weights with the formula.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.abc
 import importlib.metadata as _metadata
+import importlib.util
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -82,7 +90,7 @@ def _init_process_group_gloo(backend=None, *args, **kwargs):
     return _init_process_group(backend, *args, **kwargs)
 
 
-if dist.init_process_group is not _init_process_group_gloo and getattr(dist.init_process_group, "__name__", "") != "_init_process_group_gloo":
+if getattr(dist.init_process_group, "__name__", "") != _init_process_group_gloo.__name__:  # once per process
     dist.init_process_group = _init_process_group_gloo
 
 
@@ -206,3 +214,54 @@ def _patch_continuous_token() -> None:
 
 
 _patch_continuous_token()
+
+
+# Observation: the rollout engine's weights after each sync ------------------------------------
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Runs `patch(module)` right after the module `name` is first executed, in whatever process."""
+
+    def __init__(self, name: str, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, patch = spec.loader.exec_module, self.patch
+
+        def exec_then_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+def _dump_rollout_weights(module) -> None:
+    extension = module.vLLMColocateWorkerExtension
+    update = extension.update_weights_from_ipc
+    count = [0]
+
+    def update_then_dump(self, *args, **kwargs):
+        result = update(self, *args, **kwargs)
+        from safetensors.torch import save_file
+
+        out = os.environ["RLVRX_E2E_ROLLOUT_WEIGHTS"]
+        os.makedirs(out, exist_ok=True)
+        tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.model_runner.model.named_parameters()}
+        path = os.path.join(out, f"update_{count[0]:03d}.safetensors")
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        count[0] += 1
+        return result
+
+    extension.update_weights_from_ipc = update_then_dump
+
+
+_EXTENSION = "verl.workers.rollout.vllm_rollout.utils"
+if os.environ.get("RLVRX_E2E_ROLLOUT_WEIGHTS") and _EXTENSION not in sys.modules:
+    if not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(_EXTENSION, _dump_rollout_weights))

@@ -31,12 +31,16 @@ from rlvrx.backends.verl.overrides import (
     build_overrides,
     check_recipe,
     entry_module,
+    override_key,
     run_paths,
+    total_training_steps,
 )
 from rlvrx.errors import RlvrxError, UsageError
 
 STEP_SIDECAR = "rlvrx_step.json"
 JUMPS_DIR = "rl_extra"
+TRACKER = "latest_checkpointed_iteration.txt"  # verl's record of the step it resumes from
+JUMP_MARKER = "rlvrx_jump.json"  # written by the in-job RL-Extra trainer once a jump is saved
 
 
 @dataclass
@@ -119,6 +123,62 @@ def register_run_checkpoints(recipe, run_dir, python: str | None = None) -> list
         added.append(step)
     traj.save()
     return added
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming
+
+
+def latest_saved_step(checkpoint_dir) -> int | None:
+    """The step verl's resume_mode=auto will start after (its tracker file), or None before any save.
+
+    verl reads the tracker and, when the global_step_N it names is missing, trains from step 0 over
+    the run without a word; here that is an error instead.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tracker = checkpoint_dir / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        step = int(text)
+    except ValueError:
+        raise RlvrxError(f"{tracker}: holds {text!r}, not a step number; fix or remove it to resume") from None
+    if not (checkpoint_dir / f"global_step_{step}").is_dir():
+        raise RlvrxError(
+            f"{tracker} names step {step}, but {checkpoint_dir / f'global_step_{step}'} is missing, and verl would "
+            "silently train again from step 0; restore that dir or write the last step that exists into the tracker"
+        )
+    return step
+
+
+def _overridden(recipe, key: str) -> str | None:
+    """The value the recipe's verl.overrides give `key` (the last one wins), or None."""
+    value = None
+    for item in recipe.verl.overrides:
+        if "=" in item and override_key(item) == key:
+            value = item.split("=", 1)[1].strip()
+    return value
+
+
+def resume_point(recipe, run_dir) -> tuple[int | None, int, bool]:
+    """(the saved step the job resumes from, or None; the job's total steps; whether it has work left).
+
+    An in-job RL-Extra run saved at its last step still has work when that step's jump is not saved
+    (the trainer redoes it on resume).
+    """
+    total = _overridden(recipe, "trainer.total_training_steps")
+    total = int(total) if total not in (None, "null") else total_training_steps(recipe)
+    if (_overridden(recipe, "trainer.resume_mode") or "auto") != "auto":
+        return None, total, True
+    checkpoints = run_paths(recipe, run_dir)["checkpoints"]
+    saved = latest_saved_step(checkpoints)
+    if saved is None or saved < total:
+        return saved, total, True
+    if recipe.rl_extra is not None and recipe.verl.rl_extra_mode == "in_process":
+        last_jump = checkpoints / JUMPS_DIR / f"jump_{saved // recipe.rl_extra.m:04d}" / JUMP_MARKER
+        return saved, total, saved % recipe.rl_extra.m == 0 and not last_jump.is_file()
+    return saved, total, False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +295,17 @@ def launch(recipe, run_dir, dry_run: bool = False) -> int:
     _register_base(recipe, plan)
     if restart:
         return restart_loop(recipe, plan)
+    saved, total, work_left = resume_point(recipe, plan.run_dir)
+    checkpoints = run_paths(recipe, plan.run_dir)["checkpoints"]
+    if not work_left:
+        more = "rl_extra.iterations" if recipe.rl_extra is not None else "grpo.steps"
+        print(f"Nothing to train: {checkpoints / f'global_step_{saved}'} is step {saved}, and the job trains "
+              f"{total} steps; raise {more} to train further", flush=True)
+        register_run_checkpoints(recipe, plan.run_dir, plan.python)
+        return 0
+    if saved is not None:
+        todo = f"steps {saved + 1} to {total}" if saved < total else f"the jump after step {saved}"
+        print(f"Resuming from {checkpoints / f'global_step_{saved}'}: {todo}", flush=True)
     code = subprocess.call(plan.command, cwd=plan.run_dir)
     register_run_checkpoints(recipe, plan.run_dir, plan.python)
     return code

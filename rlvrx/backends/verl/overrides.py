@@ -259,6 +259,14 @@ def build_overrides(
     return out
 
 
+def total_training_steps(recipe) -> int:
+    """verl's trainer.total_training_steps for the recipe's single job: grpo.steps, or m x iterations
+    when RL-Extra jumps run inside the job."""
+    if recipe.rl_extra is not None and recipe.verl.rl_extra_mode == "in_process":
+        return recipe.rl_extra.m * recipe.rl_extra.iterations
+    return recipe.grpo.steps
+
+
 def entry_module(recipe) -> str:
     """`verl.trainer.main_ppo`, or rlvrx's wrapper of it when RL-Extra jumps run inside the job."""
     if recipe.rl_extra is not None and recipe.verl.rl_extra_mode == "in_process":

@@ -38,11 +38,11 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from rlvrx.backends.verl.jump import apply_jump_local, jump_factor, snapshot_local
+from rlvrx.backends.verl.launch import JUMP_MARKER, JUMPS_DIR
 
 logger = logging.getLogger(__name__)
 
-JUMP_DIR = "rl_extra"
-JUMP_MARKER = "rlvrx_jump.json"
+JUMP_DIR = JUMPS_DIR
 
 
 def apply_optimizer_policy(optimizer, policy: str) -> None:

@@ -27,4 +27,4 @@ fi
 # Always (re)install this checkout, so the lane tests this tree and not an earlier one.
 "$PY" -m pip install -q -e ".[test]" torch==2.13.0 "transformers>=5.19,<5.20"
 export RLVRX_LANE=verl
-"$PY" -m pytest -m "verl or verl_e2e" tests/ "$@"
+"$PY" -m pytest -m "verl or verl_e2e" tests/test_verl*.py "$@"

@@ -261,3 +261,26 @@ def test_restart_loop_runs_one_job_per_cycle_from_the_last_jump(tmp_path):
         anchor = got
     assert restart_loop(recipe, plan) == 0  # rerun: every cycle is done, nothing runs again
     assert len((run / "fake_calls.txt").read_text().splitlines()) == 3
+
+
+def test_reward_imports_a_dotted_task_only_when_the_recipe_names_it(tmp_path, monkeypatch):
+    """A verl data row is data: its extra_info.task may name a registered task, or the recipe's own
+    'module:function' task (passed on verl's command line), never other code to import."""
+    from rlvrx.backends.verl.reward import task_of
+
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "probe_task_mod.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from rlvrx.tasks.arithmetic import ArithmeticTask\n"
+        "def make(**options):\n    return ArithmeticTask(**options)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("probe_task_mod:make", "os:system"):
+        with pytest.raises(ValueError, match=rf"the data names task '{name}', code to import"):
+            task_of("rlvrx/x", {"task": name}, recipe_task="arithmetic")
+    assert not marker.exists()
+    task = task_of("rlvrx/x", {"task": "probe_task_mod:make", "task_options": '{"digits": 2}'}, recipe_task="probe_task_mod:make")
+    assert marker.exists() and task.reward("7", task.test_examples()[0]) in (0.0, 1.0)
+    assert task_of("rlvrx/arithmetic", {}, recipe_task="probe_task_mod:make").name == "arithmetic"
+    overrides = _overrides(load_recipe(REPO / "recipes" / "deepscaler-1.5b-grpo.yaml"))
+    assert overrides["+reward.custom_reward_function.reward_kwargs.recipe_task"] == "math"

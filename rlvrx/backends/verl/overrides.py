@@ -250,6 +250,8 @@ def build_overrides(
             (a + "ref.log_prob_micro_batch_size_per_gpu", fixed_micro),
         ]
     out = [f"{k}={hydra_value(val)}" for k, val in items]
+    # The one 'module:function' task the reward may import: the recipe's (data files only name tasks).
+    out.append(f"+reward.custom_reward_function.reward_kwargs.recipe_task={hydra_value(recipe.task.name)}")
     out.append(f"+rlvrx.run_dir={hydra_value(str(paths['run_dir']))}")
     out.append(f"+rlvrx.step_offset={step_offset}")
     out.append(f"+rlvrx.effective_offset={effective_offset}")

@@ -41,7 +41,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def task_of(data_source: str, extra_info: dict | None):
+def task_of(data_source: str, extra_info: dict | None, recipe_task: str | None = None):
+    """The row's task. A 'module:function' name is code to import: it is taken only when it is the
+    recipe's own task (`recipe_task`, from verl's command line), never on the data's word alone."""
     extra = extra_info or {}
     name = extra.get("task")
     if not name:
@@ -52,18 +54,23 @@ def task_of(data_source: str, extra_info: dict | None):
                 "write the data with `rlvrx train RECIPE --dry-run` (backend: verl)"
             )
         name = str(data_source)[len(prefix):]
+    if ":" in str(name) and str(name) != recipe_task:
+        raise ValueError(
+            f"the data names task {name!r}, code to import; a 'module:function' task is taken only from "
+            f"the recipe's task.name (here {recipe_task!r}), not from a data file"
+        )
     options = extra.get("task_options") or "{}"
     if not isinstance(options, str):
         options = json.dumps({k: _plain(v) for k, v in dict(options).items()}, sort_keys=True)
     return _task(str(name), options)
 
 
-def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> float:
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, recipe_task=None, **kwargs) -> float:
     """1.0 when the task's verifier accepts `solution_str` against `ground_truth`, else 0.0."""
     from rlvrx.tasks import Example
 
     extra = dict(extra_info or {})
-    task = task_of(data_source, extra)
+    task = task_of(data_source, extra, recipe_task)
     example = Example(id=str(extra.get("id", extra.get("index", ""))), prompt=str(extra.get("question", "")), answer=str(ground_truth))
     if task.grading_kind is None:
         return float(task.reward(solution_str, example))

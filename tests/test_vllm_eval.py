@@ -41,13 +41,13 @@ GREEDY = ["-n", "1", "--temperature", "0"]
 # samples the uninterrupted one drew.
 SAMPLED = ["-n", str(SAMPLES), "--temperature", "1.0", "--top-p", "0.95", "--seed", "3", "--batch-size", "1"]
 FALSE_ALARM = 1e-3  # family-wise, over the k values compared
-RECIPE = f"""
+RECIPE = """
 description: a few seconds of SFT so that the tiny model gets some 1-digit sums right
 model:
-  tiny: {{layers: 2, hidden: 64, heads: 2, kv_heads: 1, intermediate: 128, max_position: 32, seed: 0}}
-task: {{name: arithmetic, digits: 1, operators: ["+", "-"], n_train: 140, n_test: 60, seed: 0}}
-sft: {{steps: 200, batch_size: 32, lr: 1.0e-2, warmup_steps: 10}}
-grpo: {{steps: 0, max_new_tokens: 4}}
+  tiny: {layers: 2, hidden: 64, heads: 2, kv_heads: 1, intermediate: 128, max_position: 32, seed: 0}
+task: {name: arithmetic, digits: 1, operators: ["+", "-"], n_train: 140, n_test: 60, seed: 0}
+sft: {steps: 200, batch_size: 32, lr: 1.0e-2, warmup_steps: 10}
+grpo: {steps: 0, max_new_tokens: 4}
 """
 
 

@@ -24,13 +24,13 @@
 # a rehearsal on CPU passes the verl lane's CPU overrides here), TIMEOUT_<STAGE> in seconds (e.g.
 # TIMEOUT_INSTALL=600).
 # Rehearsed on CPU with the verl lane's plugin (tests/verl_cpu: PYTHONPATH, VERL_USE_EXTERNAL_MODULES,
-# its env and overrides) and --venv pointing at the verl lane's env; there `rlvrx eval --engine vllm`
-# refuses (it needs CUDA), the other stages run.
+# its env and overrides) and --venv pointing at the verl lane's env: train, rl-extra and the jump check
+# passed (the eval stage was rehearsed before the vllm engine accepted vLLM's CPU platform).
 set -uo pipefail  # no -e: a failed stage must not end the check
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-SUPPORT="$HERE/gpu_check_support.py"
+SUPPORT="$HERE/_gpu_check.py"
 WORK=""
 VENV=""
 DRY_RUN=0
@@ -54,7 +54,7 @@ VENV=${VENV:-$WORK/venv}
 # verl and vLLM settings for this check; the support module patches verl for the tiny tokenizer.
 # This checkout's rlvrx comes first, also in a --venv that has another one installed.
 export PYTHONPATH="$HERE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:+$VERL_USE_EXTERNAL_MODULES,}gpu_check_support
+export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:+$VERL_USE_EXTERNAL_MODULES,}_gpu_check
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 # Every process of this check inherits this marker; stop_ray ends exactly those (Ray's daemons leave

@@ -6,8 +6,6 @@ formatted and exit codes set exactly as in a terminal); a few run a real subproc
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,23 +18,12 @@ import torch
 import yaml
 
 import rlvrx
-from rlvrx.cli import main
+from clirun import run_cli
 
 
 def cli(*args: str) -> tuple[int, str, str]:
     """Run `rlvrx ARGS...` in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["rlvrx", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(*args)
 
 
 def run_subprocess(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import os
 import signal
@@ -16,25 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlvrx.cli import main
+from clirun import run_cli
 from rlvrx.eval.generations import generation_record, write_generations
 from rlvrx.eval.metrics import maj_at_k, pass_at_k
 
 
 def cli(*args) -> tuple[int, str, str]:
     """`rlvrx eval ARGS...` in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["rlvrx", "eval", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    return run_cli("eval", *args)
 
 
 def lines(path: Path) -> list[dict]:

@@ -9,16 +9,14 @@ accepts it too (safetensors itself for weight files; `json`/`yaml` for the other
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 import torch
 import yaml
 from safetensors import safe_open
@@ -32,28 +30,8 @@ def one_line(err: str) -> bool:
 
 
 @pytest.fixture
-def cli(capsys):
-    """rlvrx.cli.main (what `python -m rlvrx` runs) in this process: (rc, stdout, stderr)."""
-    from rlvrx.cli import main
-
-    def run(*args):
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        argv, sys.argv = sys.argv, ["rlvrx", *map(str, args)]
-        capsys.readouterr()
-        try:
-            main()
-            rc = 0
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            sys.argv = argv
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            gc.unfreeze()
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
-
-    return run
+def cli():
+    return run_cli
 
 
 def damage(data: bytes, rng: random.Random, region: int | None = None) -> tuple[str, bytes]:

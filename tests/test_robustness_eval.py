@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -23,30 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from rlvrx.cli import main
+from clirun import run_cli
 from rlvrx.eval.generations import generation_record, write_generations
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds: only so that a hung child fails the test instead of hanging it
 
 
-def rlvrx(*args, cwd=None) -> tuple[int, str, str]:
-    """`rlvrx ARGS...` in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv, here = sys.argv, os.getcwd()
-    sys.argv = ["rlvrx", *map(str, args)]
-    code = 0
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-        os.chdir(here)
-    return code, out.getvalue(), err.getvalue()
+rlvrx = run_cli  # (exit code, stdout, stderr) of `rlvrx ARGS` in this process
 
 
 def one_error_line(err: str) -> str:

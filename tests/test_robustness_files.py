@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -35,28 +35,8 @@ def rlvrx(*args, cwd=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def cli(capsys):
-    """The real CLI entry point (rlvrx.cli.main, as `python -m rlvrx` runs it) in this process: (rc, stdout, stderr)."""
-    from rlvrx.cli import main
-
-    def run(*args):
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        argv, sys.argv = sys.argv, ["rlvrx", *map(str, args)]
-        capsys.readouterr()
-        try:
-            main()
-            rc = 0
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            sys.argv = argv
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            gc.unfreeze()
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
-
-    return run
+def cli():
+    return run_cli
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

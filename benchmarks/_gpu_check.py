@@ -1,10 +1,10 @@
 """Support for benchmarks/gpu_check.sh: the tiny verl recipes, the RL-Extra jump check, the summary.
 
-    python gpu_check_support.py recipe OUT --model DIR --run RUN --steps 4 [--rl-extra M N] [--override O]...
-    python gpu_check_support.py jump RUN --m 2 --n 2 --json OUT      (needs torch and rlvrx)
-    python gpu_check_support.py summary WORK                         (standard library only)
+    python _gpu_check.py recipe OUT --model DIR --run RUN --steps 4 [--rl-extra M N] [--override O]...
+    python _gpu_check.py jump RUN --m 2 --n 2 --json OUT      (needs torch and rlvrx)
+    python _gpu_check.py summary WORK                         (standard library only)
 
-Imported by verl itself (VERL_USE_EXTERNAL_MODULES=gpu_check_support, this dir on PYTHONPATH), it
+Imported by verl itself (VERL_USE_EXTERNAL_MODULES=_gpu_check, this dir on PYTHONPATH), it
 makes verl's rollout tokenization use its default builder for tokenizers without `<|im_end|>`:
 verl picks the Qwen builder from model_type qwen2, and that one needs Qwen's chat tokens, which
 rlvrx's character tokenizer does not have. `compute_score` is rlvrx's verifier reward plus a dense

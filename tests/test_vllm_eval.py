@@ -221,7 +221,8 @@ def test_bad_model_directories_and_impossible_requests_are_one_line_errors(model
     cut = shutil.copytree(model, tmp_path / "cut")
     with open(cut / "model.safetensors", "r+b") as f:
         f.truncate(100)
-    assert "model.safetensors: corrupt or truncated safetensors file" in _fails([str(cut), *task], tmp_path)
+    # a damaged checkpoint is a CheckpointError (exit 1) with either engine, found before vLLM starts
+    assert "model.safetensors: corrupt or truncated safetensors file" in _fails([str(cut), *task], tmp_path, code=1)
     alien = shutil.copytree(model, tmp_path / "alien")
     config = json.loads((alien / "config.json").read_text())
     (alien / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel", "architectures": ["NoSuchForCausalLM"]}))

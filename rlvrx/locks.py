@@ -52,3 +52,12 @@ def locked(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[N
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+RUN_LOCK = ".rlvrx.lock"
+
+
+def run_locked(run_dir: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """The run directory as the calling process's alone: one trainer (native or verl) per run."""
+    return locked(Path(run_dir) / RUN_LOCK, f"run directory {run_dir}")
+

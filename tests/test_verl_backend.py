@@ -284,3 +284,24 @@ def test_reward_imports_a_dotted_task_only_when_the_recipe_names_it(tmp_path, mo
     assert task_of("rlvrx/arithmetic", {}, recipe_task="probe_task_mod:make").name == "arithmetic"
     overrides = _overrides(load_recipe(REPO / "recipes" / "deepscaler-1.5b-grpo.yaml"))
     assert overrides["+reward.custom_reward_function.reward_kwargs.recipe_task"] == "math"
+
+
+def test_a_second_verl_train_on_a_run_is_refused_while_the_first_holds_it(tmp_path):
+    """`rlvrx train` with backend verl holds the run directory like the native trainer does."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    hold = "import sys, time\nfrom rlvrx.locks import run_locked\nwith run_locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        recipe = REPO / "recipes" / "deepscaler-1.5b-grpo.yaml"
+        second = subprocess.run([sys.executable, "-m", "rlvrx", "train", str(recipe), f"output.dir={run}"],
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.strip() == f"error: run directory {run} is in use by pid {holder.pid} (lock {run}/.rlvrx.lock); wait for it to finish or stop it"
+    assert not (run / "recipe.yaml").exists() and not (run / "verl_data").exists()  # nothing prepared

@@ -24,14 +24,13 @@ from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate, left_pad, pack_prompt_response
 from rlvrx.generation.scoring import shared_prompt_token_logprobs
 from rlvrx.generation.sampler import NonFiniteLogits
-from rlvrx.locks import locked
+from rlvrx.locks import run_locked
 from rlvrx.train.grpo import group_advantages, policy_loss, zero_std_fraction
 from rlvrx.train.metrics_log import metrics_path, read_metrics
 from rlvrx.trajectory import Trajectory, step_dir_name
 
 TRAINER_STATE = "trainer_state.pt"
 RECIPE = "recipe.yaml"
-RUN_LOCK = ".rlvrx.lock"  # held by the one process that trains in a run directory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -434,7 +433,7 @@ class Trainer:
         The run directory is this process's alone meanwhile: a second trainer is refused at once."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UsageError(f"output.dir {self.run_dir} is a file, not a run directory")
-        with locked(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}"):
+        with run_locked(self.run_dir):
             self.setup()
             try:
                 return self._fit(show_progress)

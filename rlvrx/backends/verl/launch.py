@@ -36,6 +36,7 @@ from rlvrx.backends.verl.overrides import (
     total_training_steps,
 )
 from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.locks import run_locked
 
 STEP_SIDECAR = "rlvrx_step.json"
 JUMPS_DIR = "rl_extra"
@@ -275,22 +276,29 @@ def _ray_note() -> str:
 
 
 def launch(recipe, run_dir, dry_run: bool = False) -> int:
-    """Dry run: print the command and the data files. Else run the job(s), then register checkpoints."""
-    plan = prepare(recipe, run_dir)
+    """Dry run: print the command and the data files. Else run the job(s), then register checkpoints,
+    holding the run directory (a second train or rl-extra on it is refused at once)."""
     restart = recipe.rl_extra is not None and recipe.verl.rl_extra_mode == "restart"
-    if dry_run:
-        print(format_command(plan.command))
-        print(f"# data: {plan.data.train} ({plan.data.n_train} prompts), {plan.data.val} ({plan.data.n_val} prompts)")
-        print(f"# model: {plan.model_path}")
-        note = _chat_template_note(plan.model_path)
-        if note:
-            print(f"# warning: {note}")
-        if restart:
-            print(f"# RL-Extra restart loop: {recipe.rl_extra.iterations} jobs like this one, "
-                  f"{recipe.rl_extra.m} steps each, each started from the previous jump")
-        print(f"# {_ray_note()}")
-        return 0
-    _check_verl(plan.python)
+    if not dry_run:
+        with run_locked(run_dir):
+            plan = prepare(recipe, run_dir)
+            _check_verl(plan.python)
+            return _launch(recipe, plan, restart)
+    plan = prepare(recipe, run_dir)
+    print(format_command(plan.command))
+    print(f"# data: {plan.data.train} ({plan.data.n_train} prompts), {plan.data.val} ({plan.data.n_val} prompts)")
+    print(f"# model: {plan.model_path}")
+    note = _chat_template_note(plan.model_path)
+    if note:
+        print(f"# warning: {note}")
+    if restart:
+        print(f"# RL-Extra restart loop: {recipe.rl_extra.iterations} jobs like this one, "
+              f"{recipe.rl_extra.m} steps each, each started from the previous jump")
+    print(f"# {_ray_note()}")
+    return 0
+
+
+def _launch(recipe, plan: Plan, restart: bool) -> int:
     print(_ray_note(), flush=True)
     _register_base(recipe, plan)
     if restart:

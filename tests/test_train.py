@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from rlvrx.config import validate_recipe
 from rlvrx.errors import RlvrxError, UsageError
-from rlvrx.train.rl_extra import RLExtraTrainer, jump_tensor, lstsq_predict
+from rlvrx.formulas import jump
+from rlvrx.train.rl_extra import RLExtraTrainer, lstsq_predict
 from rlvrx.train.trainer import Trainer
 from rlvrx.trajectory import Trajectory
 
@@ -139,14 +140,6 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
             assert torch.isfinite(tensor).all()
 
 
-def test_jump_formula_exact():
-    anchor = torch.randn(5, 7, dtype=torch.float64)
-    current = torch.randn(5, 7, dtype=torch.float64)
-    for alpha in (2.0, 1.5, 3.0):
-        expected = anchor + alpha * (current - anchor)
-        assert torch.equal(jump_tensor(anchor, current, alpha), expected)
-
-
 def test_lstsq_predict_recovers_exact_line():
     a, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     m = 5
@@ -180,7 +173,7 @@ def test_rl_extra_bookkeeping_and_jump_in_place(tmp_path):
             if "norm" in name:
                 assert torch.equal(wj[name], wb[name]), name
             else:
-                assert torch.equal(wj[name], jump_tensor(wa[name], wb[name], 5 / 2)), name
+                assert torch.equal(wj[name], jump(wa[name], wb[name], 5 / 2)), name
     jumps = [m for m in metrics(run) if m["stage"] == "jump"]
     assert [(m["step"], m["grad_step"]) for m in jumps] == [(5, 2), (10, 4)]
 

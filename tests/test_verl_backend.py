@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlvrx.backends.verl.jump import extrapolate_checkpoint, jump_factor, jumped, kept
+from rlvrx.backends.verl.jump import extrapolate_checkpoint, jump_factor, kept
 from rlvrx.backends.verl.launch import hf_weights_dir, register_step
 from rlvrx.backends.verl.overrides import (
     DataFiles,
@@ -22,6 +22,7 @@ from rlvrx.backends.verl.overrides import (
 )
 from rlvrx.checkpoint import Checkpoint, save_state_dict
 from rlvrx.config import load_recipe
+from rlvrx.formulas import jump
 from rlvrx.errors import UsageError
 from rlvrx.tiny import build_tiny_model, save_tiny_model
 from rlvrx.trajectory import Trajectory
@@ -147,7 +148,7 @@ def test_jump_factor_and_kept_tensors():
     assert kept("model.norm.weight", torch.float32) and not kept("model.norm.weight", torch.float32, "extrapolate")
     assert not kept("model.layers.0.self_attn.q_proj.weight", torch.float32)
     assert kept("model.layers.0.mask", torch.int64, "extrapolate")
-    half = jumped(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([2.0], dtype=torch.bfloat16), 2.0)
+    half = jump(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([2.0], dtype=torch.bfloat16), 2.0)
     assert half.dtype == torch.bfloat16 and half.item() == 3.0
 
 
@@ -252,11 +253,11 @@ def test_restart_loop_runs_one_job_per_cycle_from_the_last_jump(tmp_path):
         (4, 4, "rl"), (6, 4, "extrapolated"), (10, 8, "rl"), (12, 8, "extrapolated"), (16, 12, "rl"), (18, 12, "extrapolated")]
     # Each jump is A_c + (m+n)/m (W_b - A_c) from that cycle's own start; norms copied from W_b.
     anchor = Checkpoint(plan.model_path)
-    for c, jump in enumerate(jumps, start=1):
+    for c, jump_dir in enumerate(jumps, start=1):
         w_b = Checkpoint(run / "verl_checkpoints" / f"cycle_{c:04d}" / "global_step_4" / "actor" / "huggingface")
-        got = Checkpoint(jump)
+        got = Checkpoint(jump_dir)
         for name in got.names():
-            expect = w_b.get(name) if "norm" in name else jumped(anchor.get(name), w_b.get(name), 1.5)
+            expect = w_b.get(name) if "norm" in name else jump(anchor.get(name), w_b.get(name), 1.5)
             assert torch.equal(got.get(name), expect), (c, name)
         anchor = got
     assert restart_loop(recipe, plan) == 0  # rerun: every cycle is done, nothing runs again

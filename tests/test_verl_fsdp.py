@@ -17,7 +17,8 @@ pytest.importorskip("verl", reason="needs verl: pip install 'verl[verl-core]==0.
 import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from rlvrx.backends.verl.jump import jumped, kept  # noqa: E402
+from rlvrx.backends.verl.jump import kept  # noqa: E402
+from rlvrx.formulas import jump  # noqa: E402
 from rlvrx.checkpoint import Checkpoint  # noqa: E402
 from rlvrx.cli import app  # noqa: E402
 from rlvrx.errors import UsageError  # noqa: E402
@@ -98,7 +99,7 @@ def test_shardwise_jump_equals_full_tensor_formula(job):
         # Each rank held only its rows ...
         assert saved["local_shapes"][name][0] < a[name].shape[0], name
         # ... and the gathered result is bit-identical to the jump of the full tensors,
-        assert torch.equal(j[name], jumped(a[name], b[name], factor)), name
+        assert torch.equal(j[name], jump(a[name], b[name], factor)), name
         # which is W_a + (m+n)/m (W_b - W_a) (float64 reference), and moved the weights.
         expect = a[name].double().numpy() + (5 / 3) * (b[name].double().numpy() - a[name].double().numpy())
         np.testing.assert_allclose(j[name].double().numpy(), expect, rtol=0, atol=1e-6)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from rlvrx.backends.verl.callback import TrajectoryCallback  # noqa: E402
-from rlvrx.backends.verl.jump import jumped  # noqa: E402
+from rlvrx.formulas import jump  # noqa: E402
 from rlvrx.backends.verl.rl_extra import RLExtraTrainer, RLExtraWorker  # noqa: E402
 
 M, N, ITERATIONS, SAVE_FREQ = 3, 2, 3, 2
@@ -140,7 +140,7 @@ def test_jumps_follow_the_schedule_and_the_formula(tmp_path, anchor):
         factor = (M + N) / M if anchor == "cycle_start" else (span + N) / span
         origin = anchor_state if anchor == "cycle_start" else base
         for name in after:
-            expect = before[name] if "norm" in name else jumped(origin[name], before[name], factor)
+            expect = before[name] if "norm" in name else jump(origin[name], before[name], factor)
             assert torch.equal(after[name], expect), (step, name)
         anchor_state = after
     for step, before, after in trace:

@@ -25,14 +25,8 @@ import torch
 from rlvrx.config import Recipe
 from rlvrx.errors import UsageError
 from rlvrx.extrapolate.weights import DEFAULT_COPY_PATTERNS, is_copied
+from rlvrx.formulas import jump
 from rlvrx.train.trainer import Trainer
-
-
-def jump_tensor(anchor: torch.Tensor, current: torch.Tensor, alpha: float) -> torch.Tensor:
-    """anchor + alpha * (current - anchor), computed in float32 (float64 inputs stay float64)."""
-    compute = torch.float64 if current.dtype == torch.float64 else torch.float32
-    a = anchor.to(compute)
-    return (a + alpha * (current.to(compute) - a)).to(current.dtype)
 
 
 def lstsq_predict(sum_y: torch.Tensor, sum_ty: torch.Tensor, m: int, target: float) -> torch.Tensor:
@@ -139,7 +133,7 @@ class RLExtraTrainer(Trainer):
                 span = self.step - (0 if self.x.anchor == "window" else self.anchor_step)
                 alpha = (span + n) / span
                 for name, p in self._jumped_params():
-                    p.copy_(jump_tensor(self.anchor[name], p.detach(), alpha))
+                    p.copy_(jump(self.anchor[name], p.detach(), alpha))
         self._apply_optimizer_policy()
         self.step += n
         self._start_cycle()

@@ -3,8 +3,8 @@
 The formula is elementwise, so under FSDP2 each rank applies it to its own local shard of every
 DTensor parameter and the result is exactly the sharded form of the full-tensor jump: no gather, no
 communication. Which tensors jump, and the arithmetic, are the native trainer's: norm weights keep
-W_b under norms=copy (rlvrx.extrapolate.weights.is_copied), and the jump is computed in float32
-(float64 stays float64) and cast back, like rlvrx.train.rl_extra.jump_tensor.
+W_b under norms=copy (rlvrx.extrapolate.weights.is_copied), and the arithmetic is rlvrx.formulas.jump,
+the same bits as `rlvrx extrapolate weights` and the native RL-Extra jump.
 
 Used inside verl workers (rl_extra.py) and by the restart loop on HF checkpoints (extrapolate_checkpoint).
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from rlvrx.formulas import jump
 
 
 def jump_factor(m: int, n: int) -> float:
@@ -30,13 +32,6 @@ def kept(name: str, dtype: torch.dtype, norms: str = "copy") -> bool:
     if norms not in ("copy", "extrapolate"):
         raise ValueError(f"norms must be copy or extrapolate, got {norms!r}")
     return is_copied(name, dtype, DEFAULT_COPY_PATTERNS, extrapolate_all=norms == "extrapolate")
-
-
-def jumped(anchor: torch.Tensor, current: torch.Tensor, factor: float) -> torch.Tensor:
-    """anchor + factor * (current - anchor), computed in float32 (float64 stays), in current's dtype and device."""
-    compute = torch.float64 if current.dtype == torch.float64 else torch.float32
-    a = anchor.to(device=current.device, dtype=compute)
-    return (a + factor * (current.to(compute) - a)).to(current.dtype)
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -62,7 +57,7 @@ def apply_jump_local(module: torch.nn.Module, anchor: dict[str, torch.Tensor], f
         if kept(name, local.dtype, norms):
             stats["kept"] += 1
             continue
-        new = jumped(anchor[name], local, factor)
+        new = jump(anchor[name], local, factor)
         if local.numel():
             stats["max_abs_change"] = max(stats["max_abs_change"], float((new - local).abs().max()))
         local.copy_(new)
@@ -85,7 +80,7 @@ def extrapolate_checkpoint(anchor_dir, current_dir, out_dir, factor: float, norm
     def tensors():
         for name, info in infos.items():
             cur = current.get(name)
-            yield name, cur if kept(name, info.dtype, norms) else jumped(anchor.get(name), cur, factor)
+            yield name, cur if kept(name, info.dtype, norms) else jump(anchor.get(name), cur, factor)
 
     try:
         return write_checkpoint(Path(out_dir), specs, tensors(), source_dir=Path(current_dir), overwrite=overwrite)

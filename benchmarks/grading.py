@@ -122,7 +122,7 @@ def main() -> None:
         (work / "pool.py").write_text(POOL)
         contestants = {"pool": [sys.executable, work / "pool.py", items_file], "single": [sys.executable, work / "single.py", items_file]}
         runs: list[h.Run] = []
-        for r in range(repeats):
+        for _ in range(repeats):
             for name, cmd in contestants.items():
                 run = h.check_ok(h.run_child(name, cmd))
                 print(f"  {name:6s} {run.inner['seconds']:8.2f} s  ({len(items) / run.inner['seconds']:6.1f} items/s)  process {run.wall_s:7.2f} s  "

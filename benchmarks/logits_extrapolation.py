@@ -119,7 +119,7 @@ def main() -> None:
         k = QUICK["k"] if args.quick else 8
         new_tokens = QUICK["new_tokens"] if args.quick else SIZES[size]["new_tokens"]
         runs: list[h.Run] = []
-        for r in range(repeats):
+        for _ in range(repeats):
             for contestant in CONTESTANTS:
                 cmd = [sys.executable, Path(__file__).resolve(), "--child", contestant, size, n_prompts, k, new_tokens, args.inner_repeats]
                 run = h.check_ok(h.run_child(contestant, cmd))

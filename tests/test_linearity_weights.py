@@ -27,7 +27,6 @@ from rlvrx.linearity.weights import (
     merge_states,
     module_of,
     plan_shards,
-    public_json,
     sample_indices,
     summarize,
 )
@@ -287,7 +286,7 @@ def test_sampling_reproducible_and_independent_of_shards(tmp_path):
     other = analyze_weights(ckpts, WeightSettings(sample=0.1, min_per_tensor=12, seed=4, min_abs_change=0.0, min_unique=1))
     values = stored(series)
     differ = 0
-    for ra, rb, ro in zip(a.tensors, b.tensors, other.tensors):
+    for ra, rb, _ro in zip(a.tensors, b.tensors, other.tensors):
         numel = math.prod(SHAPES[ra.name])
         assert ra.n_examined == min(numel, max(12, round(0.1 * numel)))
         np.testing.assert_array_equal(ra.values, rb.values)
@@ -489,7 +488,7 @@ def test_bf16_full_coverage_matches_float64(tmp_path):
     k = len(STEPS)
     filters = {"constant": 0, "min_abs_change": 0, "min_unique": 0}
     kept_r2 = []
-    for name, v in series.items():
+    for v in series.values():
         flat = v.reshape(k, -1)
         constant, small, few, kept = numpy_filters(flat)
         filters["constant"] += int(constant.sum())

@@ -232,7 +232,7 @@ def is_copied(name: str, dtype: torch.dtype | str, patterns: Iterable[str], extr
 def _native_kind(method: str, precise: bool, in_name: str, out_name: str) -> int | None:
     """The compiled kernel's storage kind when it computes this tensor (two-point, bf16 or fp32 in
     and out): torch.lerp's result bit for bit, without importing torch; None for the torch path."""
-    if method == "two-point" and not precise and in_name == out_name and in_name in ("BF16", "F32"):
+    if method == "two-point" and not precise and in_name == out_name and in_name in ("BF16", "F32") and native.available():
         return native.RAW_KINDS[in_name]
     return None
 

@@ -12,8 +12,8 @@ float32 inside for 16-bit types, one fused multiply-add per value; the result eq
 formula rounded to the output dtype for dyadic alphas such as -0.5, 2, 3, and is within one ulp of
 it otherwise; --precise computes in float64. For bf16 and fp32 (in = out) a compiled kernel
 (rlvrx/_native.c) does it, bit for bit torch.lerp's result, without importing torch (whose import
-alone takes longer than extrapolating a 0.5B model); fp16, --dtype, --precise and least squares go
-through torch. Norm weights and non-floating tensors are copied from the latest checkpoint.
+alone takes longer than extrapolating a 0.5B model); fp16, --dtype, --precise, least squares and
+installs without the kernel go through torch. Norm weights and non-floating tensors are copied from the latest checkpoint.
 
 Each tensor is computed in chunks into a small ring of reused buffers that a writer thread pwrites
 into the atomic sharded writer while the next chunk is computed: peak memory is the ring (a few

@@ -1,18 +1,40 @@
 """rlvrx's compiled kernels (rlvrx/_native.c), loaded once and called through ctypes.
 
 ctypes releases the GIL for the duration of a call, so threads run kernels in parallel. The
-extension is built by pip from the C source; without it the commands that need it say how to fix that.
+extension is optional: pip builds it where a C compiler is available (not MSVC: the kernels use GCC/Clang
+vector extensions); without it weight linearity uses a numpy block reducer (rlvrx.linearity.block_numpy)
+and extrapolation torch.lerp, with the same results, more slowly (available() says which, and warns once).
+RLVRX_KERNELS=0 in the environment uses the fallback where the kernels are built.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import sys
 
 from rlvrx.errors import RlvrxError
 
 # _native.c's RAW_* storage kinds
 RAW_KINDS = {"BF16": 0, "F32": 1, "F64": 2, "F8_E4M3": 3, "F8_E5M2": 3, "F16": 4}
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the compiled kernels are in use; when they are not, one warning on stderr."""
+    import importlib.util
+
+    if os.environ.get("RLVRX_KERNELS") == "0":
+        why = "RLVRX_KERNELS=0"
+    else:
+        spec = importlib.util.find_spec("rlvrx._native")
+        if spec is not None and spec.origin is not None:
+            return True
+        why = "not built: no C compiler at install"
+    sys.stderr.write(f"warning: rlvrx's compiled kernels are off ({why}); using the slower numpy/torch.lerp fallback, "
+                     "with the same results\n")
+    return False
 
 
 @functools.cache

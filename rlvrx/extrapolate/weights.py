@@ -12,8 +12,8 @@ float32 inside for 16-bit types, one fused multiply-add per value; the result eq
 formula rounded to the output dtype for dyadic alphas such as -0.5, 2, 3, and is within one ulp of
 it otherwise; --precise computes in float64. For bf16 and fp32 (in = out) a compiled kernel
 (rlvrx/_native.c) does it, bit for bit torch.lerp's result, without importing torch (whose import
-alone takes longer than extrapolating a 0.5B model); fp16, --dtype, --precise and least squares go
-through torch. Norm weights and non-floating tensors are copied from the latest checkpoint.
+alone takes longer than extrapolating a 0.5B model); fp16, --dtype, --precise, least squares and
+installs without the kernel go through torch. Norm weights and non-floating tensors are copied from the latest checkpoint.
 
 Each tensor is computed in chunks into a small ring of reused buffers that a writer thread pwrites
 into the atomic sharded writer while the next chunk is computed: peak memory is the ring (a few
@@ -232,7 +232,7 @@ def is_copied(name: str, dtype: torch.dtype | str, patterns: Iterable[str], extr
 def _native_kind(method: str, precise: bool, in_name: str, out_name: str) -> int | None:
     """The compiled kernel's storage kind when it computes this tensor (two-point, bf16 or fp32 in
     and out): torch.lerp's result bit for bit, without importing torch; None for the torch path."""
-    if method == "two-point" and not precise and in_name == out_name and in_name in ("BF16", "F32"):
+    if method == "two-point" and not precise and in_name == out_name and in_name in ("BF16", "F32") and native.available():
         return native.RAW_KINDS[in_name]
     return None
 

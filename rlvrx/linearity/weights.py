@@ -5,7 +5,7 @@ holds the data, so memory stays at a few blocks per thread whatever the model si
 
 Full coverage (default): every parameter, in blocks of 256K parameters spread over threads. A small
 compiled kernel (rlvrx/_native.c, called through ctypes, which releases the GIL) reduces each block of K
-checkpoints in one pass over L1-sized tiles:
+checkpoints in one pass over L1-sized tiles (installed without it, block_numpy does, with the same results):
 
 - R² per parameter (see stats.py) after the filters: constant parameters, max - min below
   `min_abs_change`, fewer than `min_unique` distinct values (each parameter is counted once, under
@@ -50,7 +50,7 @@ import numpy as np
 from rlvrx import native
 from rlvrx.checkpoint import DTYPE_INFO, Checkpoint, TensorInfo, compare_structure
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
-from rlvrx.linearity import stats
+from rlvrx.linearity import block_numpy, stats
 
 STATE_FORMAT = "rlvrx.linearity.weights/1"
 MODULES = ("embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "head", "other")
@@ -469,7 +469,7 @@ class _Kernel:
         self.s_tt = float(self.tc @ self.tc)
         self.holdout = stats.holdout_vector(steps)
         self.thresholds = np.array(stats.THRESHOLDS, dtype=np.float64)
-        self.entry = native.library().rlvrx_weight_block
+        self.entry = native.library().rlvrx_weight_block if native.available() else None
 
     def as_float(self, row: np.ndarray) -> np.ndarray:
         """Raw stored values as floats (for error messages)."""
@@ -483,6 +483,11 @@ class _Kernel:
         """Statistics of the parameters in rows (K arrays of n raw values); hist accumulates the kept R²."""
         n = len(rows[0])
         k = self.k
+        if self.entry is None:
+            counts, sums, kept = block_numpy.weight_block(
+                rows, self.kind, self.lut, k, self.tc, self.s_tt, self.holdout, float(self.settings.min_abs_change),
+                self.settings.min_unique, self.thresholds, stats.FINE_BINS, hist, values)
+            return self._summary(n, counts, sums, kept)
         counts = np.zeros(7, dtype=np.int64)
         sums = np.zeros(2 * k)
         kept = np.empty(n) if values else None
@@ -495,6 +500,10 @@ class _Kernel:
         )
         if status:
             raise RlvrxError(f"weight-linearity kernel failed (status {status}) on a block of {n} parameters")
+        return self._summary(n, counts, sums, kept)
+
+    def _summary(self, n: int, counts: np.ndarray, sums: np.ndarray, kept: np.ndarray | None) -> dict:
+        k = self.k
         out = {
             "n_examined": n, "non_finite": int(counts[6]), "constant": int(counts[0]), "min_abs_change": int(counts[1]), "min_unique": int(counts[2]),
             "n": int(counts[3]), "above": (int(counts[4]), int(counts[5])), "sum_r2": float(sums[0]),

@@ -22,21 +22,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """A tiny model after a short SFT warm-up: it gets some answers right, so GRPO groups carry signal."""
-    out = tmp_path_factory.mktemp("sft")
-    raw = {
-        "model": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_position": 24}},
-        "task": TINY["task"],
-        "sft": {"steps": 100, "batch_size": 16, "lr": 3e-3},
-        "grpo": {"steps": 0, "eval_examples": 12},
-        "output": {"dir": str(out / "run")},
-    }
-    Trainer(validate_recipe(raw)).fit(show_progress=False)
-    return out / "run" / "checkpoints" / "step_000000"
-
-
 @pytest.fixture(autouse=True)
 def _use_sft_model(sft_model, monkeypatch):
     monkeypatch.setitem(TINY, "model", {"path": str(sft_model)})

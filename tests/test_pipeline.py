@@ -54,6 +54,7 @@ def quickstart_run(tmp_path_factory):
     return run, overrides, results
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
     run, _, results = quickstart_run
     assert [r["status"] for r in results] == ["done"] * 6
@@ -79,6 +80,7 @@ def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
         assert 0 <= metrics["pass@1"] <= metrics["pass@2"] <= 1
 
 
+@pytest.mark.slow
 def test_rerun_does_no_work(quickstart_run):
     run, overrides, _ = quickstart_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
@@ -88,6 +90,7 @@ def test_rerun_does_no_work(quickstart_run):
     assert after == before
 
 
+@pytest.mark.slow
 def test_report_html_and_pngs(quickstart_run):
     run, _, _ = quickstart_run
     out = subprocess.run([sys.executable, "-m", "rlvrx", "report", str(run)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})

@@ -48,6 +48,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_baseline_is_plain_grpo_with_the_same_recipe_and_gradient_budget(runs):
     rx, base, summary = runs
     rx_recipe = yaml.safe_load((rx / "recipe.yaml").read_text())
@@ -67,6 +68,7 @@ def test_baseline_is_plain_grpo_with_the_same_recipe_and_gradient_budget(runs):
     assert max(r["grad_step"] for r in base_rows if "grad_step" in r) == M * ITERATIONS
 
 
+@pytest.mark.slow
 def test_compare_reports_accuracy_at_equal_gradient_steps_from_the_metrics(runs, tmp_path):
     rx, base, _ = runs
     out_json, out_png = tmp_path / "cmp.json", tmp_path / "cmp.png"
@@ -94,6 +96,7 @@ def test_compare_reports_accuracy_at_equal_gradient_steps_from_the_metrics(runs,
     assert "greedy test accuracy at equal gradient steps" in " ".join(out.split()) and "plot:" in out
 
 
+@pytest.mark.slow
 def test_compare_default_png_goes_into_the_first_run(runs):
     rx, base, _ = runs
     (rx / "compare.png").unlink(missing_ok=True)
@@ -109,9 +112,8 @@ def test_compare_usage_errors(args):
     assert "usage: rlvrx rl-extra compare RUN_A RUN_B" in err and "Traceback" not in err
 
 
-def test_compare_of_a_directory_without_metrics_is_a_usage_error(runs, tmp_path):
-    rx, _, _ = runs
-    code, out, err = run_cli("rl-extra", "compare", rx, tmp_path)
+def test_compare_of_a_directory_without_metrics_is_a_usage_error(tmp_path):
+    code, out, err = run_cli("rl-extra", "compare", tmp_path, tmp_path / "other")
     assert code == 2
     assert "no metrics" in err and str(tmp_path) in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

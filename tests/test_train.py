@@ -74,6 +74,7 @@ def test_train_writes_trajectory_metrics_and_checkpoints(tmp_path):
     AutoTokenizer.from_pretrained(run / "checkpoints/step_000000")
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     full = recipe(tmp_path, "full")
     Trainer(full).fit(show_progress=False)
@@ -182,6 +183,7 @@ def test_optimizer_state_policies(tmp_path, policy):
                 assert not state[k]["exp_avg"].any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fit", ["two_point", "lstsq"])
 def test_rl_extra_resume_across_a_jump_is_bit_identical(tmp_path, fit):
     full = _rl_extra(tmp_path, f"full-{fit}", fit=fit)

@@ -5,6 +5,8 @@ Fixtures (names kept generic so every test file can use them; test files may sti
 - tiny_model_dir: session-scoped HF dir made by rlvrx.tiny.save_tiny_model(**tiny_model_kwargs). Read only.
 - write_safetensors_checkpoint: function(dir, tensors, shards=1, source_dir=None) -> dir, written with
   safetensors.torch.save_file (independent of rlvrx's own writer); shards > 1 adds an index file.
+- sft_model: session-scoped checkpoint dir of a 1-layer tiny model after a short SFT warm-up on 1-digit
+  arithmetic (TINY_TASK): it gets some answers right, so GRPO groups carry signal.
 - checkpoint_series: function(root, steps, name="step_{step}", seed=0) -> {step: dir}; checkpoints of the
   tiny model whose every tensor moves exactly linearly: W(step) = W(0) + step * D (float32).
 """
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 TINY_KWARGS = dict(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64, max_position=64, seed=0)
+TINY_TASK = {"name": "arithmetic", "digits": 1, "n_train": 60, "n_test": 12}
 AUX = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -33,6 +36,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from rlvrx.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", **TINY_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory) -> Path:
+    from rlvrx.config import validate_recipe
+    from rlvrx.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("sft")
+    raw = {
+        "model": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_position": 24}},
+        "task": dict(TINY_TASK),
+        "sft": {"steps": 100, "batch_size": 16, "lr": 3e-3},
+        "grpo": {"steps": 0, "eval_examples": 12},
+        "output": {"dir": str(out / "run")},
+    }
+    Trainer(validate_recipe(raw)).fit(show_progress=False)
+    return out / "run" / "checkpoints" / "step_000000"
 
 
 def _write_safetensors_checkpoint(directory, tensors: dict[str, torch.Tensor], shards: int = 1, source_dir=None) -> Path:

@@ -15,20 +15,21 @@ from pathlib import Path
 
 import pytest
 
+from benchdata import benchmark_file
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_"))
-DATA = REPO.parent / "shared" / "data" / "benchmarks"
 RATIO_LINE = re.compile(r"^RATIO( \S+=\d+(\.\d+)?x)+")
 
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["RLVRX_BENCH_MERGEKIT_VENV"] = str(tmp_path / "no-mergekit-venv")
     env["RLVRX_BENCH_TRL_VENV"] = str(tmp_path / "no-trl-venv")
     return subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--workdir", str(tmp_path / "work")],
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--workdir", str(tmp_path / "work"), *extra],
         capture_output=True, text=True, env=env, cwd=REPO,
     )
 
@@ -39,9 +40,8 @@ def test_every_benchmark_is_covered():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_run_ends_with_a_ratio(script, tmp_path):
-    if script == "grading.py" and not (DATA / "math500.jsonl").is_file():
-        pytest.skip(f"no MATH-500 data at {DATA}")
-    proc = run_quick(script, tmp_path)
+    extra = ["--data", str(benchmark_file("math500"))] if script == "grading.py" else []
+    proc = run_quick(script, tmp_path, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert RATIO_LINE.match(lines[-1]), lines[-1]

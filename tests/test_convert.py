@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
 from rlvrx.backends.verl.convert import convert_fsdp_checkpoint, load_shard, merge_entry
 from rlvrx.checkpoint import Checkpoint
@@ -123,17 +123,16 @@ def test_float32_merge_equals_the_tensors_before_sharding(job, model, tmp_path):
 
 
 def test_default_is_bfloat16_into_the_step_dir_via_the_cli(job, tmp_path):
-    from rlvrx.cli import app
     from rlvrx.trajectory import Trajectory
 
     step = _copy(job, "qwen", tmp_path)
-    result = CliRunner().invoke(app, ["snapshot", "convert", str(step), "--run", str(tmp_path / "run")])
-    assert result.exit_code == 0, result.output
+    result_code, result_out, result_err = run_cli("snapshot", "convert", str(step), "--run", str(tmp_path / "run"))
+    assert result_code == 0, result_out + result_err
     _assert_equals_reference(step / "huggingface", torch.load(job / "qwen" / "reference.pt"), torch.bfloat16)
     assert Trajectory.load(tmp_path / "run").steps == [3]
     assert (step / "huggingface" / "tokenizer.json").is_file()
-    again = CliRunner().invoke(app, ["snapshot", "convert", str(step)])
-    assert isinstance(again.exception, UsageError) and "--overwrite" in str(again.exception)
+    again_code, again_out, again_err = run_cli("snapshot", "convert", str(step))
+    assert again_code == 2 and "--overwrite" in again_err
 
 
 def test_world_size_1_with_plain_tensors(job, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from rlvrx.errors import UsageError
 from rlvrx.eval.datasets import BENCHMARKS, DATA_DIR_ENV, load_examples, read_records, resolve_data_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+from benchdata import benchmarks_dir
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -16,9 +16,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 @pytest.fixture
 def shared():
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} not present")
-    return SHARED
+    return benchmarks_dir()
 
 
 def test_builtin_names_resolve_from_argument_and_environment(shared, monkeypatch):

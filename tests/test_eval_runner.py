@@ -27,7 +27,7 @@ from rlvrx.eval.runner import (
 )
 from rlvrx.tasks import get_task
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+from benchdata import benchmark_file
 HANG = r"$\dfrac{5^{(5^{(5^{(5^5)})} - 4)} - 5}{16}$"  # math-verify issue #65: runs past 25 s unguarded
 
 
@@ -238,9 +238,7 @@ def _gold_solution_records(rows):
 
 
 def _benchmark_rows(name, limit=None):
-    path = BENCHMARKS / f"{name}.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = benchmark_file(name)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from typer.testing import CliRunner
+from clirun import run_cli
 
 from rlvrx.errors import UsageError
 from rlvrx.eval.generations import read_generations
@@ -217,16 +217,12 @@ def test_request_errors(tiny_run, tmp_path):
 
 
 def test_cli_logits(tiny_run, tmp_path):
-    from rlvrx.cli import app
 
     summary = tmp_path / "s.json"
-    result = CliRunner().invoke(
-        app,
-        ["extrapolate", "logits", str(tiny_run), "--base", "0", "--second", "10", "--target", "20", "--task", "arithmetic",
-         "-k", "2", "--limit", "3", "--out", str(tmp_path / "g.jsonl"), "--json", str(summary)],
-    )
-    assert result.exit_code == 0, result.output
-    assert "pass@1" in result.output and "pass@2" in result.output
+    result_code, result_out, result_err = run_cli("extrapolate", "logits", str(tiny_run), "--base", "0", "--second", "10", "--target", "20", "--task", "arithmetic",
+         "-k", "2", "--limit", "3", "--out", str(tmp_path / "g.jsonl"), "--json", str(summary))
+    assert result_code == 0, result_out + result_err
+    assert "pass@1" in result_out and "pass@2" in result_out
     data = json.loads(summary.read_text())
     assert data["alpha"] == 2.0 and data["problems"] == 3 and data["metrics"]["n"] == 2
     assert len(read_generations(tmp_path / "g.jsonl")) == 3

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
 from rlvrx.checkpoint import INDEX_NAME, Checkpoint, checkpoint_sha256, save_state_dict
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
@@ -523,12 +523,11 @@ def tiny_run(tmp_path_factory):
 def test_cli_end_to_end_on_tiny_checkpoints(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlvrx.cli import app
 
     summary = tmp_path / "summary.json"
-    result = CliRunner().invoke(app, ["extrapolate", "weights", str(tiny_run), "--base", "0", "--second", "10", "--target", "30", "--register", "--json", str(summary)])
-    assert result.exit_code == 0, result.output
-    assert "two-point" in result.output and "alpha" in result.output
+    result_code, result_out, result_err = run_cli("extrapolate", "weights", str(tiny_run), "--base", "0", "--second", "10", "--target", "30", "--register", "--json", str(summary))
+    assert result_code == 0, result_out + result_err
+    assert "two-point" in result_out and "alpha" in result_out
     data = json.loads(summary.read_text())
     assert data["alpha"] == 3.0 and data["registered"] and data["copied_tensors"] == 5  # 2x2 layer norms + final norm
     out = tiny_run / "extrapolated" / "step_000030"

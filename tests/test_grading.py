@@ -1,14 +1,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from graders import CRASH, HANG, PROBE, SLEEP
 from rlvrx.errors import UsageError
 from rlvrx.eval.grading import GradeItem, GradingPool, grade_many, grade_one
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+from benchdata import benchmark_file
 
 # math-verify issue #65: with math-verify's own SIGALRM timeout this never returns (sympy ends up in a
 # giant integer power); it must cost our pool at most one timeout.
@@ -100,10 +100,10 @@ def test_equivalent_answers_share_an_answer_key():
 def test_hanging_and_crashing_items_do_not_stop_the_pool(pool):
     items = [
         GradeItem(r"\boxed{\frac{1}{2}}", "0.5", "math"),
-        GradeItem("anything", "1", "_hang"),  # blocks SIGALRM and sleeps: only a kill ends it
+        GradeItem("anything", "1", HANG),  # blocks SIGALRM and sleeps: only a kill ends it
         GradeItem(PATHOLOGICAL, "1", "math"),
         GradeItem("52", "52", "arithmetic"),
-        GradeItem("anything", "1", "_crash"),
+        GradeItem("anything", "1", CRASH),
         GradeItem(r"\boxed{7}", "7", "math"),
         GradeItem("-3", "-3", "arithmetic"),
     ]
@@ -125,7 +125,7 @@ def test_results_stream_as_they_finish(pool):
 
 
 def test_a_batch_abandoned_midway_leaves_no_stale_results(pool):
-    iterator = pool.imap_unordered([("\\boxed{%d}" % i, str(i), "math") for i in range(6)] + [("x", "1", "_hang")] * 2)
+    iterator = pool.imap_unordered([("\\boxed{%d}" % i, str(i), "math") for i in range(6)] + [("x", "1", HANG)] * 2)
     next(iterator)
     iterator.close()  # as on Ctrl-C: items are still in flight in the workers
     results = pool.grade([(str(i), str(i + 1), "arithmetic") for i in range(8)])
@@ -157,9 +157,9 @@ def test_unparseable_gold_is_an_error_not_a_silent_wrong():
 
 def test_workers_import_no_torch(pool):
     with GradingPool(workers=1) as fresh:
-        (arith_only,) = fresh.grade([("x", "1", "_probe")])
+        (arith_only,) = fresh.grade([("x", "1", PROBE)])
         assert arith_only.extracted == ""  # no torch, transformers, numpy, sympy or math_verify
-    results = pool.grade([("\\boxed{1}", "1", "math"), ("x", "1", "_probe"), ("x", "1", "_probe")])
+    results = pool.grade([("\\boxed{1}", "1", "math"), ("x", "1", PROBE), ("x", "1", PROBE)])
     loaded = results[1].extracted.split(",")
     assert "math_verify" in loaded and "torch" not in loaded and "transformers" not in loaded
 
@@ -191,9 +191,7 @@ def test_dotted_kinds_and_bad_kinds():
 
 
 def _rows(name):
-    path = BENCHMARKS / f"{name}.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = benchmark_file(name)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -233,7 +231,7 @@ def test_every_math500_gold_solution_grades_correct(pool):
 def test_a_hang_or_crash_inside_a_batch_loses_only_that_item():
     # One worker, so the items after the hang and the crash sit in the same batch and must be
     # re-sent to the replacement worker.
-    items = [("1", "1", "arithmetic"), ("x", "1", "_hang"), ("3", "3", "arithmetic"), ("x", "1", "_crash"),
+    items = [("1", "1", "arithmetic"), ("x", "1", HANG), ("3", "3", "arithmetic"), ("x", "1", CRASH),
              ("5", "5", "arithmetic"), ("6", "7", "arithmetic"), ("8", "8", "arithmetic")]
     with GradingPool(workers=1, timeout=2.0) as one:
         results = one.grade(items)
@@ -246,7 +244,7 @@ def test_a_hang_or_crash_inside_a_batch_loses_only_that_item():
 def test_the_hard_timeout_is_per_item_not_per_batch():
     # Six 0.5 s items queued in one worker take 3 s together, more than the 2 s timeout: none is lost.
     with GradingPool(workers=1, timeout=2.0) as one:
-        results = one.grade([("0.5", "1", "_sleep")] * 6)
+        results = one.grade([("0.5", "1", SLEEP)] * 6)
         assert one.restarts == 0
     assert [r.status for r in results] == ["ok"] * 6 and all(r.correct for r in results)
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
-from rlvrx.cli import app
 from rlvrx.errors import UsageError
 from rlvrx.linearity.logprobs import (
     PUBLIC_KEYS,
@@ -157,12 +156,9 @@ def test_analyze_matches_numpy_and_counts_filters():
 def test_cli_logprobs_run_dir(trajectory, tmp_path):
     root, _ = trajectory
     out_json = tmp_path / "lp.json"
-    result = CliRunner().invoke(
-        app,
-        ["linearity", "logprobs", str(root), "--probes", str(root / "probes.jsonl"), "--json", str(out_json),
-         "--min-logprob-change", "0.05", "--batch-size", "3"],
-    )
-    assert result.exit_code == 0, result.output
+    result_code, result_out, result_err = run_cli("linearity", "logprobs", str(root), "--probes", str(root / "probes.jsonl"), "--json", str(out_json),
+         "--min-logprob-change", "0.05", "--batch-size", "3")
+    assert result_code == 0, result_out + result_err
     data = json.loads(out_json.read_text())
     assert tuple(data) == PUBLIC_KEYS
     assert data["steps"] == STEPS
@@ -172,36 +168,31 @@ def test_cli_logprobs_run_dir(trajectory, tmp_path):
     tokens = (out / "tokens.csv").read_text().splitlines()
     n_scored = data["n_tokens"] + data["n_filtered"]
     assert len(tokens) == n_scored + 1 and n_scored == 3 + 3 + 3 + 7 + 3
-    assert "log-prob R² vs step" in result.output
+    assert "log-prob R² vs step" in result_out
 
 
 def test_cli_logprobs_generate_from_task_and_errors(trajectory, tmp_path):
     root, _ = trajectory
     pairs = [a for s in STEPS[:3] for a in ("-c", f"{s}={root / 'checkpoints' / f'step_{s:06d}'}")]
     out = tmp_path / "gen"
-    result = CliRunner().invoke(
-        app,
-        ["linearity", "logprobs", *pairs, "--generate", "3", "--task", "arithmetic", "--task-option", "n_test=5",
-         "--max-new-tokens", "4", "--out", str(out), "--json", str(tmp_path / "g.json"), "--min-logprob-change", "0", "--no-plots"],
-    )
-    assert result.exit_code == 0, result.output
+    result_code, result_out, result_err = run_cli("linearity", "logprobs", *pairs, "--generate", "3", "--task", "arithmetic", "--task-option", "n_test=5",
+         "--max-new-tokens", "4", "--out", str(out), "--json", str(tmp_path / "g.json"), "--min-logprob-change", "0", "--no-plots")
+    assert result_code == 0, result_out + result_err
     generated = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     assert len(generated) == 3 and all(1 <= len(g["response_ids"]) <= 4 for g in generated)
     assert generated[0]["source"].startswith("generated 0 (arithmetic:")
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["steps"] == STEPS[:3] and data["n_tokens"] + data["n_filtered"] == sum(len(g["response_ids"]) for g in generated)
     # Re-scoring the saved probes (token ids) gives the same numbers.
-    again = CliRunner().invoke(
-        app, ["linearity", "logprobs", *pairs, "--probes", str(out / "probes.jsonl"), "--out", str(tmp_path / "again"),
-              "--json", str(tmp_path / "a.json"), "--min-logprob-change", "0", "--no-plots"],
-    )
-    assert again.exit_code == 0, again.output
+    again_code, again_out, again_err = run_cli("linearity", "logprobs", *pairs, "--probes", str(out / "probes.jsonl"), "--out", str(tmp_path / "again"),
+              "--json", str(tmp_path / "a.json"), "--min-logprob-change", "0", "--no-plots")
+    assert again_code == 0, again_out + again_err
     assert json.loads((tmp_path / "a.json").read_text()) == data
 
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "<bos>1+1=", "response": "2" * 40}) + "\n")
-    result = CliRunner().invoke(app, ["linearity", "logprobs", *pairs, "--probes", str(long), "--out", str(tmp_path / "x")])
-    assert isinstance(result.exception, UsageError)
-    assert "probe long.jsonl:1" in str(result.exception) and "context of 32" in str(result.exception)
-    two = CliRunner().invoke(app, ["linearity", "logprobs", *pairs[:4], "--probes", str(root / "probes.jsonl")])
-    assert isinstance(two.exception, UsageError) and "at least 3 checkpoints" in str(two.exception)
+    result_code, result_out, result_err = run_cli("linearity", "logprobs", *pairs, "--probes", str(long), "--out", str(tmp_path / "x"))
+    assert result_code == 2
+    assert "probe long.jsonl:1" in result_err and "context of 32" in result_err
+    two_code, two_out, two_err = run_cli("linearity", "logprobs", *pairs[:4], "--probes", str(root / "probes.jsonl"))
+    assert two_code == 2 and "at least 3 checkpoints" in two_err

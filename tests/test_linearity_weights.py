@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
+from clirun import run_cli
 
 from rlvrx.checkpoint import Checkpoint
-from rlvrx.cli import app
 from rlvrx.errors import CheckpointError, UsageError
 from rlvrx.linearity import stats
 from rlvrx.linearity.weights import (
@@ -356,8 +355,8 @@ def test_cli_weights_on_run_dir_writes_json_and_plots(tmp_path):
     run = tmp_path / "run"
     write_trajectory(run, series, steps=steps, run=True, kinds={40: "extrapolated"})
     out_json = tmp_path / "w.json"
-    result = CliRunner().invoke(app, ["linearity", "weights", str(run), "--json", str(out_json)])
-    assert result.exit_code == 0, result.output
+    result_code, result_out, result_err = run_cli("linearity", "weights", str(run), "--json", str(out_json))
+    assert result_code == 0, result_out + result_err
     data = json.loads(out_json.read_text())
     assert tuple(data) == PUBLIC_KEYS
     assert data["steps"] == [0, 10, 20, 30]  # extrapolated checkpoints are left out by default
@@ -369,13 +368,13 @@ def test_cli_weights_on_run_dir_writes_json_and_plots(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_lines = (out / "tensors.csv").read_text().splitlines()
     assert csv_lines[0].startswith("name,module,layer") and len(csv_lines) == len(SHAPES) + 1
-    assert "weight R² by module type" in result.output and "median R²" in result.output
+    assert "weight R² by module type" in result_out and "median R²" in result_out
     values = stored(series)
     all_r2 = np.concatenate([numpy_r2(values[n][:4], [0, 10, 20, 30]) for n in SHAPES])
     assert abs(data["median_r2"] - float(np.median(all_r2))) <= 1.0 / stats.FINE_BINS
 
-    result = CliRunner().invoke(app, ["linearity", "weights", str(run), "--include-extrapolated", "--window", "10:", "--json", str(out_json), "--no-plots"])
-    assert result.exit_code == 0, result.output
+    result_code, result_out, result_err = run_cli("linearity", "weights", str(run), "--include-extrapolated", "--window", "10:", "--json", str(out_json), "--no-plots")
+    assert result_code == 0, result_out + result_err
     assert json.loads(out_json.read_text())["steps"] == [10, 20, 30, 40]
 
 
@@ -383,37 +382,35 @@ def test_cli_shards_then_merge_equal_single_run(tmp_path):
     series = noisy_lines(12)
     ckpts = write_trajectory(tmp_path / "t", series)
     pairs = [arg for step, c in ckpts for arg in ("--checkpoint", f"{step}={c.path}")]
-    runner = CliRunner()
     single = tmp_path / "single.json"
-    result = runner.invoke(app, ["linearity", "weights", *pairs, "--out", str(tmp_path / "one"), "--json", str(single), "--no-plots"])
-    assert result.exit_code == 0, result.output
+    result_code, result_out, result_err = run_cli("linearity", "weights", *pairs, "--out", str(tmp_path / "one"), "--json", str(single), "--no-plots")
+    assert result_code == 0, result_out + result_err
     parts = []
     for i in range(3):
         part = tmp_path / "parts" / f"p{i}.json"
-        result = runner.invoke(app, ["linearity", "weights", *pairs, "--shard", f"{i}/3", "--out", str(tmp_path / "parts"), "--json", str(part)])
-        assert result.exit_code == 0, result.output
+        result_code, result_out, result_err = run_cli("linearity", "weights", *pairs, "--shard", f"{i}/3", "--out", str(tmp_path / "parts"), "--json", str(part))
+        assert result_code == 0, result_out + result_err
         parts.append(str(part))
     merged = tmp_path / "merged.json"
-    result = runner.invoke(app, ["linearity", "merge", *parts, "--json", str(merged)])
-    assert result.exit_code == 0, result.output
+    result_code, result_out, result_err = run_cli("linearity", "merge", *parts, "--json", str(merged))
+    assert result_code == 0, result_out + result_err
     assert json.loads(merged.read_text()) == json.loads(single.read_text())
     assert (tmp_path / "parts" / "r2_heatmap.png").is_file()
-    bogus = runner.invoke(app, ["linearity", "merge", parts[0], str(single), "--json", str(merged)])
-    assert isinstance(bogus.exception, UsageError) and "not a weight-linearity part file" in str(bogus.exception)
-    missing = runner.invoke(app, ["linearity", "merge", parts[0], parts[2], "--json", str(merged)])
-    assert isinstance(missing.exception, UsageError) and "missing [1]" in str(missing.exception)
+    bogus_code, bogus_out, bogus_err = run_cli("linearity", "merge", parts[0], str(single), "--json", str(merged))
+    assert bogus_code == 2 and "not a weight-linearity part file" in bogus_err
+    missing_code, missing_out, missing_err = run_cli("linearity", "merge", parts[0], parts[2], "--json", str(merged))
+    assert missing_code == 2 and "missing [1]" in missing_err
 
 
 def test_cli_bad_input(tmp_path):
     ckpts = write_trajectory(tmp_path, noisy_lines(13, shapes={"a.weight": (3, 3)}))
     pairs = [f"{step}={c.path}" for step, c in ckpts]
-    runner = CliRunner()
-    unsorted = runner.invoke(app, ["linearity", "weights", "-c", pairs[1], "-c", pairs[0], "-c", pairs[2]])
-    assert isinstance(unsorted.exception, UsageError) and "increasing order" in str(unsorted.exception)
-    dup = runner.invoke(app, ["linearity", "weights", "-c", pairs[0], "-c", pairs[0], "-c", pairs[2]])
-    assert isinstance(dup.exception, UsageError) and "duplicate" in str(dup.exception)
-    shard = runner.invoke(app, ["linearity", "weights", "-c", pairs[0], "-c", pairs[1], "-c", pairs[2], "--shard", "3/3"])
-    assert isinstance(shard.exception, UsageError) and "0-based" in str(shard.exception)
+    unsorted_code, unsorted_out, unsorted_err = run_cli("linearity", "weights", "-c", pairs[1], "-c", pairs[0], "-c", pairs[2])
+    assert unsorted_code == 2 and "increasing order" in unsorted_err
+    dup_code, dup_out, dup_err = run_cli("linearity", "weights", "-c", pairs[0], "-c", pairs[0], "-c", pairs[2])
+    assert dup_code == 2 and "duplicate" in dup_err
+    shard_code, shard_out, shard_err = run_cli("linearity", "weights", "-c", pairs[0], "-c", pairs[1], "-c", pairs[2], "--shard", "3/3")
+    assert shard_code == 2 and "0-based" in shard_err
     # End to end through the real entry point: one line, exit code 2, no traceback.
     proc = subprocess.run(
         [sys.executable, "-m", "rlvrx", "linearity", "weights", "-c", pairs[0], "-c", pairs[1]],

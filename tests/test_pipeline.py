@@ -13,6 +13,21 @@ from rlvrx.errors import UsageError
 from rlvrx.pipeline import check_stages, run_pipeline, stage_argv
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes/quickstart.yaml"
+
+
+def stage_index(name: str) -> int:
+    """The position of the quickstart stage called `name` (its name, default its kind)."""
+    names = [s.name or s.kind for s in load_recipe(QUICKSTART).stages]
+    assert name in names, f"quickstart.yaml has no stage {name!r}: {names}"
+    return names.index(name)
+
+
+def stage(name: str) -> str:
+    """The override prefix of that stage: overrides address list items by index."""
+    return f"stages.{stage_index(name)}"
+
+
 SMALL = [
     "sft.steps=150",
     "grpo.steps=12",
@@ -20,14 +35,14 @@ SMALL = [
     "grpo.save_every=2",
     "grpo.eval_every=6",
     "task.n_test=40",
-    "stages.2.options.generate=8",
-    "stages.3.options={base: 6, second: 10, target: 12}",
-    "stages.4.options={base: 6, second: 10, target: 12, task: arithmetic, samples: 2, limit: 20}",
-    'stages.5.args=["{run}:12", "{run}/extrapolated/step_000012"]',
-    "stages.5.options.generations={run}/extrapolated/logits-s6-s10-t12/arithmetic.jsonl",
-    "stages.5.options.limit=20",
-    "stages.5.options.samples=2",
-    "stages.5.options.name=[real, weights, logits]",
+    f"{stage('linearity-logprobs')}.options.generate=8",
+    f"{stage('extrapolate-weights')}.options={{base: 6, second: 10, target: 12}}",
+    f"{stage('extrapolate-logits')}.options={{base: 6, second: 10, target: 12, task: arithmetic, samples: 2, limit: 20}}",
+    f'{stage("eval")}.args=["{{run}}:12", "{{run}}/extrapolated/step_000012"]',
+    f"{stage('eval')}.options.generations={{run}}/extrapolated/logits-s6-s10-t12/arithmetic.jsonl",
+    f"{stage('eval')}.options.limit=20",
+    f"{stage('eval')}.options.samples=2",
+    f"{stage('eval')}.options.name=[real, weights, logits]",
 ]
 
 
@@ -35,10 +50,11 @@ SMALL = [
 def quickstart_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("pipe") / "quick"
     overrides = [f"output.dir={run}"] + SMALL
-    results = run_pipeline(ROOT / "recipes/quickstart.yaml", overrides, echo=lambda line: None)
+    results = run_pipeline(QUICKSTART, overrides, echo=lambda line: None)
     return run, overrides, results
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
     run, _, results = quickstart_run
     assert [r["status"] for r in results] == ["done"] * 6
@@ -64,15 +80,17 @@ def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
         assert 0 <= metrics["pass@1"] <= metrics["pass@2"] <= 1
 
 
+@pytest.mark.slow
 def test_rerun_does_no_work(quickstart_run):
     run, overrides, _ = quickstart_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    results = run_pipeline(ROOT / "recipes/quickstart.yaml", overrides, echo=lambda line: None)
+    results = run_pipeline(QUICKSTART, overrides, echo=lambda line: None)
     assert [r["status"] for r in results] == ["skipped"] * 6
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     assert after == before
 
 
+@pytest.mark.slow
 def test_report_html_and_pngs(quickstart_run):
     run, _, _ = quickstart_run
     out = subprocess.run([sys.executable, "-m", "rlvrx", "report", str(run)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
@@ -85,19 +103,19 @@ def test_report_html_and_pngs(quickstart_run):
 
 
 def test_stage_options_are_checked_before_any_work(tmp_path):
-    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", ["stages.1.options={sampel: 0.001}", f"output.dir={tmp_path / 'x'}"])
+    recipe = load_recipe(QUICKSTART, [f"{stage('linearity-weights')}.options={{sampel: 0.001}}", f"output.dir={tmp_path / 'x'}"])
     problems = check_stages(recipe)
-    assert problems == ["stages[1] (linearity-weights).options.sampel: unknown option; did you mean sample?"]
+    assert problems == [f"stages[{stage_index('linearity-weights')}] (linearity-weights).options.sampel: unknown option; did you mean sample?"]
     with pytest.raises(UsageError, match="sampel"):
-        run_pipeline(ROOT / "recipes/quickstart.yaml", ["stages.1.options={sampel: 0.001}", f"output.dir={tmp_path / 'x'}"], echo=lambda l: None)
+        run_pipeline(QUICKSTART, [f"{stage('linearity-weights')}.options={{sampel: 0.001}}", f"output.dir={tmp_path / 'x'}"], echo=lambda l: None)
     assert not (tmp_path / "x").exists()
     with pytest.raises(UsageError, match="no such stage"):
-        run_pipeline(ROOT / "recipes/quickstart.yaml", [f"output.dir={tmp_path / 'x'}"], only="evl", echo=lambda l: None)
+        run_pipeline(QUICKSTART, [f"output.dir={tmp_path / 'x'}"], only="evl", echo=lambda l: None)
 
 
 def test_stage_command_line(tmp_path):
-    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", [f"output.dir={tmp_path}"])
-    argv = stage_argv(recipe.stages[5], tmp_path, Path("r.yaml"), [], tmp_path / "stages/eval.json")
+    recipe = load_recipe(QUICKSTART, [f"output.dir={tmp_path}"])
+    argv = stage_argv(recipe.stages[stage_index('eval')], tmp_path, Path("r.yaml"), [], tmp_path / "stages/eval.json")
     assert argv[:3] == ["eval", f"{tmp_path}:200", f"{tmp_path}/extrapolated/step_000200"]
     assert argv[argv.index("--generations") + 1] == f"{tmp_path}/extrapolated/logits-s100-s150-t200/arithmetic.jsonl"
     assert argv.count("--name") == 3

@@ -239,6 +239,7 @@ def test_a_second_eval_of_the_same_output_is_refused_while_the_first_writes(mode
 # ------------------------------------------------------------------------------------ 4. --overwrite
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_results_until_the_new_ones_are_complete(models, tmp_path):
     out = tmp_path / "eval"
     folder = out / "m0"
@@ -312,6 +313,7 @@ def test_a_swap_cut_short_after_completion_is_finished_by_the_next_open(tmp_path
 # ------------------------------------------------------------------------ 5. resume after SIGKILL
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_batch_gives_the_uninterrupted_records(models, tmp_path):
     args = ("--limit", "40", "-n", "4", "--batch-size", "4", "--temperature", "1.0", "--seed", "7")
     whole = subprocess.run(eval_cmd(models[0], tmp_path / "whole", *args), capture_output=True, text=True, env=env(), timeout=TIMEOUT)

@@ -1,13 +1,13 @@
 import re
-from pathlib import Path
 
 import pytest
 
 from rlvrx.errors import UsageError
 from rlvrx.tasks import INSTRUCTION, ArithmeticTask, Example, MathTask, get_task, task_names, task_options
 from rlvrx.tasks.arithmetic import extract_integer
+from rlvrx.tiny import char_tokenizer
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+from benchdata import benchmarks_dir
 
 # (completion, extracted answer); the rule is in rlvrx/tasks/arithmetic.py
 TRICKY = [
@@ -113,8 +113,7 @@ def test_arithmetic_bad_options(options):
 
 
 def test_encode_prompt_puts_bos_in_front_once():
-    tiny = pytest.importorskip("rlvrx.tiny")
-    tokenizer = tiny.char_tokenizer()
+    tokenizer = char_tokenizer()
     task = ArithmeticTask()
     example = Example("07+45", "07+45=", "52")
     ids = task.encode_prompt(example, tokenizer)
@@ -160,8 +159,7 @@ def test_math_task_rewards_and_extraction():
 
 
 def test_benchmark_tasks_read_the_shared_files():
-    if not BENCHMARKS.is_dir():
-        pytest.skip(f"{BENCHMARKS} not present")
+    BENCHMARKS = benchmarks_dir()
     sizes = {"aime24": 30, "aime25": 30, "math500": 500, "gsm8k": 1319}
     for name, size in sizes.items():
         task = get_task(name, data_dir=str(BENCHMARKS))

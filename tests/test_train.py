@@ -22,21 +22,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """A tiny model after a short SFT warm-up: it gets some answers right, so GRPO groups carry signal."""
-    out = tmp_path_factory.mktemp("sft")
-    raw = {
-        "model": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_position": 24}},
-        "task": TINY["task"],
-        "sft": {"steps": 100, "batch_size": 16, "lr": 3e-3},
-        "grpo": {"steps": 0, "eval_examples": 12},
-        "output": {"dir": str(out / "run")},
-    }
-    Trainer(validate_recipe(raw)).fit(show_progress=False)
-    return out / "run" / "checkpoints" / "step_000000"
-
-
 @pytest.fixture(autouse=True)
 def _use_sft_model(sft_model, monkeypatch):
     monkeypatch.setitem(TINY, "model", {"path": str(sft_model)})
@@ -89,6 +74,7 @@ def test_train_writes_trajectory_metrics_and_checkpoints(tmp_path):
     AutoTokenizer.from_pretrained(run / "checkpoints/step_000000")
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     full = recipe(tmp_path, "full")
     Trainer(full).fit(show_progress=False)
@@ -197,6 +183,7 @@ def test_optimizer_state_policies(tmp_path, policy):
                 assert not state[k]["exp_avg"].any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fit", ["two_point", "lstsq"])
 def test_rl_extra_resume_across_a_jump_is_bit_identical(tmp_path, fit):
     full = _rl_extra(tmp_path, f"full-{fit}", fit=fit)

@@ -25,7 +25,7 @@ from rlvrx.config import load_recipe  # noqa: E402
 from rlvrx.errors import UsageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+from benchdata import benchmark_file  # noqa: E402
 CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} {% endif %}"
 
 
@@ -46,9 +46,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def math_rows(tmp_path_factory) -> Path:
     """Six GSM8K problems as a JSONL file (the task's own data format)."""
-    source = BENCHMARKS / "gsm8k.jsonl"
-    if not source.is_file():
-        pytest.skip(f"benchmark data not found at {source}")
+    source = benchmark_file("gsm8k")
     lines = source.read_text().splitlines()[:6]
     out = tmp_path_factory.mktemp("data") / "train.jsonl"
     out.write_text("\n".join(lines) + "\n")

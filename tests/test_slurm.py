@@ -21,9 +21,11 @@ from rlvrx.errors import UsageError
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
-# Each stand-in appends one line to $STUB_LOG: its name and its arguments, tab-separated.
+# Each stand-in appends one line to $STUB_LOG: its name and its arguments, tab-separated, in one write
+# (the Ray head and workers run in the background: several printf calls per line would interleave).
 STUB = """#!/bin/bash
-{ printf '%s' "$(basename "$0")"; printf '\\t%s' "$@"; printf '\\n'; } >> "$STUB_LOG"
+line=$(basename "$0"); for a in "$@"; do line+=$'\\t'"$a"; done
+printf '%s\\n' "$line" >> "$STUB_LOG"
 case "$(basename "$0") $1 $2" in
   "scontrol show hostnames") printf '%s\\n' gpu01 gpu02 gpu03 ;;
   "srun "*) for a in "$@"; do [ "$a" = hostname ] && { echo 10.0.0.1; exit 0; }; done

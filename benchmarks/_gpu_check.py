@@ -5,10 +5,9 @@
     python _gpu_check.py summary WORK                         (standard library only)
 
 Imported by verl itself (VERL_USE_EXTERNAL_MODULES=_gpu_check, this dir on PYTHONPATH), it
-makes verl's rollout tokenization use its default builder for tokenizers without `<|im_end|>`:
-verl picks the Qwen builder from model_type qwen2, and that one needs Qwen's chat tokens, which
-rlvrx's character tokenizer does not have. `compute_score` is rlvrx's verifier reward plus a dense
-shaping term, so a random tiny model gets a signal and its weights move (else the jump is zero).
+makes verl's rollout tokenization use its default builder for rlvrx's character tokenizer
+(tests/verl_cpu/tiny_tokenizer.py). The reward is tests/verl_cpu/shaped_reward.py: rlvrx's verifier
+plus a dense shaping term, so a random tiny model gets a signal and its weights move.
 """
 
 from __future__ import annotations
@@ -30,39 +29,18 @@ GPU_OVERRIDES = [
     "actor_rollout_ref.rollout.agent.num_workers=1",
     "reward.num_workers=1",
     "data.dataloader_num_workers=0",
-    f"reward.custom_reward_function.path={Path(__file__).resolve()}",
+    f"reward.custom_reward_function.path={Path(__file__).resolve().parents[1] / 'tests' / 'verl_cpu' / 'shaped_reward.py'}",
     "reward.custom_reward_function.name=compute_score",
 ]
 
 
-def _patch_continuous_token() -> None:
-    try:
-        from verl.utils.tokenizer import continuous_token_wiring as wiring
-    except ImportError:
-        return
-    original = wiring.create_continuous_token_builder
-    if getattr(original, "_rlvrx_gated", False):
-        return
-
-    def create_builder(tokenizer, *args, model_family="auto", **kwargs):
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-        if model_family == "auto" and "<|im_end|>" not in vocab:
-            model_family = "default"
-        return original(tokenizer, *args, model_family=model_family, **kwargs)
-
-    create_builder._rlvrx_gated = True
-    wiring.create_continuous_token_builder = create_builder
-
+SUPPORT = Path(__file__).resolve().parents[1] / "tests" / "verl_cpu"  # shared with the CPU lane's plugin
 
 if "verl" in sys.modules:  # imported by verl through VERL_USE_EXTERNAL_MODULES
-    _patch_continuous_token()
+    sys.path.insert(0, str(SUPPORT))
+    from tiny_tokenizer import patch_continuous_token
 
-
-def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> float:
-    from rlvrx.backends.verl.reward import compute_score as verifier_score
-
-    correct = verifier_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
-    return correct + 0.5 * sum(ch.isdigit() for ch in solution_str) / max(len(solution_str), 1)
+    patch_continuous_token()
 
 
 # ----------------------------------------------------------------------------------------------

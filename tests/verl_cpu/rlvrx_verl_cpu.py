@@ -196,24 +196,9 @@ _patch_vllm_cpu_gemm()
 
 
 # 6. ------------------------------------------------------------------------------------------
-def _patch_continuous_token() -> None:
-    from verl.utils.tokenizer import continuous_token_wiring as wiring
+from tiny_tokenizer import patch_continuous_token  # noqa: E402  (this folder is on PYTHONPATH)
 
-    original = wiring.create_continuous_token_builder
-    if getattr(original, "_rlvrx_gated", False):
-        return
-
-    def create_builder(tokenizer, *args, model_family="auto", **kwargs):
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-        if model_family == "auto" and "<|im_end|>" not in vocab:
-            model_family = "default"
-        return original(tokenizer, *args, model_family=model_family, **kwargs)
-
-    create_builder._rlvrx_gated = True
-    wiring.create_continuous_token_builder = create_builder
-
-
-_patch_continuous_token()
+patch_continuous_token()
 
 
 # Observation: the rollout engine's weights after each sync ------------------------------------

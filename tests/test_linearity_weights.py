@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from blocks import random_block
 import torch
 from safetensors.torch import save_file
 from clirun import run_cli
@@ -575,15 +576,7 @@ def test_kernel_widths_give_the_same_bits(steps, min_abs_change, min_unique, dty
 
     if native.library().rlvrx_weight_block_lanes() == 4:
         pytest.skip("this CPU has no AVX-512: there is one build to run")
-    rng = np.random.default_rng(len(steps) * 10 + min_unique)
-    k, n = len(steps), 1001
-    values = 0.02 * rng.normal(size=n) + np.multiply.outer(np.asarray(steps, float), 1e-4 * rng.normal(size=n))
-    values += rng.normal(size=(k, n)) * 1e-3 * rng.uniform(0, 1, size=n)
-    values[:, :100] = values[:1, :100]  # constant
-    values[:, 100:200] = values[:1, 100:200] + rng.integers(0, 2, size=(k, 100)) * 2.0**-17  # change below 1e-4
-    values[:, 200:400] = 1.0 + rng.integers(0, 3, size=(k, 200)) * 2.0**-6  # at most 3 distinct values
-    values[:, 400] = -0.0
-    values[::2, 400] = 0.0  # -0 == +0: constant
+    values = random_block(steps, seed=len(steps) * 10 + min_unique)
     numpy_dtype = {"BF16": None, "F32": np.float32, "F16": np.float16}[dtype_name]
     if numpy_dtype is None:
         raw = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)

@@ -449,10 +449,10 @@ def _has_cuda() -> bool:
 @pytest.mark.skipif(_has_cuda(), reason="asks for a CUDA device this machine must lack")
 def test_devices_this_machine_lacks_are_one_line(tiny_model_dir, tmp_path):
     cases = [
-        (("eval", tiny_model_dir, "--task", "arithmetic", "--limit", "2", "--out", tmp_path / "o", "--no-progress"), "--device cuda: no CUDA GPU is visible here; use --device cpu", "cuda"),
+        (("eval", tiny_model_dir, "--task", "arithmetic", "--limit", "2", "--out", tmp_path / "o", "--no-progress"), "--device cuda: no CUDA device is visible; use --device cpu", "cuda"),
         (("eval", tiny_model_dir, "--task", "arithmetic", "--limit", "2", "--out", tmp_path / "o", "--no-progress"), "--device gpu: not a torch device", "gpu"),
         (("extrapolate", "logits", "--base-path", tiny_model_dir, "--second-path", tiny_model_dir, "--alpha", "2", "--task", "arithmetic", "--out", tmp_path / "l.jsonl"),
-         "--device cuda:1: no CUDA GPU is visible here", "cuda:1"),
+         "--device cuda:1: no CUDA device is visible", "cuda:1"),
     ]
     for args, message, device in cases:
         code, out, err = rlvrx(*args, "--device", device)

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
 
+from rlvrx.devices import check_device
 from rlvrx.errors import UsageError
 from rlvrx.eval.generations import (
     generation_record,
@@ -174,22 +175,6 @@ def resolve_device(device: str, engine: str) -> str:
         return vllm_device() or "cuda"
     if device == "auto":
         return "cuda" if _gpu_available() else "cpu"
-    return device
-
-
-def check_device(device: str) -> str:
-    """A torch device this machine has (a UsageError naming --device otherwise)."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 

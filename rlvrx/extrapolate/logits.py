@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from rlvrx.devices import check_device
 from rlvrx.errors import UsageError
 
 PROVENANCE_SUFFIX = ".extrapolation.json"
@@ -48,8 +49,6 @@ class LogitsOptions:
 
     def __post_init__(self):
         if self.device != "auto":
-            from rlvrx.eval.runner import check_device
-
             check_device(self.device)
 
 
@@ -118,8 +117,6 @@ def check_same_tokenizer(a, b, path_a: str | os.PathLike, path_b: str | os.PathL
 
 def resolve_device(device: str) -> str:
     import torch
-
-    from rlvrx.eval.runner import check_device
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rlvrx.checkpoint import Checkpoint
+from rlvrx.devices import check_device
 from rlvrx.errors import CheckpointError, UsageError
 from rlvrx.linearity import stats
 
@@ -107,16 +108,6 @@ def load_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-
-def check_device(device: str) -> None:
-    """A one-line error for a device this machine does not have (before any model is read)."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UsageError(f"--device {device!r}: not a torch device (use cpu, cuda or cuda:N)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is visible; use --device cpu")
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32):

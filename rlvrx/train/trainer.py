@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from rlvrx.checkpoint import Checkpoint, atomic_dir, atomic_write_text, load_torch_file
 from rlvrx.config import Recipe, recipe_to_yaml
+from rlvrx.devices import check_device
 from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate, left_pad, pack_prompt_response
 from rlvrx.generation.scoring import shared_prompt_token_logprobs
@@ -36,13 +37,7 @@ RECIPE = "recipe.yaml"
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"model.device {name!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"model.device {name}: no CUDA device is visible; use model.device=cpu (or auto)")
-    return device
+    return torch.device(check_device(name, "model.device"))
 
 
 def load_model(recipe: Recipe, device: torch.device):

@@ -20,11 +20,6 @@ from rlvrx.train.metrics_log import read_metrics
 STAGE_ORDER = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval")
 
 
-def _read_json(path: Path) -> dict:
-    """A stage summary: a JSON object (anything else is a one-line error naming the file)."""
-    return read_json(path, dict)
-
-
 def gather(run_dir: str | Path) -> dict:
     run = Path(run_dir)
     if not run.is_dir():
@@ -32,14 +27,14 @@ def gather(run_dir: str | Path) -> dict:
     metrics = read_metrics(run)
     stages = {}
     for path in sorted((run / "stages").glob("*.json")):
-        stages[path.stem] = _read_json(path)
+        stages[path.stem] = read_json(path, dict)
     for model, tasks in (stages.get("eval") or {}).items():
         if not isinstance(tasks, dict) or not all(isinstance(t, dict) for t in tasks.values()):
             raise UsageError(f"{run / 'stages' / 'eval.json'}: model {model!r} must map task names to objects of metrics")
     if "linearity-weights" not in stages and (run / "linearity/weights/summary.json").is_file():
-        stages["linearity-weights"] = _read_json(run / "linearity/weights/summary.json")
+        stages["linearity-weights"] = read_json(run / "linearity/weights/summary.json", dict)
     if "linearity-logprobs" not in stages and (run / "linearity/logprobs/summary.json").is_file():
-        stages["linearity-logprobs"] = _read_json(run / "linearity/logprobs/summary.json")
+        stages["linearity-logprobs"] = read_json(run / "linearity/logprobs/summary.json", dict)
     if (run / "trajectory.json").is_file():
         from rlvrx.trajectory import Trajectory
 

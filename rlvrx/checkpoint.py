@@ -193,25 +193,33 @@ def read_header(file: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-def load_torch_file(path: str | os.PathLike, map_location="cpu", allowed: Iterable = ()):
-    """torch.load of a file a user handed us: tensors, containers and numbers only (weights_only=True),
-    plus the classes in `allowed` (e.g. DTensor pieces); anything else, or a damaged file, is a
-    CheckpointError naming the file. Never runs code from the file."""
+def load_torch_file(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
+    """torch.load of a file a user handed us: tensors, containers, numbers and the classes torch allows
+    (DTensor pieces once torch.distributed.tensor is imported) only, with weights_only=True; anything
+    else, or a damaged file, is a CheckpointError naming the file. Never runs code from the file.
+    mmap: map the tensors' storage instead of reading it (the legacy non-zip format is read)."""
     import pickle
+    import re
     import zipfile
 
     import torch
 
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap" not in str(exc):
+                raise
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values ({first[:200]})") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    except pickle.UnpicklingError as exc:
+        blocked = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" (it asks for {blocked.group(1)})" if blocked else ""
+        raise CheckpointError(f"{path}: refused to unpickle: it holds objects other than tensors and plain values{what}, which could run code") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable torch file ({first[:200]})") from None
 
 
 def is_checkpoint_dir(path: Path) -> bool:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from rlvrx.checkpoint import load_torch_file
 from rlvrx.errors import CheckpointError, UsageError
 
 DTYPES = ("bfloat16", "float32", "auto")
@@ -112,22 +112,7 @@ def load_shard(path: Path) -> dict:
     level = mesh_log.level
     mesh_log.setLevel(logging.ERROR)
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
-    except pickle.UnpicklingError as exc:
-        blocked = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" (it asks for {blocked.group(1)})" if blocked else ""
-        raise CheckpointError(
-            f"{path}: refused to unpickle: it holds objects other than tensors{what}, which could run code; "
-            "convert only checkpoints written by verl"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first})") from None
+        state = load_torch_file(path, mmap=True)
     finally:
         mesh_log.setLevel(level)
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):

@@ -83,7 +83,7 @@ def test_load_probes_both_forms_and_errors(tmp_path, trajectory):
     assert probes[0].response_ids == [7, 9, tokenizer.eos_token_id]  # '4' '6' (after 3 specials) <eos>: one token per character
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
-    with pytest.raises(UsageError, match="bad.jsonl:2: not valid JSON"):
+    with pytest.raises(UsageError, match="bad.jsonl:2: invalid JSON at line 1"):
         load_probes(bad)
     bad.write_text('{"prompt": "a", "answer": "b"}\n')
     with pytest.raises(UsageError, match="bad.jsonl:1: needs \"response\""):

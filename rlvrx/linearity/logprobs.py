@@ -23,6 +23,7 @@ import torch
 from rlvrx.checkpoint import Checkpoint
 from rlvrx.devices import check_device
 from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.jsonio import iter_jsonl
 from rlvrx.linearity import stats
 
 
@@ -44,17 +45,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such probes file")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"{path}:{lineno}: expected an object like {{\"prompt\": ..., \"response\": ...}}")
-        rows.append((lineno, row))
+    rows = list(iter_jsonl(path))
     if not rows:
         raise UsageError(f"{path}: holds no probes")
     return rows

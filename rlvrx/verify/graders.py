@@ -96,7 +96,7 @@ def grade_guarded(grader: Callable, completion: str, gold: str, soft_timeout: fl
     a grader's failure: a timeout or an error is a wrong GradeResult that says why."""
     use_alarm = bool(soft_timeout) and threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     previous = None
-    if use_alarm:
+    if use_alarm and soft_timeout:
         previous = signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, soft_timeout)
     try:

@@ -64,8 +64,11 @@ class _Worker:
             env=env,
             close_fds=True,
         )
-        self.fd = self.proc.stdout.fileno()
-        self.in_fd = self.proc.stdin.fileno()
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        assert stdin is not None and stdout is not None  # both are pipes
+        self.stdin, self.stdout = stdin, stdout
+        self.fd = stdout.fileno()
+        self.in_fd = stdin.fileno()
         os.set_blocking(self.in_fd, False)  # a stuck worker must never block the parent
         self.buffer = bytearray()
         self.outbox = bytearray()
@@ -115,7 +118,7 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
+        for stream in (self.stdin, self.stdout):
             try:
                 stream.close()
             except OSError:
@@ -123,7 +126,7 @@ class _Worker:
 
     def close(self, grace: float = 2.0) -> None:
         try:
-            self.proc.stdin.close()
+            self.stdin.close()
         except OSError:
             pass
         try:
@@ -266,6 +269,7 @@ class GradingPool:
                         if worker.state == "starting":
                             raise RlvrxError(f"a grading worker did not start within {STARTUP_TIMEOUT:g}s")
                         index = self._replace(worker, kinds, soft_timeout)
+                        assert index is not None  # past its deadline, a ready worker has an item in flight
                         unfinished -= 1
                         yield index, GradeResult(
                             False, status="timeout", error=f"no verdict within {self.timeout:g}s; the worker was killed and replaced"

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from rlvrx.errors import UsageError
-from rlvrx.eval.datasets import BENCHMARKS, DATA_DIR_ENV, load_examples, read_records, resolve_data_dir
+from rlvrx.tasks.datasets import BENCHMARKS, DATA_DIR_ENV, load_examples, read_records, resolve_data_dir
 
 from benchdata import benchmarks_dir
 

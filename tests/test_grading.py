@@ -6,7 +6,9 @@ import pytest
 
 from graders import CRASH, HANG, PROBE, SLEEP
 from rlvrx.errors import UsageError
-from rlvrx.eval.grading import GradeItem, GradingPool, grade_many, grade_one
+from rlvrx.verify.graders import grade_one
+from rlvrx.verify.pool import GradingPool, grade_many
+from rlvrx.verify.types import GradeItem
 
 from benchdata import benchmark_file
 

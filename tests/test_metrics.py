@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rlvrx.errors import UsageError
-from rlvrx.eval.metrics import (
+from rlvrx.verify.metrics import (
     ProblemOutcome,
     estimate_pass_at_k,
     maj_at_k,

@@ -4,7 +4,7 @@ import pytest
 
 from rlvrx.errors import UsageError
 from rlvrx.tasks import INSTRUCTION, ArithmeticTask, Example, MathTask, get_task, task_names, task_options
-from rlvrx.tasks.arithmetic import extract_integer
+from rlvrx.verify.arithmetic import extract_integer
 from rlvrx.tiny import char_tokenizer
 
 from benchdata import benchmarks_dir

@@ -8,50 +8,21 @@ test set depends only on (digits, operators, seed, n_test) and the two sets neve
 Prompt: `07+45=` as plain text; `encode_prompt` puts the tokenizer's BOS id in front (the tiny
 character tokenizer adds none itself). The model should answer `52` then EOS.
 
-Verifier (the rule the reward uses):
-  - leading whitespace is skipped; then the answer is the maximal run of ASCII digits [0-9],
-    optionally preceded by '-' ("-3" -> -3), that starts the completion;
-  - it ends at the first character that is not a digit: EOS text, whitespace or any other text
-    ("52<eos>", "52 ", "52abc" -> 52; "5 2" -> 5);
-  - a run followed by '.' and a digit is a decimal, not an integer answer: "52.0" -> None;
-  - leading zeros are fine ("052" -> 52, "-0" -> 0); '+' signs, "- 3", "−3" (U+2212) and digits of
-    other scripts ("５２", "٥٢") are not integers here -> None. int() would accept the last ones;
-    the vocabulary the model writes in is ASCII, and a lenient parser invites reward hacking;
-  - nothing found ("", "abc") -> None, which is wrong.
-The extracted answer is the canonical integer string ("52", "-3"); correct iff it equals the gold's.
-No int() on the model's digits, so a 10,000-digit completion costs nothing.
+Verifier: rlvrx.verify.arithmetic (the leading ASCII integer of the completion, canonical, against
+the gold's; the rule the reward uses).
 """
 
 from __future__ import annotations
 
 import random
-import re
 
 from rlvrx.errors import UsageError
 from rlvrx.tasks.base import Example, Task, check_split
+from rlvrx.verify.arithmetic import canonical_integer, extract_integer, grade_arithmetic
+from rlvrx.verify.types import GradeResult
 
 OPERATORS = ("+", "-", "*")
-_LEADING_INTEGER = re.compile(r"(-?)([0-9]+)(\.[0-9])?", re.ASCII)
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-
-
-def extract_integer(completion: str) -> str | None:
-    """The leading integer of a completion, canonical (no leading zeros, no "-0"), or None."""
-    match = _LEADING_INTEGER.match(completion.lstrip())
-    if match is None or match.group(3):
-        return None
-    digits = match.group(2).lstrip("0") or "0"
-    return digits if digits == "0" or not match.group(1) else "-" + digits
-
-
-def canonical_integer(gold) -> str:
-    return str(int(str(gold).strip()))
-
-
-def grade_arithmetic(completion: str, gold: str) -> tuple[bool, str | None, str | None]:
-    """(correct, extracted, answer_key) for the grading pool."""
-    extracted = extract_integer(completion)
-    return extracted is not None and extracted == canonical_integer(gold), extracted, extracted
 
 
 class ArithmeticTask(Task):
@@ -124,9 +95,7 @@ class ArithmeticTask(Task):
     def extract_answer(self, completion: str) -> str | None:
         return extract_integer(completion)
 
-    def grade(self, completion: str, example: Example):
-        from rlvrx.eval.grading import GradeResult
-
+    def grade(self, completion: str, example: Example) -> GradeResult:
         correct, extracted, key = grade_arithmetic(completion, example.answer)
         return GradeResult(correct, extracted, key)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from rlvrx.errors import UsageError
-from rlvrx.eval.grading import GradeItem, GradeResult, grade_one
+from rlvrx.verify.graders import grade_one
+from rlvrx.verify.types import GradeItem, GradeResult
 
 SPLITS = ("train", "test")
 
@@ -32,7 +33,7 @@ class Example:
 
 class Task(ABC):
     """A verifiable task. Subclasses implement `examples`, `format_prompt` and either set
-    `grading_kind` (a kind of rlvrx.eval.grading, so the grading pool can run the verifier) or
+    `grading_kind` (a kind of rlvrx.verify.graders, so the grading pool can run the verifier) or
     override `grade`."""
 
     name: str = "task"

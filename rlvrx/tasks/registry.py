@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from typing import Callable
 
@@ -11,6 +10,7 @@ from rlvrx.errors import UsageError
 from rlvrx.tasks.arithmetic import ArithmeticTask
 from rlvrx.tasks.base import Task
 from rlvrx.tasks.math import INSTRUCTION, MathTask
+from rlvrx.verify.graders import import_dotted
 
 BENCHMARK_TASKS = ("aime24", "aime25", "math500", "gsm8k")
 
@@ -93,11 +93,4 @@ def _import_factory(path: str) -> Callable[..., Task]:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise UsageError(f"task {path!r}: write a custom task as 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"task {path!r}: cannot import {module_name!r} ({e})") from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise UsageError(f"task {path!r}: module {module_name!r} has no callable {attr!r}")
-    return factory
+    return import_dotted(path, "task")

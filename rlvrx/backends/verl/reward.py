@@ -28,7 +28,7 @@ def _task(name: str, options_json: str):
 def _grading_pool():
     global _pool
     if _pool is None:
-        from rlvrx.eval.grading import GradingPool
+        from rlvrx.verify.pool import GradingPool
 
         _pool = GradingPool(workers=1)
     return _pool

@@ -26,7 +26,6 @@ def structure_fingerprint(infos: dict[str, TensorInfo]) -> str:
     return digest.hexdigest()[:16]
 
 
-
 def partition_tensors(sizes: Sequence[tuple[str, int]], n_shards: int) -> list[list[str]]:
     """Deterministic disjoint partition of tensors balanced by size (largest first onto the lightest shard).
 
@@ -61,7 +60,6 @@ def block_elements(k: int, itemsize: int, memory_mb: int) -> int:
     return max(1024, min(_BLOCK, memory_mb * (1 << 20) // per_column))
 
 
-
 def open_checked(checkpoints: Sequence[tuple[int, Checkpoint]]) -> tuple[list[int], list[Checkpoint]]:
     steps = stats.check_steps([s for s, _ in checkpoints])
     if len(steps) > MAX_CHECKPOINTS:
@@ -72,7 +70,6 @@ def open_checked(checkpoints: Sequence[tuple[int, Checkpoint]]) -> tuple[list[in
         if diff:
             raise CheckpointError(diff)
     return steps, ckpts
-
 
 
 def selected_tensors(checkpoints: Sequence[tuple[int, Checkpoint]], shard: tuple[int, int] | None = None) -> list[tuple[str, int]]:

@@ -18,7 +18,8 @@ import torch
 from blocks import random_block
 from rlvrx import native
 from rlvrx.linearity import block_numpy, stats
-from rlvrx.linearity.weights import WeightSettings, _Kernel
+from rlvrx.linearity.kernel import Kernel as _Kernel
+from rlvrx.linearity.weights import WeightSettings
 
 NO_COMPILER = os.environ.get("RLVRX_NO_COMPILER") == "1"
 BUILT = importlib.util.find_spec("rlvrx._native") is not None
@@ -145,7 +146,8 @@ def test_cli_results_are_the_same_without_kernels(tmp_path):
             "import json, os\n"
             "from rlvrx.checkpoint import Checkpoint\n"
             "from rlvrx.extrapolate.weights import extrapolate_two_point\n"
-            "from rlvrx.linearity.weights import WeightSettings, analyze_weights, summarize\n"
+            "from rlvrx.linearity.summary import summarize\n"
+            "from rlvrx.linearity.weights import WeightSettings, analyze_weights\n"
             f"dirs = {dirs!r}\n"
             f"ckpts = [(s, Checkpoint(d)) for s, d in zip({steps!r}, dirs)]\n"
             "out = [summarize(analyze_weights(ckpts, WeightSettings(min_abs_change=1e-5, min_unique=3, threads=t))) for t in (1, 2)]\n"

@@ -18,18 +18,12 @@ from clirun import run_cli
 from rlvrx.checkpoint import Checkpoint
 from rlvrx.errors import CheckpointError, UsageError
 from rlvrx.linearity import stats
-from rlvrx.linearity.weights import (
-    PUBLIC_KEYS,
-    WeightSettings,
-    WeightState,
-    analyze_weights,
-    layer_of,
-    merge_states,
-    module_of,
-    plan_shards,
-    sample_indices,
-    summarize,
-)
+from rlvrx.linearity.kernel import Kernel
+from rlvrx.linearity.naming import layer_of, module_of
+from rlvrx.linearity.plan import partition_tensors, sample_indices
+from rlvrx.linearity.state import WeightState, merge_states
+from rlvrx.linearity.summary import PUBLIC_KEYS, summarize
+from rlvrx.linearity.weights import WeightSettings, analyze_weights
 
 STEPS = [0, 10, 20, 30, 45, 60, 80]
 SHAPES = {
@@ -233,7 +227,7 @@ def test_blocks_do_not_change_results(tmp_path):
     one = summarize(analyze_weights(ckpts, WeightSettings()))
     # 60-element blocks: every matrix is read in several row blocks (the 50x8 embedding in 7).
     many = summarize(analyze_weights(ckpts, WeightSettings(max_block_elements=60)))
-    from rlvrx.linearity.weights import block_elements
+    from rlvrx.linearity.plan import block_elements
 
     assert block_elements(len(STEPS), 4, 512) > 400  # the default reads each tensor here in one block
     for key in ("n_params", "n_filtered", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "median_r2"):
@@ -302,15 +296,15 @@ def test_sampling_reproducible_and_independent_of_shards(tmp_path):
         np.testing.assert_array_equal(sharded[record.name], record.values)
 
 
-def test_plan_shards_is_disjoint_and_balanced():
+def test_partition_tensors_is_disjoint_and_balanced():
     sizes = [(f"t{i}", s) for i, s in enumerate([100, 1, 50, 50, 30, 20, 7, 7, 90, 3])]
-    shards = plan_shards(sizes, 3)
+    shards = partition_tensors(sizes, 3)
     names = [n for shard in shards for n in shard]
     assert sorted(names) == sorted(n for n, _ in sizes) and len(names) == len(set(names))
     loads = sorted(sum(dict(sizes)[n] for n in shard) for shard in shards)
     assert loads == [118, 120, 120]  # greedy largest-first onto the lightest shard
-    assert plan_shards(sizes, 3) == shards
-    assert plan_shards(sizes, 1) == [[n for n, _ in sizes]]
+    assert partition_tensors(sizes, 3) == shards
+    assert partition_tensors(sizes, 1) == [[n for n, _ in sizes]]
 
 
 @pytest.mark.parametrize("sample", [None, 0.2])
@@ -554,7 +548,8 @@ def test_weight_linearity_runs_without_torch(tmp_path):
     code = (
         "import json, sys\n"
         "from rlvrx.checkpoint import Checkpoint\n"
-        "from rlvrx.linearity.weights import WeightSettings, analyze_weights, summarize\n"
+        "from rlvrx.linearity.summary import summarize\n"
+        "from rlvrx.linearity.weights import WeightSettings, analyze_weights\n"
         f"ckpts = [(s, Checkpoint(p)) for s, p in {pairs!r}]\n"
         "out = [summarize(analyze_weights(ckpts, WeightSettings(sample=s))) for s in (None, 0.5)]\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -572,8 +567,6 @@ def test_kernel_widths_give_the_same_bits(steps, min_abs_change, min_unique, dty
     """The AVX-512 build (8 parameters per vector) and the 4-lane build agree bit for bit, filters, sums,
     histogram and every kept R²; 1001 parameters cover several tiles and a ragged end."""
     from rlvrx import native
-    from rlvrx.linearity.weights import _Kernel
-
     if native.library().rlvrx_weight_block_lanes() == 4:
         pytest.skip("this CPU has no AVX-512: there is one build to run")
     values = random_block(steps, seed=len(steps) * 10 + min_unique)
@@ -583,7 +576,7 @@ def test_kernel_widths_give_the_same_bits(steps, min_abs_change, min_unique, dty
     else:
         raw = values.astype(numpy_dtype)
     rows = [np.ascontiguousarray(r) for r in raw]
-    kernel = _Kernel(steps, dtype_name, WeightSettings(min_abs_change=min_abs_change, min_unique=min_unique))
+    kernel = Kernel(steps, dtype_name, WeightSettings(min_abs_change=min_abs_change, min_unique=min_unique))
     results = []
     for entry in (native.library().rlvrx_weight_block, native.library().rlvrx_weight_block_4):
         kernel.entry = entry

@@ -296,7 +296,7 @@ def _full_sort_top_p(logits, params):
 
 
 def test_staged_top_p_equals_a_full_sort_on_a_large_vocabulary(monkeypatch):
-    import rlvrx.generation.sampler as sampler
+    import rlvrx.generation.logits as sampler
 
     gen = torch.Generator().manual_seed(0)
     # nuclei from 1 token to most of the vocabulary, plus exact ties at the top and across the cut
@@ -327,10 +327,10 @@ def test_staged_top_p_equals_a_full_sort_on_a_large_vocabulary(monkeypatch):
 
 
 def test_vectorised_row_seeds_equal_numpy_seed_sequence():
-    from rlvrx.generation.sampler import _row_seeds
+    from rlvrx.generation.rng import row_seeds
 
     rng = np.random.default_rng(1)
     for seed in [0, 3, 2**32 - 1, 2**32, 2**63 - 1, 98765432123]:
         i, j = rng.integers(0, 10**6, 50), rng.integers(0, 100, 50)
         want = [np.random.SeedSequence([seed, int(a), int(b)]).generate_state(1, np.uint64)[0] for a, b in zip(i, j)]
-        assert _row_seeds(seed, i, j).tolist() == [int(w) for w in want]
+        assert row_seeds(seed, i, j).tolist() == [int(w) for w in want]

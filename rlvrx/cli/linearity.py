@@ -65,25 +65,56 @@ def resolve_checkpoints(run: Path | None, pairs: list[str], window: str | None, 
     return traj.checkpoints(entries)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (0-based I) -> (I, N)."""
+    index, sep, count = text.partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    index, count = int(index), int(count)
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text!r}: the index is 0-based, so I must be in 0..{max(count - 1, 0)}")
+    return index, count
 
 
 def _default_out(run: Path | None, name: str) -> Path:
     return (run / "linearity" / name) if run is not None else Path("linearity") / name
 
 
-def _print_weights(summary: dict, written: list[Path]) -> None:
-    from rlvrx.linearity import weights
+def _print_summary(tables: list, line: str, histogram: list | None, empty: str, written: list[Path]) -> None:
+    """The tables, the global line, the text histogram (or the `empty` warning when histogram is None), the files."""
     from rlvrx.report import text_histogram
 
-    for tbl in weights.tables(summary):
+    for tbl in tables:
         console.print(tbl)
-    console.print(weights.global_line(summary), highlight=False)
-    if summary["n_params"]:
-        console.print(text_histogram(summary["histogram"], bins=20), highlight=False)
+    console.print(line, highlight=False)
+    if histogram is not None:
+        console.print(text_histogram(histogram, bins=20), highlight=False)
     else:
-        warn("every parameter was filtered out; no R² statistics (lower --min-abs-change / --min-unique?)")
+        warn(empty)
     for path in written:
         console.print(f"[green]wrote[/] {path}", highlight=False)
+
+
+def _print_weights(summary: dict, written: list[Path]) -> None:
+    from rlvrx.render.linearity import weight_global_line, weight_tables
+
+    _print_summary(
+        weight_tables(summary), weight_global_line(summary), summary["histogram"] if summary["n_params"] else None,
+        "every parameter was filtered out; no R² statistics (lower --min-abs-change / --min-unique?)", written,
+    )
+
+
+def _check_weight_flags(min_abs_change: float, min_unique: int, sample: float | None, min_per_tensor: int, memory_mb: int) -> None:
+    if not min_abs_change >= 0:
+        raise UsageError(f"--min-abs-change must be >= 0, got {min_abs_change}")
+    if min_unique < 1:
+        raise UsageError(f"--min-unique must be >= 1, got {min_unique}")
+    if sample is not None and not 0 < sample <= 1:
+        raise UsageError(f"--sample must be a fraction in (0, 1], got {sample}")
+    if min_per_tensor < 1:
+        raise UsageError(f"--min-per-tensor must be >= 1, got {min_per_tensor}")
+    if memory_mb < 1:
+        raise UsageError(f"--memory-mb must be >= 1, got {memory_mb}")
 
 
 @app.command()
@@ -108,36 +139,42 @@ def weights(
     no_plots: bool = NO_PLOTS_OPT,
 ) -> None:
     """Per-parameter R² of weight against step, streamed over every tensor of every checkpoint."""
-    from rlvrx.linearity import weights as lw
+    from rlvrx.linearity.plan import MAX_CHECKPOINTS, selected_tensors
+    from rlvrx.linearity.summary import public_json, summarize
+    from rlvrx.linearity.weights import WeightSettings, analyze_weights
+    from rlvrx.render.linearity import write_weight_outputs
     from rlvrx.report import progress_bar
 
-    settings = lw.WeightSettings(
+    _check_weight_flags(min_abs_change, min_unique, sample, min_per_tensor, memory_mb)
+    settings = WeightSettings(
         min_abs_change=min_abs_change, min_unique=min_unique, sample=sample, min_per_tensor=min_per_tensor, seed=seed, memory_mb=memory_mb
     )
-    part = lw.parse_shard(shard) if shard else None
+    part = parse_shard(shard) if shard else None
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
+    if len(checkpoints) > MAX_CHECKPOINTS:
+        raise UsageError(f"weight linearity takes at most {MAX_CHECKPOINTS} checkpoints, got {len(checkpoints)}; use --window or every n-th step")
     out = out or _default_out(run, "weights")
-    todo = lw.selected_tensors(checkpoints, part)
+    todo = selected_tensors(checkpoints, part)
     position = {name: i for i, (name, _) in enumerate(todo)}
     with progress_bar(console, count=False) as bar:
-        task = bar.add_task("weights", total=sum(n for _, n in todo) or 1)
+        progress_task = bar.add_task("weights", total=sum(n for _, n in todo) or 1)
 
         def advance(name: str, n: int) -> None:
-            bar.update(task, advance=n, description=f"[{position[name] + 1}/{len(todo)}] {name}")
+            bar.update(progress_task, advance=n, description=f"[{position[name] + 1}/{len(todo)}] {name}")
 
-        state = lw.analyze_weights(checkpoints, settings, part, advance)
+        state = analyze_weights(checkpoints, settings, part, advance)
     if part is not None:
         path = json_path or out / f"part-{part[0]}-of-{part[1]}.json"
         write_json(path, state.to_json())
-        summary = lw.summarize(state)
+        summary = summarize(state)
         console.print(f"part {part[0]}/{part[1]}: {len(state.tensors)} of {state.structure['n_tensors']} tensors, "
                       f"{summary['n_params']:,} parameters with R²", highlight=False)
         console.print(f"[green]wrote[/] {path}; combine all parts with `rlvrx linearity merge PARTS... --json OUT`", highlight=False)
         return
-    summary = lw.summarize(state)
-    written = lw.write_outputs(summary, out, plots=not no_plots)
+    summary = summarize(state)
+    written = write_weight_outputs(summary, out, plots=not no_plots)
     if json_path is not None:
-        write_json(json_path, lw.public_json(summary))
+        write_json(json_path, public_json(summary))
         written.append(json_path)
     _print_weights(summary, written)
 
@@ -150,7 +187,9 @@ def merge(
     no_plots: bool = NO_PLOTS_OPT,
 ) -> None:
     """Combine the parts of a sharded `linearity weights` run into the result of one run."""
-    from rlvrx.linearity import weights as lw
+    from rlvrx.linearity.state import WeightState, merge_states
+    from rlvrx.linearity.summary import public_json, summarize
+    from rlvrx.render.linearity import write_weight_outputs
 
     states = []
     for path in parts:
@@ -160,10 +199,10 @@ def merge(
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}: not valid JSON ({exc.msg})") from None
-        states.append(lw.WeightState.from_json(data, str(path)))
-    summary = lw.summarize(lw.merge_states(states, [str(p) for p in parts]))
-    written = lw.write_outputs(summary, out or parts[0].parent, plots=not no_plots)
-    write_json(json_path, lw.public_json(summary))
+        states.append(WeightState.from_json(data, str(path)))
+    summary = summarize(merge_states(states, [str(p) for p in parts]))
+    written = write_weight_outputs(summary, out or parts[0].parent, plots=not no_plots)
+    write_json(json_path, public_json(summary))
     _print_weights(summary, written + [json_path])
 
 
@@ -191,8 +230,10 @@ def logprobs(
 ) -> None:
     """Per-token R² of teacher-forced log-probs against step, one checkpoint loaded at a time."""
     from rlvrx.generation import SamplingParams
+    from rlvrx.atomic import atomic_write_text
     from rlvrx.linearity import logprobs as ll
-    from rlvrx.report import progress_bar, text_histogram
+    from rlvrx.render.linearity import logprob_global_line, logprob_tables, write_logprob_outputs
+    from rlvrx.report import progress_bar
 
     if task is not None and generate is None:
         raise UsageError("--task gives prompts only; add --generate N to sample probe responses for them")
@@ -202,6 +243,10 @@ def logprobs(
         raise UsageError("pass --probes FILE (JSONL with prompt and response(s)), or --generate N with --task NAME or --probes FILE of prompts")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if generate is not None and generate < 1:
+        raise UsageError(f"--generate must be >= 1, got {generate}")
+    if not min_logprob_change >= 0:
+        raise UsageError(f"--min-logprob-change must be >= 0, got {min_logprob_change}")
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
     paths = [(step, ckpt.path) for step, ckpt in checkpoints]
     out = out or _default_out(run, "logprobs")
@@ -215,8 +260,6 @@ def logprobs(
                 prompts = ll.load_prompts(probes)
             items = ll.generate_probes(first, prompts, generate, params, batch_size, device)
         out.mkdir(parents=True, exist_ok=True)
-        from rlvrx.checkpoint import atomic_write_text
-
         atomic_write_text(out / "probes.jsonl", "".join(json.dumps(p.to_json()) + "\n" for p in items))
     else:
         items = ll.load_probes(probes)
@@ -224,23 +267,18 @@ def logprobs(
         ll.tokenize_probes(items, ll.load_tokenizer(first) if needs_tokenizer else None)
     ll.check_probes(items, ll.context_length(first))
     with progress_bar(console) as bar:
-        task = bar.add_task("scoring", total=len(items) * len(paths))
+        progress_task = bar.add_task("scoring", total=len(items) * len(paths))
 
         def advance(step: int, n: int) -> None:
-            bar.update(task, advance=n, description=f"scoring step {step}")
+            bar.update(progress_task, advance=n, description=f"scoring step {step}")
 
         lp, lg = ll.score_checkpoints(paths, items, batch_size, device, advance)
     summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change)
-    written = ll.write_outputs(summary, out, plots=not no_plots)
+    written = write_logprob_outputs(summary, out, plots=not no_plots)
     if json_path is not None:
         write_json(json_path, ll.public_json(summary))
         written.append(json_path)
-    for tbl in ll.tables(summary):
-        console.print(tbl)
-    console.print(ll.global_line(summary), highlight=False)
-    if summary["n_tokens"]:
-        console.print(text_histogram(summary["histogram"], bins=20), highlight=False)
-    else:
-        warn(f"every token was filtered out (log-prob change < {min_logprob_change:g}); lower --min-logprob-change?")
-    for path in written:
-        console.print(f"[green]wrote[/] {path}", highlight=False)
+    _print_summary(
+        logprob_tables(summary), logprob_global_line(summary), summary["histogram"] if summary["n_tokens"] else None,
+        f"every token was filtered out (log-prob change < {min_logprob_change:g}); lower --min-logprob-change?", written,
+    )

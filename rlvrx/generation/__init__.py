@@ -1,16 +1,15 @@
 """Generation engine: batched KV-cache sampling, two-model logits extrapolation, teacher-forced scoring."""
 
-from rlvrx.generation.logits_extrapolation import ExtrapolatedSource, combine_logits
-from rlvrx.generation.sampler import (
-    Generation,
+from rlvrx.generation.decode import generate, left_pad
+from rlvrx.generation.logits import process_logits
+from rlvrx.generation.params import Generation, SamplingParams
+from rlvrx.generation.sources import (
+    ExtrapolatedSource,
     LogitsSource,
     ModelSource,
-    SamplingParams,
-    generate,
-    left_pad,
+    combine_logits,
     model_max_positions,
     model_vocab_size,
-    process_logits,
 )
 from rlvrx.generation.scoring import (
     PackedBatch,

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from rlvrx.errors import UsageError
-from rlvrx.generation.sampler import _eval_mode, keep_logits_kwargs, left_pad, model_max_positions, model_vocab_size
+from rlvrx.generation.decode import left_pad
+from rlvrx.generation.sources import eval_mode, keep_logits_kwargs, model_max_positions, model_vocab_size
 
 
 @dataclass
@@ -80,7 +81,7 @@ def score_responses(
 
     device = next(model.parameters()).device
     results: list[ResponseScores] = []
-    with _eval_mode([model]):
+    with eval_mode([model]):
         for start in range(0, len(prompt_ids), batch_size):
             prompts = prompt_ids[start:start + batch_size]
             responses = response_ids[start:start + batch_size]

@@ -16,12 +16,12 @@ _EXPORTS = {
     "load_probes": "logprobs",
     "score_checkpoints": "logprobs",
     "WeightSettings": "weights",
-    "WeightState": "weights",
+    "WeightState": "state",
     "analyze_weights": "weights",
-    "merge_states": "weights",
-    "plan_shards": "weights",
-    "sample_indices": "weights",
-    "summarize": "weights",
+    "merge_states": "state",
+    "partition_tensors": "plan",
+    "sample_indices": "plan",
+    "summarize": "summary",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,7 +11,6 @@ and so are constant ones. Each response's mean log-prob gets its own R² as well
 from __future__ import annotations
 
 import gc
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,9 +181,9 @@ def generate_probes(
     from rlvrx.generation import generate
 
     if n < 1:
-        raise UsageError(f"--generate must be >= 1, got {n}")
+        raise UsageError(f"generate_probes: n must be >= 1, got {n}")
     if not prompts:
-        raise UsageError("--generate needs prompts: --probes FILE with a \"prompt\" per line, or --task NAME")
+        raise UsageError("generate_probes needs at least one prompt")
     chosen = [prompts[i % len(prompts)] for i in range(n)]
     model = load_model(model_path, device)
     tokenizer = load_tokenizer(model_path)
@@ -246,7 +245,7 @@ def analyze_logprobs(
     """Summary (public keys first) plus per-token and per-response details for CSV and plots."""
     steps = stats.check_steps(steps)
     if not min_logprob_change >= 0:
-        raise UsageError(f"--min-logprob-change must be >= 0, got {min_logprob_change}")
+        raise UsageError(f"min_logprob_change must be >= 0, got {min_logprob_change}")
     r2, s_yy = stats.r2_columns(logprobs, steps)
     logit_r2, logit_syy = stats.r2_columns(logits, steps)
     span = logprobs.max(axis=0) - logprobs.min(axis=0)
@@ -316,68 +315,3 @@ PUBLIC_KEYS = ("median_r2", "mean_r2", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "n_to
 
 def public_json(summary: dict) -> dict:
     return {key: summary[key] for key in PUBLIC_KEYS}
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs
-
-
-def tables(summary: dict) -> list:
-    from rlvrx.report import fmt, pct, table
-
-    def row(label, n, filtered, s):
-        return [label, n, filtered, fmt(s["mean_r2"]), fmt(s["median_r2"]), pct(s["frac_r2_gt_0_7"]), pct(s["frac_r2_gt_0_9"])]
-
-    tokens = {k: summary[k] for k in ("mean_r2", "median_r2", "frac_r2_gt_0_7", "frac_r2_gt_0_9")}
-    steps = summary["steps"]
-    rows = [
-        row("token log-prob", summary["n_tokens"], summary["n_filtered"], tokens),
-        row("chosen-token logit", summary["logit"]["n"], "-", summary["logit"]),
-        row("response mean log-prob", summary["response_mean_logprob"]["n"], "-", summary["response_mean_logprob"]),
-    ]
-    title = f"log-prob R² vs step ({summary['n_probes']} probes, {len(steps)} checkpoints, steps {steps[0]}..{steps[-1]})"
-    return [table(title, ("series", "n", "filtered", "mean", "median", "> 0.7", "> 0.9"), rows)]
-
-
-def global_line(summary: dict) -> str:
-    from rlvrx.report import fmt, pct
-
-    f = summary["filters"]
-    return (
-        f"median R² {fmt(summary['median_r2'])}, mean {fmt(summary['mean_r2'])}, R² > 0.7: {pct(summary['frac_r2_gt_0_7'])}, "
-        f"R² > 0.9: {pct(summary['frac_r2_gt_0_9'])} over {fmt(summary['n_tokens'])} of {fmt(summary['n_tokens_scored'])} "
-        f"response tokens; filtered {fmt(summary['n_filtered'])}: constant {fmt(f['constant'])}, "
-        f"log-prob change < {summary['min_logprob_change']:g} {fmt(f['min_logprob_change'])}"
-    )
-
-
-def write_outputs(summary: dict, out_dir, plots: bool = True, max_lines: int = 10) -> list:
-    """summary.json, tokens.csv, responses.csv and (with plots) r2_hist.png, response_logprob.png."""
-    from rlvrx.checkpoint import atomic_write_text
-    from rlvrx.report import save_histogram_png, save_lines_png, write_csv
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    compact = {k: v for k, v in summary.items() if k not in ("token_rows",)}
-    path = out_dir / "summary.json"
-    atomic_write_text(path, json.dumps(compact, indent=1) + "\n")
-    written.append(path)
-    header = ("probe", "position", "token_id", "logprob_first", "logprob_last", "change", "r2", "logit_r2", "filtered")
-    written.append(write_csv(out_dir / "tokens.csv", header, ([r[h] for h in header] for r in summary["token_rows"])))
-    steps = summary["steps"]
-    header = ("probe", "n_tokens", "r2", *[f"mean_logprob@{s}" for s in steps])
-    written.append(write_csv(
-        out_dir / "responses.csv", header, ([r["probe"], r["n_tokens"], r["r2"], *r["mean_logprob"]] for r in summary["response_rows"])
-    ))
-    if plots:
-        written.append(save_histogram_png(
-            out_dir / "r2_hist.png", summary["histogram"], title=f"token log-prob R² vs step ({summary['n_tokens']:,} tokens)",
-            median=summary["median_r2"],
-        ))
-        series = {r["probe"]: r["mean_logprob"] for r in summary["response_rows"][:max_lines]}
-        written.append(save_lines_png(
-            out_dir / "response_logprob.png", steps, series, title="mean log-prob of each probe response",
-            xlabel="step", ylabel="mean token log-prob",
-        ))
-    return written

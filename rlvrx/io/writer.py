@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -41,8 +41,8 @@ def copy_aux_files(source: Path, dest: Path) -> list[str]:
 # Streaming sharded writer
 
 
-def group_into_files(specs: list[tuple[str, tuple[int, ...], torch.dtype | str]], max_shard_bytes: int) -> list[list[int]]:
-    """Group spec indices into shards of at most max_shard_bytes (a tensor larger than that gets its own)."""
+def group_into_files(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype | str]], max_shard_bytes: int) -> list[list[int]]:
+    """Group spec indices into files (shards) of at most max_shard_bytes (a tensor larger than that gets its own)."""
     shards: list[list[int]] = [[]]
     size = 0
     for i, (_, shape, dtype) in enumerate(specs):
@@ -58,7 +58,7 @@ def group_into_files(specs: list[tuple[str, tuple[int, ...], torch.dtype | str]]
 def _raw_bytes(tensor: torch.Tensor | RawValues) -> memoryview:
     """The tensor's bytes as a flat memoryview (a copy only for non-contiguous or non-CPU tensors)."""
     if isinstance(tensor, RawValues):
-        return memoryview(np.ascontiguousarray(tensor.data).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(tensor.data).reshape(-1).view(np.uint8).data
     tensor = tensor.detach()
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         tensor = tensor.to("cpu").contiguous()
@@ -66,7 +66,7 @@ def _raw_bytes(tensor: torch.Tensor | RawValues) -> memoryview:
         return memoryview(b"")
     import torch
 
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def _pwrite_all(fd: int, data: memoryview, position: int) -> None:

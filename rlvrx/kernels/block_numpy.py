@@ -15,10 +15,12 @@ _CHUNK_VALUES = 1 << 20  # float64 values of one chunk's (K, chunk) arrays: a fe
 
 
 def _widen(row: np.ndarray, kind: int, lut: np.ndarray | None) -> np.ndarray:
-    """Raw stored values as float64 (_native.c's widen; kinds are native.RAW_KINDS)."""
+    """Raw stored values as float64 (_native.c's widen; kinds are rlvrx.kernels.RAW_KINDS)."""
     if kind == 0:  # bf16: the high half of a float32
         return (row.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     if kind in (3, 4):
+        if lut is None:
+            raise ValueError(f"raw kind {kind} (fp8, fp16) needs its lookup table")
         return lut[row.view(np.uint8 if row.itemsize == 1 else np.uint16)]
     return row.astype(np.float64)
 

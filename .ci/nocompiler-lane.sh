@@ -2,7 +2,7 @@
 # The no-compiler lane: rlvrx installed where no C compiler works (CC=/bin/false; MSVC is the same case)
 # must install without its compiled kernels and give the same results through the fallback (numpy block
 # reducer, torch.lerp). A copy of the tree without built objects (the main lane's editable install leaves
-# rlvrx/_native*.so in this checkout), a fresh venv, then the weight linearity and extrapolation tests.
+# rlvrx/kernels/_native*.so in this checkout), a fresh venv, then the weight linearity and extrapolation tests.
 # Deselected: the tests of the kernels themselves, and "bf16 extrapolation never imports torch" (the
 # fallback is torch.lerp).
 set -euo pipefail
@@ -15,8 +15,8 @@ cd "$TREE"
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 CC=/bin/false .venv/bin/pip install -q -e ".[test]" torch==2.13.0
-if .venv/bin/python -c "import rlvrx._native" 2>/dev/null; then
-    echo "no-compiler lane: rlvrx._native was built with CC=/bin/false" >&2
+if .venv/bin/python -c "import rlvrx.kernels._native" 2>/dev/null; then
+    echo "no-compiler lane: rlvrx.kernels._native was built with CC=/bin/false" >&2
     exit 1
 fi
 RLVRX_NO_COMPILER=1 .venv/bin/python -m pytest -p no:cacheprovider \

@@ -82,7 +82,7 @@ def jump(args) -> int:
     """The RL-Extra jump of the run, from its trajectory: J = A + ((m+n)/m)(B - A) for every jumped
     tensor (float64 reference), J = B for the kept ones (norms, copied)."""
     from rlvrx.backends.verl.jump import jump_factor, kept
-    from rlvrx.checkpoint import Checkpoint
+    from rlvrx.io.reader import Checkpoint
     from rlvrx.trajectory import Trajectory
 
     traj = Trajectory.load(args.run)

@@ -406,7 +406,7 @@ def write_trajectory(root: Path, steps: Sequence[int], shape: dict, seed: int = 
     """
     import torch
 
-    from rlvrx.checkpoint import ShardedWriter
+    from rlvrx.io.writer import ShardedWriter
 
     root = Path(root)
     key = json.dumps({"steps": list(steps), "shape": shape, "seed": seed, "drift": drift, "noise": noise}, sort_keys=True)
@@ -466,7 +466,7 @@ def compare_checkpoints(a: Path, b: Path, skip: Callable[[str], bool] = lambda n
     """Bitwise comparison of the tensors two checkpoint dirs share (by name)."""
     import torch
 
-    from rlvrx.checkpoint import Checkpoint
+    from rlvrx.io.reader import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
     names_a, names_b = set(ca.names()), set(cb.names())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rlvrx.checkpoint import atomic_dir
+from rlvrx.io.atomic import atomic_dir
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]

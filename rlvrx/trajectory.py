@@ -9,10 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from rlvrx.checkpoint import Checkpoint, checkpoint_sha256, compare_structure, is_checkpoint_dir, atomic_write_text
 from rlvrx.errors import CheckpointError, UsageError
-from rlvrx.jsonio import read_json
-from rlvrx.locks import locked
+from rlvrx.io.atomic import atomic_write_text
+from rlvrx.io.identity import checkpoint_sha256, compare_structure
+from rlvrx.io.jsonio import read_json
+from rlvrx.io.locks import locked
+from rlvrx.io.reader import Checkpoint, is_checkpoint_dir
 
 MANIFEST = "trajectory.json"
 LOCK = "trajectory.json.lock"  # held while trajectory.json is read, changed and written

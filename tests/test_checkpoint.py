@@ -1,4 +1,4 @@
-"""rlvrx.checkpoint: lazy reads, the atomic sharded writer, and clear errors for broken checkpoints."""
+"""rlvrx.io (reader, writer): lazy reads, the atomic sharded writer, and clear errors for broken checkpoints."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlvrx.checkpoint import (
-    INDEX_NAME,
-    SINGLE_NAME,
-    Checkpoint,
-    atomic_dir,
-    atomic_write_text,
-    checkpoint_sha256,
-    compare_structure,
-    parse_dtype,
-    save_state_dict,
-    write_checkpoint,
-)
+from rlvrx.io.atomic import atomic_dir, atomic_write_text
+from rlvrx.io.dtypes import parse_dtype
+from rlvrx.io.identity import checkpoint_sha256, compare_structure
+from rlvrx.io.reader import INDEX_NAME, SINGLE_NAME, Checkpoint
+from rlvrx.io.writer import save_state_dict, write_checkpoint
 from rlvrx.errors import CheckpointError, UsageError
 
 
@@ -376,7 +369,7 @@ def test_writer_parts_give_the_same_bytes_as_whole_tensors(tmp_path, max_shard_b
     tensors = sample_tensors()
     specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     whole = write_checkpoint(tmp_path / "whole", specs, tensors.items(), max_shard_bytes=max_shard_bytes)
-    from rlvrx.checkpoint import ShardedWriter
+    from rlvrx.io.writer import ShardedWriter
 
     with atomic_dir(tmp_path / "parts") as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
@@ -396,7 +389,7 @@ def test_writer_parts_give_the_same_bytes_as_whole_tensors(tmp_path, max_shard_b
 
 
 def test_writer_parts_must_come_in_order_and_match_the_plan(tmp_path):
-    from rlvrx.checkpoint import ShardedWriter
+    from rlvrx.io.writer import ShardedWriter
 
     writer = ShardedWriter(tmp_path, [("t", (4, 5), torch.float32)])
     writer.write_part("t", 0, torch.zeros(6))
@@ -417,7 +410,8 @@ def test_writer_parts_must_come_in_order_and_match_the_plan(tmp_path):
 def test_raw_values_are_the_stored_bytes_and_write_back_identically(tmp_path, write_safetensors_checkpoint, shards):
     """Checkpoint.raw (memory-mapped, no torch) against safetensors' own reads, for every dtype, and
     RawValues through the writer (whole and in parts) reproduce the file's tensors bit for bit."""
-    from rlvrx.checkpoint import RawValues, ShardedWriter
+    from rlvrx.io.dtypes import RawValues
+    from rlvrx.io.writer import ShardedWriter
 
     tensors = sample_tensors()
     ckpt = Checkpoint(write_safetensors_checkpoint(tmp_path / "in", tensors, shards=shards))

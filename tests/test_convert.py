@@ -24,7 +24,7 @@ import torch
 from clirun import run_cli
 
 from rlvrx.backends.verl.convert import convert_fsdp_checkpoint, load_shard, merge_entry
-from rlvrx.checkpoint import Checkpoint
+from rlvrx.io.reader import Checkpoint
 from rlvrx.errors import CheckpointError, UsageError
 
 WORLD = 2

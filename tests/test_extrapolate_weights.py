@@ -11,7 +11,9 @@ import pytest
 import torch
 from clirun import run_cli
 
-from rlvrx.checkpoint import INDEX_NAME, Checkpoint, checkpoint_sha256, save_state_dict
+from rlvrx.io.identity import checkpoint_sha256
+from rlvrx.io.reader import INDEX_NAME, Checkpoint
+from rlvrx.io.writer import save_state_dict
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
 from rlvrx.extrapolate import (
     PROVENANCE,
@@ -23,7 +25,9 @@ from rlvrx.extrapolate import (
     lstsq_coefficients,
     two_point_alpha,
 )
-from rlvrx.extrapolate.weights import extrapolate_weights, input_fingerprint, parse_size, parse_window
+from rlvrx.cli.extrapolate import parse_size, parse_window
+from rlvrx.extrapolate.weights import extrapolate_weights
+from rlvrx.io.identity import input_fingerprint
 from rlvrx.trajectory import Trajectory
 
 ALPHAS = [-0.5, 0.5, 1.0, 2.0, 3.0]
@@ -173,7 +177,7 @@ def test_compiled_lerp_is_torch_lerp_bit_for_bit(dtype):
     zeros of both signs, subnormals, values near the maximum (overflow to inf), inf and nan; a
     length that leaves a vector tail; weights on both sides of torch's 0.5 switch. NaN payloads are
     not compared (torch's own differ between its vector and scalar code; a NaN never reaches a file)."""
-    from rlvrx import native
+    import rlvrx.kernels as native
 
     rng = np.random.default_rng(7)
     n = 4099
@@ -199,7 +203,7 @@ def test_compiled_lerp_is_torch_lerp_bit_for_bit(dtype):
 
 
 def checkpoint_dtype_name(dtype: torch.dtype) -> str:
-    from rlvrx.checkpoint import dtype_name
+    from rlvrx.io.dtypes import dtype_name
 
     return dtype_name(dtype)
 

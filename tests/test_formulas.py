@@ -43,3 +43,37 @@ def test_rl_extra_and_verl_jumps_equal_extrapolate_weights_bit_for_bit(tmp_path,
     # the other rounding, a + f (b - a) in float32, differs somewhere: the test tells the two apart
     other = {name: (a[name].float() + factor * (b[name].float() - a[name].float())).to(torch.bfloat16) for name in jumped}
     assert any(not torch.equal(out[name], other[name]) for name in jumped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_jump_into_out_is_the_same_bits(dtype):
+    """The streaming form (out=, the torch path of `rlvrx extrapolate weights`): torch.lerp straight
+    into the output where the dtypes allow, else through `compute`; the same bits as the plain call."""
+    gen = torch.Generator().manual_seed(2)
+    anchor, current = torch.randn(1031, generator=gen).to(dtype), torch.randn(1031, generator=gen).to(dtype)
+    for factor in (4 / 3, 0.3, -0.5, 2.0):
+        out = torch.empty_like(current)
+        assert torch.equal(jump(anchor, current, factor, out=out), jump(anchor, current, factor))
+        wide = torch.empty(1031, dtype=torch.float64)
+        jump(anchor, current, factor, compute=torch.float64, out=wide)
+        assert torch.equal(wide, torch.lerp(anchor.double(), current.double(), factor))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_kernel_is_jump_bit_for_bit(dtype):
+    """The kernel is an accelerator of jump for bf16/fp32, not a second arithmetic."""
+    import numpy as np
+
+    import rlvrx.kernels as kernels
+
+    if not kernels.available():
+        pytest.skip("compiled kernels not built")
+    gen = torch.Generator().manual_seed(3)
+    anchor, current = torch.randn(4099, generator=gen).to(dtype), torch.randn(4099, generator=gen).to(dtype)
+    storage, signed = (np.uint16, torch.int16) if dtype == torch.bfloat16 else (np.uint32, torch.int32)
+    bits = lambda t: t.view(signed).numpy().view(storage)  # noqa: E731
+    kind = kernels.RAW_KINDS["BF16" if dtype == torch.bfloat16 else "F32"]
+    for factor in (4 / 3, 0.3, 0.5, -0.5, 3.0):
+        out = np.empty(4099, dtype=storage)
+        assert kernels.library().rlvrx_lerp(kind, bits(anchor).ctypes.data, bits(current).ctypes.data, factor, out.ctypes.data, 4099) == 0
+        np.testing.assert_array_equal(out, bits(jump(anchor, current, factor)), err_msg=f"factor {factor}")

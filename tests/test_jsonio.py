@@ -1,4 +1,4 @@
-"""rlvrx.jsonio: one-line errors naming file and line; a torn last line dropped only where asked."""
+"""rlvrx.io.jsonio: one-line errors naming file and line; a torn last line dropped only where asked."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rlvrx.errors import UsageError
-from rlvrx.jsonio import read_json, read_jsonl
+from rlvrx.io.jsonio import read_json, read_jsonl
 
 
 def test_jsonl_torn_tail_is_dropped_only_when_asked(tmp_path):

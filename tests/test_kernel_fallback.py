@@ -1,4 +1,4 @@
-"""The fallback for installs without the compiled kernels (rlvrx.linearity.block_numpy, torch.lerp) against
+"""The fallback for installs without the compiled kernels (rlvrx.kernels.block_numpy, torch.lerp) against
 the kernels: the same bits. The comparisons need the kernels, which the main lane builds; the no-compiler
 lane (.ci/nocompiler-lane.sh, RLVRX_NO_COMPILER=1) runs the rest and checks that the extension is absent."""
 
@@ -16,19 +16,20 @@ import pytest
 import torch
 
 from blocks import random_block
-from rlvrx import native
-from rlvrx.linearity import block_numpy, stats
+import rlvrx.kernels as native
+from rlvrx.kernels import block_numpy
+from rlvrx.linearity import stats
 from rlvrx.linearity.kernel import Kernel as _Kernel
 from rlvrx.linearity.weights import WeightSettings
 
 NO_COMPILER = os.environ.get("RLVRX_NO_COMPILER") == "1"
-BUILT = importlib.util.find_spec("rlvrx._native") is not None
+BUILT = importlib.util.find_spec("rlvrx.kernels._native") is not None
 
 
 def need_kernels():
     if NO_COMPILER:
         pytest.skip("the no-compiler lane has no kernels to compare with")
-    assert BUILT, "rlvrx._native is not built: the main lane needs a C compiler"
+    assert BUILT, "rlvrx.kernels._native is not built: the main lane needs a C compiler"
 
 
 def raw_rows(values: np.ndarray, dtype_name: str) -> list[np.ndarray]:
@@ -144,7 +145,7 @@ def test_cli_results_are_the_same_without_kernels(tmp_path):
         out_dir = tmp_path / dtype / "x"
         code = (
             "import json, os\n"
-            "from rlvrx.checkpoint import Checkpoint\n"
+            "from rlvrx.io.reader import Checkpoint\n"
             "from rlvrx.extrapolate.weights import extrapolate_two_point\n"
             "from rlvrx.linearity.summary import summarize\n"
             "from rlvrx.linearity.weights import WeightSettings, analyze_weights\n"
@@ -168,6 +169,6 @@ def test_no_compiler_install_has_no_extension():
     if not NO_COMPILER:
         pytest.skip("the no-compiler lane's check (RLVRX_NO_COMPILER=1)")
     assert not BUILT
-    proc = run_python("from rlvrx import native\nassert not native.available() and not native.available()\n")
+    proc = run_python("import rlvrx.kernels as native\nassert not native.available() and not native.available()\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("not built: no C compiler") == 1, proc.stderr

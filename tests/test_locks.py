@@ -1,4 +1,4 @@
-"""rlvrx.locks with real processes: a second holder is refused with the first one's pid, a waiter gets
+"""rlvrx.io.locks with real processes: a second holder is refused with the first one's pid, a waiter gets
 its turn, and a SIGKILLed holder leaves no lock behind."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from rlvrx.errors import RlvrxError
-from rlvrx.locks import LockedError, locked
+from rlvrx.io.locks import LockedError, locked
 
 HOLD = """
 import sys, time
-from rlvrx.locks import locked
+from rlvrx.io.locks import locked
 with locked(sys.argv[1], "the test output"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rlvrx.atomic import atomic_dir, atomic_write_text
-from rlvrx.checkpoint import Checkpoint, read_header
+from rlvrx.io.atomic import atomic_dir, atomic_write_text
+from rlvrx.io.reader import Checkpoint, read_header
 from rlvrx.errors import CheckpointError
 
 TIMEOUT = 300  # only so that a hung child fails the test instead of hanging it
@@ -314,7 +314,7 @@ def test_sigterm_mid_write_leaves_no_temporary_and_the_old_output(tmp_path, chec
 KILLED_BETWEEN_RENAMES = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from rlvrx.atomic import atomic_dir
+    from rlvrx.io.atomic import atomic_dir
 
     real = os.replace
 

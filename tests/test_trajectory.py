@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvrx.checkpoint import checkpoint_sha256
+from rlvrx.io.identity import checkpoint_sha256
 from rlvrx.errors import CheckpointError, UsageError
 from rlvrx.trajectory import MANIFEST, Trajectory, parse_step_paths
 

@@ -75,7 +75,8 @@ def list_(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the entries as JSON here."),
 ) -> None:
     """Show the trajectory: step, kind, size, dtype, path."""
-    from rlvrx.checkpoint import DTYPE_NAMES, Checkpoint
+    from rlvrx.io.dtypes import torch_dtype_names
+    from rlvrx.io.reader import Checkpoint
     from rlvrx.errors import CheckpointError
 
     from rlvrx.trajectory import Trajectory  # imports torch: only when a command runs
@@ -85,7 +86,7 @@ def list_(
     rows = []
     for entry in traj:
         try:
-            dtypes = ",".join(sorted(DTYPE_NAMES[d].lower() for d in Checkpoint(traj.resolve(entry)).dtypes()))
+            dtypes = ",".join(sorted(torch_dtype_names()[d].lower() for d in Checkpoint(traj.resolve(entry)).dtypes()))
         except CheckpointError:
             dtypes = "unreadable"
         label = str(entry.step) if entry.grad_step is None else f"{entry.step} (grad {entry.grad_step})"

@@ -24,8 +24,7 @@ import torch
 
 from rlvrx.config import Recipe
 from rlvrx.errors import UsageError
-from rlvrx.extrapolate.weights import DEFAULT_COPY_PATTERNS, is_copied
-from rlvrx.formulas import jump
+from rlvrx.formulas import DEFAULT_COPY_PATTERNS, is_copied, jump
 from rlvrx.train.trainer import Trainer
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from rlvrx.checkpoint import load_torch_file
+from rlvrx.io.reader import load_torch_file
 from rlvrx.errors import CheckpointError, UsageError
 
 DTYPES = ("bfloat16", "float32", "auto")
@@ -236,7 +236,9 @@ def convert_fsdp_checkpoint(
     check: bool = True,
 ) -> Path:
     """Write the HF checkpoint of a verl FSDP step dir to `out` (default: global_step_N/huggingface)."""
-    from rlvrx.checkpoint import Checkpoint, ShardedWriter, atomic_dir, copy_aux_files
+    from rlvrx.io.atomic import atomic_dir
+    from rlvrx.io.reader import Checkpoint
+    from rlvrx.io.writer import ShardedWriter, copy_aux_files
 
     if dtype not in DTYPES:
         raise UsageError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")

@@ -3,7 +3,7 @@
 The formula is elementwise, so under FSDP2 each rank applies it to its own local shard of every
 DTensor parameter and the result is exactly the sharded form of the full-tensor jump: no gather, no
 communication. Which tensors jump, and the arithmetic, are the native trainer's: norm weights keep
-W_b under norms=copy (rlvrx.extrapolate.weights.is_copied), and the arithmetic is rlvrx.formulas.jump,
+W_b under norms=copy (rlvrx.formulas.is_copied), and the arithmetic is rlvrx.formulas.jump,
 the same bits as `rlvrx extrapolate weights` and the native RL-Extra jump.
 
 Used inside verl workers (rl_extra.py) and by the restart loop on HF checkpoints (extrapolate_checkpoint).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rlvrx.formulas import jump
+from rlvrx.formulas import DEFAULT_COPY_PATTERNS, is_copied, jump
 
 
 def jump_factor(m: int, n: int) -> float:
@@ -27,8 +27,6 @@ def jump_factor(m: int, n: int) -> float:
 
 def kept(name: str, dtype: torch.dtype, norms: str = "copy") -> bool:
     """True for tensors the jump leaves at W_b: non-float ones, and norm weights under norms=copy."""
-    from rlvrx.extrapolate.weights import DEFAULT_COPY_PATTERNS, is_copied
-
     if norms not in ("copy", "extrapolate"):
         raise ValueError(f"norms must be copy or extrapolate, got {norms!r}")
     return is_copied(name, dtype, DEFAULT_COPY_PATTERNS, extrapolate_all=norms == "extrapolate")
@@ -67,8 +65,10 @@ def apply_jump_local(module: torch.nn.Module, anchor: dict[str, torch.Tensor], f
 
 def extrapolate_checkpoint(anchor_dir, current_dir, out_dir, factor: float, norms: str = "copy", overwrite: bool = False) -> Path:
     """Stream the jump over two HF checkpoint dirs into `out_dir` (atomic; one tensor in memory at a time)."""
-    from rlvrx.checkpoint import Checkpoint, compare_structure, write_checkpoint
     from rlvrx.errors import CheckpointError
+    from rlvrx.io.identity import compare_structure
+    from rlvrx.io.reader import Checkpoint
+    from rlvrx.io.writer import write_checkpoint
 
     anchor, current = Checkpoint(anchor_dir), Checkpoint(current_dir)
     diff = compare_structure(anchor, current)

@@ -1,4 +1,4 @@
-/* rlvrx's compiled kernels, called through ctypes (rlvrx/native.py), which releases the GIL so that
+/* rlvrx's compiled kernels, called through ctypes (rlvrx/kernels/__init__.py), which releases the GIL so that
  * blocks run in parallel on threads:
  *   rlvrx_weight_block  per-parameter R² statistics of a block of K checkpoints, exact in float64
  *                       (rlvrx/linearity/weights.py);

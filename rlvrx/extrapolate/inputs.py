@@ -1,0 +1,126 @@
+"""Where `rlvrx extrapolate weights` finds its inputs and puts its output: checkpoints by step from a
+run's trajectory (or a window of them), the output's checks and default place, the alpha of the
+request (worded in its flags), and registering the result in the trajectory."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+from rlvrx import formulas
+from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.extrapolate.options import Source, WeightsExtrapolation
+from rlvrx.io.atomic import check_replaceable, recover
+from rlvrx.io.identity import compare_structure
+from rlvrx.io.reader import Checkpoint, is_checkpoint_dir
+
+
+def open_inputs(sources: Sequence[Source]) -> list[Checkpoint]:
+    ckpts = [Checkpoint(s.path) for s in sources]
+    latest = ckpts[-1]
+    for ckpt in ckpts[:-1]:
+        diff = compare_structure(latest, ckpt)
+        if diff:
+            raise CheckpointError(f"inputs do not match: {diff}")
+    return ckpts
+
+
+def check_output(out: Path, sources: Sequence[Source], overwrite: bool) -> None:
+    """Refuse an output that would replace an input, a directory holding one, a run directory, or
+    anything but an earlier checkpoint (--overwrite replaces a model, never a directory of results)."""
+    recover(out)  # a writer killed between atomic_dir's renames: its previous output comes back first
+    resolved = out.resolve()
+    for src in sources:
+        if src.path.resolve() == resolved:
+            raise UsageError(f"output {out} is one of the input checkpoints; choose another --out")
+        if resolved in src.path.resolve().parents:
+            raise UsageError(f"output {out} holds the input checkpoint {src.path}; choose another --out")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
+    check_replaceable(out)
+    if not out.is_dir() or not (is_checkpoint_dir(out) or not any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not a checkpoint directory; --overwrite replaces only a model, choose another --out")
+
+
+def resolve_alpha(base: int | None, second: int | None, target: int | None, alpha: float | None) -> tuple[float, int | None]:
+    """rlvrx.formulas.resolve_alpha for the commands (weights and logits): the same checks, worded in
+    their flags (--base, --second, --target, --alpha)."""
+    if alpha is not None and not math.isfinite(alpha):
+        raise UsageError(f"--alpha {alpha}: must be a finite number")
+    if base is not None and second is not None:
+        if target is not None and alpha is not None:
+            raise UsageError("give --target or --alpha, not both (alpha = (target - base) / (second - base))")
+        if target is None and alpha is None:
+            raise UsageError("give --target T (alpha = (T - base) / (second - base)) or --alpha")
+        if second == base:
+            raise UsageError(f"--base and --second are both step {base}; extrapolation needs two different steps")
+        if second < base:
+            raise UsageError(f"--second ({second}) is before --base ({base}); the second checkpoint must be the later one (swap them)")
+    elif alpha is None:
+        raise UsageError("two model directories without steps need --alpha (or --base S0 --second S1 --target T)")
+    return formulas.resolve_alpha(base, second, target, alpha)
+
+
+def default_output(run: str | os.PathLike, target_step: int) -> Path:
+    from rlvrx.trajectory import step_dir_name
+
+    return Path(run) / "extrapolated" / step_dir_name(target_step)
+
+
+def check_registrable(run: str | os.PathLike, target_step: int | None, overwrite: bool) -> None:
+    """Fail before any work when `--register` could not record the result at target_step."""
+    from rlvrx.trajectory import Trajectory
+
+    if target_step is None:
+        raise UsageError("--register needs an integer target step (--target)")
+    traj = Trajectory.load(run, create=True)
+    for entry in traj:
+        if entry.step == target_step:
+            if entry.kind != "extrapolated":
+                raise UsageError(
+                    f"step {target_step} in {traj.manifest} is a real checkpoint ({entry.kind}: {entry.path}); "
+                    "an extrapolated model cannot replace it; drop --register or pick another --target"
+                )
+            if not overwrite:
+                raise UsageError(
+                    f"step {target_step} in {traj.manifest} already holds an extrapolated model ({entry.path}); pass --overwrite to replace it"
+                )
+
+
+def register_result(run: str | os.PathLike, result: WeightsExtrapolation, hash: bool = True) -> None:
+    """Add the output to RUN/trajectory.json as kind `extrapolated` at its target step."""
+    from rlvrx.trajectory import Trajectory
+
+    traj = Trajectory.load(run, create=True)
+    meta = {"method": result.method, "from_steps": [i["step"] for i in result.inputs]}
+    if result.alpha is not None:
+        meta["alpha"] = result.alpha
+    traj.add(result.target_step, result.out, kind="extrapolated", hash=hash, replace=True, meta=meta)
+    traj.save()
+    result.registered = True
+
+
+def sources_from_run(run: str | os.PathLike, steps: Sequence[int]) -> list[Source]:
+    from rlvrx.trajectory import Trajectory
+
+    traj = Trajectory.load(run)
+    return [Source(traj.path_of(step), step, traj.get(step).sha256) for step in steps]
+
+
+def window_sources(run: str | os.PathLike, window: tuple[int, int] | None) -> list[Source]:
+    """The run's base/rl checkpoints (extrapolated ones are never fitted) inside the window."""
+    from rlvrx.trajectory import Trajectory
+
+    traj = Trajectory.load(run)
+    entries = traj.select(kinds=("base", "rl"), window=window)
+    if len(entries) < 2:
+        where = f"in window {window[0]}:{window[1]}" if window else ""
+        raise UsageError(
+            f"{traj.manifest}: least squares needs at least 2 base/rl checkpoints {where}, found "
+            f"{[e.step for e in entries]} (steps: {traj.steps})"
+        )
+    return [Source(traj.resolve(e), e.step, e.sha256) for e in entries]

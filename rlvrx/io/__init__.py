@@ -1,0 +1,1 @@
+"""Files: atomic outputs, JSON/YAML reading, locks, and safetensors checkpoints (read, write, identify)."""

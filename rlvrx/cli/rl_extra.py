@@ -72,7 +72,9 @@ def rl_extra(
 
 
 def _compare(run_a: Path, run_b: Path, png: Optional[Path], json_path: Optional[Path]) -> None:
-    from rlvrx.train.compare import compare_runs, plot_comparison
+    from rlvrx.render.plots import save_comparison_png
+    from rlvrx.rundir import RunDir
+    from rlvrx.train.compare import compare_runs
 
     result = compare_runs(run_a, run_b)
     by_step = Table("gradient steps", f"{run_a.name}", f"{run_b.name}", title="greedy test accuracy at equal gradient steps")
@@ -83,6 +85,6 @@ def _compare(run_a: Path, run_b: Path, png: Optional[Path], json_path: Optional[
         by_time.add_row(f"{row['elapsed']:.1f}", _fmt(row["a"]), _fmt(row["b"]))
     console.print(by_step)
     console.print(by_time)
-    out = plot_comparison(result, png or run_a / "compare.png", labels=(run_a.name, run_b.name))
+    out = save_comparison_png(result, png or RunDir(run_a).compare_png, labels=(run_a.name, run_b.name))
     console.print(f"plot: {out}", highlight=False)
     write_json(json_path, {k: v for k, v in result.items() if k != "curves"})

@@ -10,7 +10,7 @@ import pytest
 
 from rlvrx.config import load_recipe
 from rlvrx.errors import UsageError
-from rlvrx.pipeline import check_stages, run_pipeline, stage_argv
+from rlvrx.cli.pipeline import check_stages, run_pipeline, stage_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes/quickstart.yaml"

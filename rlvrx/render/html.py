@@ -18,7 +18,7 @@ from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.jsonio import read_json
 from rlvrx.render.plots import save_line_fits_png, save_training_png
 from rlvrx.render.tables import fmt, table
-from rlvrx.rundir import LINEARITY_KINDS, RunDir
+from rlvrx.rundir import COMPARE_PNG, LINEARITY_KINDS, RunDir
 from rlvrx.trajectory import Trajectory
 
 
@@ -181,7 +181,7 @@ def render_html(data: dict, plots: dict[str, Path]) -> str:
         ("Training", ["report/training.png"]),
         ("Weight linearity", ["linearity/weights/r2_hist.png", "linearity/weights/r2_heatmap.png", "report/trajectories.png"]),
         ("Log-prob linearity", [k for k in plots if k.startswith("linearity/logprobs/")]),
-        ("RL-Extra vs baseline", ["compare.png"]),
+        ("RL-Extra vs baseline", [COMPARE_PNG]),
     ]
     tables = summary_tables(data)
     for title, keys in sections:

@@ -252,9 +252,6 @@ class Trainer:
     def rollout(self, step: int) -> tuple[StepBatch, dict]:
         return rollouts.rollout(self, step)
 
-    def _logprobs(self, model, batch: StepBatch, rows=slice(None), with_entropy=False):
-        return rollouts.response_logprobs(model, batch, self.cfg.temperature, rows, with_entropy)
-
     def grpo_step(self) -> dict:
         """One GRPO step at self.step (rlvrx.train.update)."""
         return grpo_step(self)
@@ -345,11 +342,8 @@ class Trainer:
         summary["wall_time_s"] = time.perf_counter() - t_start
         return summary
 
-    def records(self) -> list[dict]:
-        return self.rundir.read_metrics()
-
     def summary(self) -> dict:
-        records = self.records()
+        records = self.rundir.read_metrics()
         grpo = [r for r in records if r.get("stage") == "grpo" and "reward_mean" in r]
         evals = [r for r in records if "test_accuracy" in r]
         return {

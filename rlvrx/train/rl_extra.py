@@ -26,7 +26,7 @@ from rlvrx.config import Recipe
 from rlvrx.errors import UsageError
 from rlvrx.extrapolate.weights import DEFAULT_COPY_PATTERNS, is_copied
 from rlvrx.formulas import jump
-from rlvrx.train.trainer import Trainer, TrainingProgress
+from rlvrx.train.trainer import Trainer
 
 
 def lstsq_predict(sum_y: torch.Tensor, sum_ty: torch.Tensor, m: int, target: float) -> torch.Tensor:
@@ -42,7 +42,7 @@ def lstsq_predict(sum_y: torch.Tensor, sum_ty: torch.Tensor, m: int, target: flo
 class RLExtraTrainer(Trainer):
     progress_label = "RL-Extra"
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, progress: TrainingProgress | None = None):
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, progress=None):
         if recipe.rl_extra is None:
             raise UsageError("the recipe has no rl_extra section (m, n, iterations, ...); add one to run RL-Extra")
         self.rl_extra = recipe.rl_extra
@@ -152,9 +152,7 @@ class RLExtraTrainer(Trainer):
                     state["exp_avg"].zero_()
 
 
-def train_rl_extra(
-    recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, show_progress: bool = True, progress: TrainingProgress | None = None
-) -> dict:
+def train_rl_extra(recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, show_progress: bool = True, progress=None) -> dict:
     """Run (or resume) SFT + RL-Extra as the recipe says; return a summary."""
     return RLExtraTrainer(recipe, run_dir, force=force, progress=progress).fit(show_progress=show_progress)
 

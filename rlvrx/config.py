@@ -132,12 +132,14 @@ class RLExtraConfig(Strict):
     norms: Literal["copy", "extrapolate"] = "copy"
 
 
-class StageConfig(Strict):
-    """One step of `rlvrx run`: an rlvrx command with its arguments (see rlvrx.pipeline)."""
+# The kinds of `stages:` entries, in the order a workflow meets them (rlvrx.cli.pipeline maps each to its command).
+STAGE_KINDS = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval")
 
-    kind: Literal[
-        "train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval"
-    ]
+
+class StageConfig(Strict):
+    """One step of `rlvrx run`: an rlvrx command with its arguments (see rlvrx.cli.pipeline)."""
+
+    kind: Literal[STAGE_KINDS]  # type: ignore[valid-type]  # Literal of a tuple: its members
     name: Optional[str] = Field(None, description="unique stage name (default: kind); used by --only / --from")
     args: list[str] = Field(default_factory=list, description="positional arguments; {run} and {recipe} are filled in")
     options: dict[str, Any] = Field(default_factory=dict, description="command options by long name, e.g. {sample: 0.001}")

@@ -305,3 +305,34 @@ def test_subprocess_exit_codes_and_tracebacks(scanned, tmp_path):
         "(tensor model.layers.0.self_attn.o_proj.weight lies outside the file or has the wrong size)",
         f"1 problem(s) in {run / 'trajectory.json'}",
     ]
+
+
+SIDE_EFFECT_PROBE = """
+import os, sys
+before = dict(os.environ)
+import rlvrx.train.trainer, rlvrx.eval.runner, rlvrx.linearity, rlvrx.extrapolate
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+loaded = sorted(m for m in sys.modules if m == "typer" or m.startswith(("typer.", "rlvrx.cli")))
+print(changed, loaded)
+"""
+
+
+def test_importing_the_library_sets_no_environment_and_loads_no_cli():
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM")}
+    out = subprocess.run([sys.executable, "-c", SIDE_EFFECT_PROBE], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] []"
+
+
+def test_importing_the_cli_sets_no_environment_but_main_does():
+    probe = (
+        "import os, sys\nbefore = dict(os.environ)\nimport rlvrx.cli\n"
+        "assert dict(os.environ) == before and 'numpy' not in sys.modules\n"
+        "sys.argv = ['rlvrx', '--version']\n"
+        "try:\n    rlvrx.cli.main()\nexcept SystemExit:\n    pass\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('TOKENIZERS_PARALLELISM'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1 false"

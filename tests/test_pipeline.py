@@ -10,7 +10,7 @@ import pytest
 
 from rlvrx.config import load_recipe
 from rlvrx.errors import UsageError
-from rlvrx.pipeline import check_stages, run_pipeline, stage_argv
+from rlvrx.cli.pipeline import check_stages, run_pipeline, stage_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes/quickstart.yaml"
@@ -120,3 +120,10 @@ def test_stage_command_line(tmp_path):
     assert argv[argv.index("--generations") + 1] == f"{tmp_path}/extrapolated/logits-s100-s150-t200/arithmetic.jsonl"
     assert argv.count("--name") == 3
     assert argv[argv.index("--json") + 1] == str(tmp_path / "stages/eval.json")
+
+
+def test_every_stage_kind_has_a_command_and_default_arguments():
+    from rlvrx.cli.pipeline import COMMANDS, DEFAULT_ARGS
+    from rlvrx.config import STAGE_KINDS
+
+    assert tuple(COMMANDS) == STAGE_KINDS and tuple(DEFAULT_ARGS) == STAGE_KINDS

@@ -7,6 +7,7 @@ The real cluster run is tests/test_slurm_cluster.py."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,20 +227,20 @@ def test_command_substitution_in_output_dir_never_runs(tmp_path, stubs, monkeypa
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
 
 
-@pytest.mark.parametrize("flag", ["output.dir", "--partition", "--time", "--account", "--sbatch", "--out"])
-def test_a_line_break_in_any_sbatch_value_is_refused(flag, tmp_path):
+@pytest.mark.parametrize("param", ["run_dir", "partition", "time", "account", "sbatch_args", "out_dir"])
+def test_a_line_break_in_any_sbatch_value_is_refused(param, tmp_path):
     value = "gpu\n#SBATCH --wrap=touch PWNED"
     kwargs = {"python": sys.executable}
     run, out = tmp_path / "run", tmp_path / "out"
-    if flag == "output.dir":
+    if param == "run_dir":
         run = tmp_path / value
-    elif flag == "--out":
+    elif param == "out_dir":
         out = tmp_path / value
-    elif flag == "--sbatch":
+    elif param == "sbatch_args":
         kwargs["sbatch_args"] = [f"--qos={value}"]
     else:
-        kwargs[flag[2:]] = value
-    with pytest.raises(UsageError, match=rf"^{flag}: .*line break"):
+        kwargs[param] = value
+    with pytest.raises(UsageError, match=rf"^{param}: .*line break"):
         build_scripts("eval", "/r/q.yaml", [], run, ["x"], SlurmOptions(**kwargs), out)
 
 
@@ -261,7 +262,7 @@ def test_log_paths_with_quotes_hashes_and_percent_read_back_exactly(tmp_path):
     assert f"--output={str(out).replace('%', '%%')}/%x-%A.out" in options and "--comment=a b # c" in options
     with pytest.raises(UsageError, match="backslash"):
         build_scripts("eval", "/r/q.yaml", [], tmp_path / "run", ["x"], SlurmOptions(), tmp_path / "a\\b")
-    with pytest.raises(UsageError, match="one sbatch option per --sbatch"):
+    with pytest.raises(UsageError, match="one sbatch option per sbatch_args"):
         build_scripts("eval", "/r/q.yaml", [], tmp_path / "run", ["x"], SlurmOptions(sbatch_args=["qos=high"]), out)
 
 
@@ -270,11 +271,31 @@ def test_arguments_are_quoted_and_bad_options_refused(tmp_path):
     (script,) = build_scripts("eval", "/r/q.yaml", [], tmp_path / "run", ["run:100", "--task", "aime 24; rm -rf /"], opts, tmp_path)
     assert "PY='/opt/my env/bin/python'" in script.text
     assert """"$PY" -m rlvrx eval run:100 --task 'aime 24; rm -rf /'""" in script.text
-    with pytest.raises(UsageError, match="--command"):
+    with pytest.raises(UsageError, match="^command 'sft'"):
         build_scripts("sft", "/r/q.yaml", [], tmp_path, [], SlurmOptions(), tmp_path)
-    with pytest.raises(UsageError, match="--nodes"):
+    with pytest.raises(UsageError, match="^nodes must be >= 1"):
         build_scripts("train", "/r/q.yaml", [], tmp_path, [], SlurmOptions(nodes=0), tmp_path)
     assert "afterok" not in render_submit([script])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--partition", "gpu\n#SBATCH --wrap=x", r"--partition: 'gpu\\n#SBATCH --wrap=x' holds a line break"),
+    ("--time", "1\n2", r"--time: '1\\n2' holds a line break"),
+    ("--sbatch", "qos=high", r"--sbatch 'qos=high': give one sbatch option per --sbatch, e.g. --sbatch=--qos=high$"),
+    ("--nodes", "0", r"--nodes must be >= 1, got 0$"),
+    ("--shards", "0", r"--shards must be >= 1, got 0$"),
+    ("--command", "sft", r"--command 'sft': use one of train, rl-extra, eval, linearity$"),
+    ("--out", "a\\b", r"the log directory \(--out, default output.dir/slurm\): .* holds a backslash"),
+])
+def test_the_cli_names_the_flag_of_a_bad_value(flag, value, message, tmp_path):
+    """The library names its parameters (above); `rlvrx slurm` names the flag that set them, in one line."""
+    from clirun import run_cli
+
+    rc, _, err = run_cli("slurm", "quickstart", f"output.dir={tmp_path / 'run'}", "--command", "linearity", flag, value, cwd=tmp_path)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert re.match(r"error: " + message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_slurm_environment_is_read_from_slurm_variables():

@@ -24,11 +24,24 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.rundir import RunDir
 
 COMMANDS = ("train", "rl-extra", "eval", "linearity")
 RAY_PORT = 6379
+
+
+class OptionError(UsageError):
+    """A bad value of one parameter (a SlurmOptions field, or build_scripts' command, run_dir, out_dir).
+
+    `name` is the parameter; `describe(name)` words the problem around a name, so the CLI can name its
+    flag instead (`OptionError(flag, exc.describe)`)."""
+
+    def __init__(self, name: str, describe: Callable[[str], str]):
+        self.name, self.describe = name, describe
+        super().__init__(describe(name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,12 +53,12 @@ def shell_word(value: object) -> str:
     return shlex.quote(str(value))
 
 
-def check_line(value: object, what: str) -> str:
-    """VALUE as text for a one-line field, refusing line breaks and other control characters."""
+def check_line(value: object, name: str) -> str:
+    """VALUE (of parameter `name`) as text for a one-line field, refusing line breaks and other control characters."""
     text = str(value)
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise UsageError(f"{what}: {text!r} holds a line break or another control character; "
-                         "it cannot be written into an sbatch script")
+        raise OptionError(name, lambda n: f"{n}: {text!r} holds a line break or another control character; "
+                          "it cannot be written into an sbatch script")
     return text
 
 
@@ -64,12 +77,13 @@ def sbatch_word(value: object, what: str) -> str:
     return '"' + re.sub(r'([\\"\'#])', r"\\\1", text) + '"'
 
 
-def output_pattern(log_dir: Path, what: str) -> str:
-    """A log directory inside sbatch's --output pattern: `%` doubled (sbatch expands %x, %A, ...), and no
-    backslash (a backslash anywhere in the name turns the pattern expansion off)."""
-    text = check_line(log_dir, what)
+def output_pattern(log_dir: Path, name: str = "out_dir") -> str:
+    """A log directory (parameter `name`) inside sbatch's --output pattern: `%` doubled (sbatch expands
+    %x, %A, ...), and no backslash (a backslash anywhere in the name turns the pattern expansion off)."""
+    text = check_line(log_dir, name)
     if "\\" in text:
-        raise UsageError(f"{what}: {text!r} holds a backslash, which sbatch --output does not allow in a log path")
+        raise OptionError(name, lambda n: f"the log directory ({n}, default output.dir/slurm): {text!r} holds a backslash, "
+                          "which sbatch --output does not allow in a log path")
     return text.replace("%", "%%")
 
 
@@ -91,22 +105,18 @@ class SlurmOptions:
     sbatch_args: list[str] = field(default_factory=list)
 
     def check(self) -> None:
-        if self.nodes < 1:
-            raise UsageError(f"--nodes must be >= 1, got {self.nodes}")
-        if self.gpus_per_node < 0:
-            raise UsageError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
-        if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise UsageError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
-        if self.shards is not None and self.shards < 1:
-            raise UsageError(f"--shards must be >= 1, got {self.shards}")
+        for key, least in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("shards", 1)):
+            value = getattr(self, key)
+            if value is not None and value < least:
+                raise OptionError(key, lambda n, least=least, value=value: f"{n} must be >= {least}, got {value}")
         for key in ("partition", "time", "account"):
             if getattr(self, key) is not None:
-                check_line(getattr(self, key), f"--{key}")
+                check_line(getattr(self, key), key)
         for arg in self.sbatch_args:
-            check_line(arg, "--sbatch")
+            check_line(arg, "sbatch_args")
             if not arg.startswith("-"):
-                raise UsageError(f"--sbatch {arg!r}: give one sbatch option per --sbatch, e.g. --sbatch=--qos=high")
-        check_line(self.python, "--python")
+                raise OptionError("sbatch_args", lambda n, arg=arg: f"{n} {arg!r}: give one sbatch option per {n}, e.g. {n}=--qos=high")
+        check_line(self.python, "python")
 
 
 @dataclass
@@ -157,7 +167,7 @@ def array_shard(env: dict | None = None) -> tuple[int, int] | None:
 
 
 def _header(opts: SlurmOptions, name: str, log_dir: Path, nodes: int, gpus: int, array: str | None = None) -> list[str]:
-    log = output_pattern(log_dir, "the log directory (--out, default output.dir/slurm)")
+    log = output_pattern(log_dir)
     options = [
         f"--job-name={name}",
         f"--nodes={nodes}",
@@ -249,10 +259,10 @@ def render_array_job(args: list[str], shards: int, opts: SlurmOptions, log_dir: 
 def linearity_scripts(run_dir: Path, extra: list[str], opts: SlurmOptions, out_dir: Path, name: str) -> list[Script]:
     """`linearity weights RUN --shard I/K` as an array, then `linearity merge` of the K parts."""
     shards = opts.shards or 4
-    parts_dir = run_dir / "linearity" / "weights"
+    parts_dir = RunDir(run_dir).linearity("weights")
     weights = ["linearity", "weights", str(run_dir), "--out", str(parts_dir), *extra]
     parts = [str(parts_dir / f"part-{i}-of-{shards}.json") for i in range(shards)]
-    merge = ["linearity", "merge", *parts, "--json", str(run_dir / "linearity" / "weights.json"), "--out", str(parts_dir)]
+    merge = ["linearity", "merge", *parts, "--json", str(RunDir(run_dir).linearity_parts_json("weights")), "--out", str(parts_dir)]
     cpu_opts = SlurmOptions(**{**opts.__dict__, "gpus_per_node": 0})
     return [
         Script(name, out_dir / f"{name}.sbatch", render_array_job(weights, shards, cpu_opts, out_dir, name)),
@@ -284,9 +294,9 @@ def build_scripts(
 ) -> list[Script]:
     opts.check()
     if command not in COMMANDS:
-        raise UsageError(f"--command {command!r}: use one of {', '.join(COMMANDS)}")
-    check_line(run_dir, "output.dir")
-    check_line(out_dir, "--out")
+        raise OptionError("command", lambda n: f"{n} {command!r}: use one of {', '.join(COMMANDS)}")
+    check_line(run_dir, "run_dir")
+    check_line(out_dir, "out_dir")
     name = job_name(command, run_dir)
     if command in ("train", "rl-extra"):
         text = render_verl_job(command, recipe_source, overrides, opts, out_dir, name)
@@ -297,7 +307,7 @@ def build_scripts(
 
 
 def write_scripts(scripts: list[Script], out_dir: Path) -> Path:
-    from rlvrx.checkpoint import atomic_write_text
+    from rlvrx.atomic import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     submit_sh = out_dir / "submit.sh"

@@ -1,14 +1,15 @@
-"""The `rlvrx` command: one Typer app, one module per command group, thin over the library."""
+"""The `rlvrx` command: one Typer app, one module per command group, thin over the library.
+
+Importing this package changes no process state; `main()` (what `rlvrx` and `python -m rlvrx` run)
+sets the process up for a CLI run, and the app's callback quiets the libraries (also when the app is
+run without main(), e.g. by a test runner or `rlvrx run`'s stages).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
-
-# numpy's OpenBLAS starts a thread per core that spins for about 0.1 s of CPU after import; the CLI's
-# numpy work is small (the heavy loops are torch's or rlvrx's own kernels). A user's setting wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
 
@@ -39,6 +40,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     common.DEBUG = debug or bool(os.environ.get("RLVRX_DEBUG"))
+    common.quiet_libraries()  # before a command imports transformers
 
 
 def _register() -> None:
@@ -59,7 +61,6 @@ def _register() -> None:
     app.command("slurm")(slurm.slurm)
 
 
-common.quiet_libraries()  # before any module imports transformers
 _register()
 
 
@@ -85,6 +86,11 @@ _MAIN_PID = os.getpid()
 
 def main() -> None:
     global _MAIN_PID
+    # numpy's OpenBLAS starts a thread per core that spins after import; the CLI's numpy work is small
+    # (the heavy loops are torch's or rlvrx's own kernels). Set before any command imports numpy (importing
+    # this package loads neither numpy nor torch). A user's setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    common.quiet_libraries()
     _MAIN_PID = os.getpid()
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):  # not if ignored (nohup)
@@ -107,7 +113,7 @@ def main() -> None:
         common.fail(f"{type(exc).__name__}: {exc}", 1)
     finally:
         # The process is about to exit: keep interpreter shutdown from walking the ~million objects
-        # torch creates (0.4-0.6 s of CPU). Reference counting still frees them. Not with triton loaded
+        # torch creates. Reference counting still frees them. Not with triton loaded
         # (torch._dynamo imports it where installed): its nanobind types then print ~30 lines of
         # "leaked instance" warnings at exit.
         import gc

@@ -34,7 +34,7 @@ def validate(recipe: str = RECIPE_ARG, overrides: Optional[List[str]] = OVERRIDE
         resolved = load_recipe(recipe, overrides or [])
         errors = []
         if resolved.stages:
-            from rlvrx.pipeline import check_stages
+            from rlvrx.cli.pipeline import check_stages
 
             errors = check_stages(resolved)
     except RecipeError as exc:

@@ -20,7 +20,7 @@ def report(
     their fitted lines, extrapolation and eval tables, RL-Extra vs baseline, and the resolved recipe.
     PNGs are also saved next to the results (RUN/report/).
     """
-    from rlvrx.run_report import print_summary, write_report
+    from rlvrx.render.html import print_summary, write_report
 
     data, out = write_report(run, html_path)
     print_summary(data, console)

@@ -49,12 +49,11 @@ def rl_extra(
         from rlvrx.backends.verl.launch import launch
 
         raise typer.Exit(launch(recipe, Path(recipe.output.dir), dry_run=False))
-    summary = train_rl_extra(recipe, force=force, show_progress=not no_progress)
+    summary = _with_progress(train_rl_extra, recipe, force, no_progress)
     table = Table("", "RL-Extra", title=f"RL-Extra run {summary['run_dir']}")
     rows = {"RL-Extra": summary}
     if baseline:
-        base = baseline_recipe(recipe)
-        rows["GRPO baseline"] = train(base, force=force, show_progress=not no_progress)
+        rows["GRPO baseline"] = _with_progress(train, baseline_recipe(recipe), force, no_progress)
         table.add_column("GRPO baseline")
     for key, label in (
         ("grad_steps", "gradient steps taken"),
@@ -71,8 +70,22 @@ def rl_extra(
         _compare(Path(summary["run_dir"]), Path(rows["GRPO baseline"]["run_dir"]), png, None)
 
 
+def _with_progress(run, recipe, force: bool, no_progress: bool) -> dict:
+    """run(recipe) under a progress bar; a run dir holding another recipe is refused naming --force."""
+    from rlvrx.cli.progress import TrainProgress
+    from rlvrx.train.trainer import RecipeMismatch
+
+    try:
+        with TrainProgress(enabled=not no_progress) as progress:
+            return run(recipe, force=force, progress=progress)
+    except RecipeMismatch as exc:
+        raise RecipeMismatch(exc.run_dir, exc.saved, flag="--force") from None
+
+
 def _compare(run_a: Path, run_b: Path, png: Optional[Path], json_path: Optional[Path]) -> None:
-    from rlvrx.train.compare import compare_runs, plot_comparison
+    from rlvrx.render.plots import save_comparison_png
+    from rlvrx.rundir import RunDir
+    from rlvrx.train.compare import compare_runs
 
     result = compare_runs(run_a, run_b)
     by_step = Table("gradient steps", f"{run_a.name}", f"{run_b.name}", title="greedy test accuracy at equal gradient steps")
@@ -83,6 +96,6 @@ def _compare(run_a: Path, run_b: Path, png: Optional[Path], json_path: Optional[
         by_time.add_row(f"{row['elapsed']:.1f}", _fmt(row["a"]), _fmt(row["b"]))
     console.print(by_step)
     console.print(by_time)
-    out = plot_comparison(result, png or run_a / "compare.png", labels=(run_a.name, run_b.name))
+    out = save_comparison_png(result, png or RunDir(run_a).compare_png, labels=(run_a.name, run_b.name))
     console.print(f"plot: {out}", highlight=False)
     write_json(json_path, {k: v for k, v in result.items() if k != "curves"})

@@ -22,7 +22,7 @@ def run(
     Each stage is an rlvrx command on the run directory (output.dir); finished stages are skipped on a
     rerun, a failed stage stops the run and keeps everything done so far. Then see `rlvrx report RUN`.
     """
-    from rlvrx.pipeline import run_pipeline
+    from rlvrx.cli.pipeline import run_pipeline
 
     results = run_pipeline(
         recipe, overrides or [], only=only, start_from=start_from,

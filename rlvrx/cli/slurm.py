@@ -13,6 +13,14 @@ from rlvrx.cli.common import console, write_json
 from rlvrx.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 
 
+# build_scripts' parameters and SlurmOptions' fields -> the flag (or recipe key) that sets them here
+FLAGS = {
+    "command": "--command", "run_dir": "output.dir", "out_dir": "--out", "nodes": "--nodes", "gpus_per_node": "--gpus-per-node",
+    "cpus_per_task": "--cpus-per-task", "shards": "--shards", "partition": "--partition", "time": "--time", "account": "--account",
+    "sbatch_args": "--sbatch", "python": "--python",
+}
+
+
 def slurm(
     recipe: str = RECIPE_ARG,
     overrides: Optional[List[str]] = OVERRIDES_ARG,
@@ -34,7 +42,7 @@ def slurm(
     """Render sbatch scripts for a recipe's run (and submit them with --submit)."""
     import sys
 
-    from rlvrx.backends.slurm import SlurmOptions, build_scripts, submit as submit_scripts, write_scripts
+    from rlvrx.backends.slurm import OptionError, SlurmOptions, build_scripts, submit as submit_scripts, write_scripts
     from rlvrx.config import find_recipe, load_recipe
     from rlvrx.errors import UsageError
 
@@ -50,7 +58,10 @@ def slurm(
         account=account, shards=shards, python=python or sys.executable, sbatch_args=list(sbatch),
     )
     out_dir = (out or run_dir / "slurm").resolve()
-    scripts = build_scripts(command, str(find_recipe(recipe).resolve()), list(overrides or []), run_dir, extra, opts, out_dir)
+    try:
+        scripts = build_scripts(command, str(find_recipe(recipe).resolve()), list(overrides or []), run_dir, extra, opts, out_dir)
+    except OptionError as exc:  # the same message, naming the flag (or recipe key) that set the parameter
+        raise OptionError(FLAGS.get(exc.name, exc.name), exc.describe) from None
     submit_sh = write_scripts(scripts, out_dir)
     for s in scripts:
         after = f" (after {s.depends_on})" if s.depends_on else ""

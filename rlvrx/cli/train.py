@@ -35,9 +35,14 @@ def train(
         from rlvrx.errors import UsageError
 
         raise UsageError("--dry-run applies to backend: verl; the native backend has no separate launch step")
-    from rlvrx.train.trainer import train as run_training
+    from rlvrx.cli.progress import TrainProgress
+    from rlvrx.train.trainer import RecipeMismatch, train as run_training
 
-    summary = run_training(resolved, force=force, show_progress=not no_progress)
+    try:
+        with TrainProgress(enabled=not no_progress) as progress:
+            summary = run_training(resolved, force=force, progress=progress)
+    except RecipeMismatch as exc:
+        raise RecipeMismatch(exc.run_dir, exc.saved, flag="--force") from None
     table = Table("", "value", title=f"GRPO run {summary['run_dir']}")
     for key, label in (
         ("resumed_from", "resumed from step"),

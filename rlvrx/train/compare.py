@@ -1,20 +1,23 @@
-"""Compare two training runs (e.g. RL-Extra vs plain GRPO): accuracy against gradient steps and wall time."""
+"""Compare two training runs (e.g. RL-Extra vs plain GRPO): accuracy against gradient steps and wall time.
+
+The data only; rlvrx.render.plots.save_comparison_png draws it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rlvrx.errors import UsageError
-from rlvrx.train.metrics_log import metrics_path, read_metrics
+from rlvrx.rundir import RunDir
 
 
 def eval_curve(run_dir: str | Path) -> list[dict]:
     """The run's test-accuracy points: [{grad_step, step, elapsed, test_accuracy, stage}] in log order."""
-    path = metrics_path(run_dir)
+    run = RunDir(run_dir)
+    path = run.metrics
     if not path.is_file():
         raise UsageError(f"{path}: no metrics; is {run_dir} a training run directory?")
     points = []
-    for record in read_metrics(run_dir):
+    for record in run.read_metrics():
         if "test_accuracy" in record:
             points.append({k: record.get(k) for k in ("grad_step", "step", "elapsed", "test_accuracy", "stage")})
     if not points:
@@ -47,28 +50,3 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
         },
         "curves": {"a": a, "b": b},
     }
-
-
-def plot_comparison(result: dict, out: str | Path, labels: tuple[str, str] = ("A", "B")) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in zip(("a", "b"), labels):
-        curve = result["curves"][key]
-        axes[0].plot([p["grad_step"] for p in curve], [p["test_accuracy"] for p in curve], marker="o", ms=3, label=label)
-        axes[1].plot([p["elapsed"] or 0 for p in curve], [p["test_accuracy"] for p in curve], marker="o", ms=3, label=label)
-    axes[0].set_xlabel("gradient steps")
-    axes[1].set_xlabel("training wall time (s)")
-    for ax in axes:
-        ax.set_ylabel("greedy test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

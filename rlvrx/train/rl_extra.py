@@ -41,13 +41,13 @@ def lstsq_predict(sum_y: torch.Tensor, sum_ty: torch.Tensor, m: int, target: flo
 class RLExtraTrainer(Trainer):
     progress_label = "RL-Extra"
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, console=None):
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, progress=None):
         if recipe.rl_extra is None:
             raise UsageError("the recipe has no rl_extra section (m, n, iterations, ...); add one to run RL-Extra")
-        self.x = recipe.rl_extra
-        if self.x.anchor == "window" and self.x.fit == "lstsq":
+        self.rl_extra = recipe.rl_extra
+        if self.rl_extra.anchor == "window" and self.rl_extra.fit == "lstsq":
             raise UsageError("rl_extra: anchor window applies to fit two_point; lstsq always fits the cycle's own states")
-        super().__init__(recipe, run_dir, force=force, console=console)
+        super().__init__(recipe, run_dir, force=force, progress=progress)
         self.anchor: dict[str, torch.Tensor] = {}
         self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.anchor_step = 0
@@ -55,17 +55,17 @@ class RLExtraTrainer(Trainer):
     # -- budget and cadence ---------------------------------------------------------------------
 
     def total_grad_steps(self) -> int:
-        return self.x.m * self.x.iterations
+        return self.rl_extra.m * self.rl_extra.iterations
 
     def should_save(self) -> bool:
         """Mid-cycle saves only: the cycle's last state and the jumped one are saved by `after_step`."""
-        return self.grad_step % self.cfg.save_every == 0 and self.grad_step % self.x.m != 0
+        return self.grad_step % self.cfg.save_every == 0 and self.grad_step % self.rl_extra.m != 0
 
     # -- state ----------------------------------------------------------------------------------
 
     def _jumped_params(self):
         for name, param in self.model.named_parameters():
-            if self.x.norms == "copy" and is_copied(name, param.dtype, DEFAULT_COPY_PATTERNS):
+            if self.rl_extra.norms == "copy" and is_copied(name, param.dtype, DEFAULT_COPY_PATTERNS):
                 continue
             yield name, param
 
@@ -73,9 +73,9 @@ class RLExtraTrainer(Trainer):
         """The current state becomes the anchor (and the first point of the lstsq sums)."""
         self.anchor_step = self.step
         with torch.no_grad():
-            if self.x.fit == "lstsq":
+            if self.rl_extra.fit == "lstsq":
                 self.sums = {name: (p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64)) for name, p in self._jumped_params()}
-            elif self.x.anchor == "cycle_start" or not self.anchor:
+            elif self.rl_extra.anchor == "cycle_start" or not self.anchor:
                 self.anchor = {name: p.detach().clone() for name, p in self._jumped_params()}
 
     def save(self, kind: str = "rl", pending_jump: bool = False) -> Path:
@@ -91,8 +91,8 @@ class RLExtraTrainer(Trainer):
             raise UsageError(f"{self.run_dir} was trained without RL-Extra; use a new output.dir")
         self.anchor_step = int(saved["anchor_step"])
         self.sums = saved["sums"]
-        if self.x.fit == "two_point":
-            anchor_dir = self.trajectory.path_of(0 if self.x.anchor == "window" else self.anchor_step)
+        if self.rl_extra.fit == "two_point":
+            anchor_dir = self.trajectory.path_of(0 if self.rl_extra.anchor == "window" else self.anchor_step)
             from rlvrx.checkpoint import Checkpoint
 
             with Checkpoint(anchor_dir) as ckpt:
@@ -109,27 +109,27 @@ class RLExtraTrainer(Trainer):
     # -- the jump -------------------------------------------------------------------------------
 
     def after_step(self, record: dict) -> None:
-        if self.x.fit == "lstsq":
-            t = self.grad_step - (self.grad_step - 1) // self.x.m * self.x.m  # 1..m within the cycle
+        if self.rl_extra.fit == "lstsq":
+            t = self.grad_step - (self.grad_step - 1) // self.rl_extra.m * self.rl_extra.m  # 1..m within the cycle
             with torch.no_grad():
                 for name, p in self._jumped_params():
                     s_y, s_ty = self.sums[name]
                     value = p.detach().double()
                     s_y.add_(value)
                     s_ty.add_(value, alpha=float(t))
-        if self.grad_step % self.x.m == 0:
+        if self.grad_step % self.rl_extra.m == 0:
             self.save(kind="rl", pending_jump=True)
             self.jump()
 
     def jump(self) -> None:
-        m, n = self.x.m, self.x.n
+        m, n = self.rl_extra.m, self.rl_extra.n
         with torch.no_grad():
-            if self.x.fit == "lstsq":
+            if self.rl_extra.fit == "lstsq":
                 for name, p in self._jumped_params():
                     s_y, s_ty = self.sums[name]
                     p.copy_(lstsq_predict(s_y, s_ty, m, m + n).to(p.dtype))
             else:
-                span = self.step - (0 if self.x.anchor == "window" else self.anchor_step)
+                span = self.step - (0 if self.rl_extra.anchor == "window" else self.anchor_step)
                 alpha = (span + n) / span
                 for name, p in self._jumped_params():
                     p.copy_(jump(self.anchor[name], p.detach(), alpha))
@@ -142,7 +142,7 @@ class RLExtraTrainer(Trainer):
         self.save(kind="extrapolated")
 
     def _apply_optimizer_policy(self) -> None:
-        policy = self.x.optimizer_state
+        policy = self.rl_extra.optimizer_state
         if policy == "reset":
             self.optimizer.state.clear()
         elif policy == "rescale":
@@ -151,18 +151,18 @@ class RLExtraTrainer(Trainer):
                     state["exp_avg"].zero_()
 
 
-def train_rl_extra(recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, show_progress: bool = True) -> dict:
-    summary = RLExtraTrainer(recipe, run_dir, force=force).fit(show_progress=show_progress)
-    return summary
+def train_rl_extra(recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, show_progress: bool = True, progress=None) -> dict:
+    """Run (or resume) SFT + RL-Extra as the recipe says; return a summary."""
+    return RLExtraTrainer(recipe, run_dir, force=force, progress=progress).fit(show_progress=show_progress)
 
 
 def baseline_recipe(recipe: Recipe) -> Recipe:
     """Plain GRPO with the same seed and gradient-step budget, in RUN-baseline."""
-    x = recipe.rl_extra
+    rl_extra = recipe.rl_extra
     return recipe.model_copy(
         update={
             "rl_extra": None,
-            "grpo": recipe.grpo.model_copy(update={"steps": x.m * x.iterations}),
+            "grpo": recipe.grpo.model_copy(update={"steps": rl_extra.m * rl_extra.iterations}),
             "output": recipe.output.model_copy(update={"dir": str(recipe.output.dir).rstrip("/") + "-baseline"}),
         }
     )

@@ -206,13 +206,14 @@ def prepare(recipe, run_dir) -> Plan:
     from rlvrx.backends.verl.data import write_verl_data
     from rlvrx.checkpoint import atomic_write_text
     from rlvrx.config import recipe_to_yaml
+    from rlvrx.rundir import RunDir
 
     check_recipe(recipe)
     paths = run_paths(recipe, run_dir)
     paths["run_dir"].mkdir(parents=True, exist_ok=True)
     model_path = base_model_path(recipe, run_dir)
     data = write_verl_data(recipe, paths["data_dir"])
-    atomic_write_text(paths["run_dir"] / "recipe.yaml", recipe_to_yaml(recipe))
+    atomic_write_text(RunDir(paths["run_dir"]).recipe, recipe_to_yaml(recipe))
     overrides = build_overrides(recipe, run_dir, data, model_path)
     return Plan(
         python=recipe.verl.python or sys.executable,

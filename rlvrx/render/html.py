@@ -13,41 +13,41 @@ from pathlib import Path
 
 import numpy as np
 
-from rlvrx.errors import UsageError
+from rlvrx.atomic import atomic_write_text
+from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.jsonio import read_json
-from rlvrx.train.metrics_log import read_metrics
-
-STAGE_ORDER = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval")
+from rlvrx.render.plots import save_line_fits_png, save_training_png
+from rlvrx.render.tables import fmt, table
+from rlvrx.rundir import COMPARE_PNG, LINEARITY_KINDS, RunDir
+from rlvrx.trajectory import Trajectory
 
 
 def gather(run_dir: str | Path) -> dict:
-    run = Path(run_dir)
+    rd = RunDir(run_dir)
+    run = rd.root
     if not run.is_dir():
         raise UsageError(f"{run}: no such run directory")
-    metrics = read_metrics(run)
+    metrics = rd.read_metrics()
     stages = {}
-    for path in sorted((run / "stages").glob("*.json")):
+    for path in sorted(rd.stages.glob("*.json")):
         stages[path.stem] = read_json(path, dict)
     for model, tasks in (stages.get("eval") or {}).items():
         if not isinstance(tasks, dict) or not all(isinstance(t, dict) for t in tasks.values()):
-            raise UsageError(f"{run / 'stages' / 'eval.json'}: model {model!r} must map task names to objects of metrics")
-    if "linearity-weights" not in stages and (run / "linearity/weights/summary.json").is_file():
-        stages["linearity-weights"] = read_json(run / "linearity/weights/summary.json", dict)
-    if "linearity-logprobs" not in stages and (run / "linearity/logprobs/summary.json").is_file():
-        stages["linearity-logprobs"] = read_json(run / "linearity/logprobs/summary.json", dict)
-    if (run / "trajectory.json").is_file():
-        from rlvrx.trajectory import Trajectory
-
+            raise UsageError(f"{rd.stage_summary('eval')}: model {model!r} must map task names to objects of metrics")
+    for kind in LINEARITY_KINDS:
+        if f"linearity-{kind}" not in stages and rd.linearity_summary(kind).is_file():
+            stages[f"linearity-{kind}"] = read_json(rd.linearity_summary(kind), dict)
+    if rd.trajectory.is_file():
         Trajectory.load(run)  # a damaged manifest is a one-line error, not a silently missing plot
-    if not metrics and not stages and not (run / "trajectory.json").is_file():
+    if not metrics and not stages and not rd.trajectory.is_file():
         raise UsageError(f"{run}: nothing to report (no metrics.jsonl, stages/ or trajectory.json)")
     images = {}
-    for sub in ("linearity/weights", "linearity/logprobs"):
-        for png in sorted((run / sub).glob("*.png")):
-            images[f"{sub}/{png.name}"] = png
-    if (run / "compare.png").is_file():
-        images["compare.png"] = run / "compare.png"
-    recipe = (run / "recipe.yaml").read_text() if (run / "recipe.yaml").is_file() else None
+    for kind in LINEARITY_KINDS:
+        for png in sorted(rd.linearity(kind).glob("*.png")):
+            images[f"linearity/{kind}/{png.name}"] = png
+    if rd.compare_png.is_file():
+        images[rd.compare_png.name] = rd.compare_png
+    recipe = rd.recipe.read_text() if rd.recipe.is_file() else None
     return {"run": run, "metrics": metrics, "stages": stages, "images": images, "recipe": recipe}
 
 
@@ -55,52 +55,16 @@ def gather(run_dir: str | Path) -> dict:
 # Plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_training(metrics: list[dict], out: Path) -> Path | None:
-    metrics = [m for m in metrics if m.get("step") is not None]
-    steps = [m for m in metrics if m.get("stage") == "grpo" and m.get("reward_mean") is not None]
-    evals = [m for m in metrics if m.get("test_accuracy") is not None]
-    if not steps and not evals:
+def parameter_series(run: Path, n_params: int = 6, seed: int = 0) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]] | None:
+    """(steps, [(label, values)]): a few parameters (those that moved most in two 2-D tensors) at each
+    base/rl checkpoint; None when there are fewer than 3 checkpoints or no such tensor."""
+    traj = Trajectory.load(run)
+    entries = traj.select(("base", "rl"))
+    if len(entries) < 3:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    if steps:
-        ax.plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], lw=1, alpha=0.7, label="reward (train rollouts)")
-    if evals:
-        ax.plot([m["step"] for m in evals], [m["test_accuracy"] for m in evals], "o-", ms=4, label="greedy test accuracy")
-    jumps = [m["step"] for m in metrics if m.get("stage") == "jump"]
-    for j, step in enumerate(jumps):
-        ax.axvline(step, color="grey", lw=0.6, ls=":", label="RL-Extra jump" if j == 0 else None)
-    ax.set_xlabel("step (effective)")
-    ax.set_ylabel("reward / accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_parameter_trajectories(run: Path, out: Path, n_params: int = 6, seed: int = 0) -> Path | None:
-    """A few parameters (those that moved most in two tensors) against step, each with its least-squares line."""
-    from rlvrx.trajectory import Trajectory
-
     try:
-        traj = Trajectory.load(run)
-        entries = traj.select(("base", "rl"))
-        if len(entries) < 3:
-            return None
         ckpts = traj.checkpoints(entries)
-    except Exception:
+    except RlvrxError:  # checkpoints deleted, damaged or of different shapes: the page goes on without this plot
         return None
     steps = np.array([s for s, _ in ckpts], dtype=np.float64)
     infos = ckpts[0][1].infos()
@@ -116,47 +80,26 @@ def plot_parameter_trajectories(run: Path, out: Path, n_params: int = 6, seed: i
         moved = stack.max(0) - stack.min(0)
         for p in np.argsort(-moved)[: n_params // len(chosen)]:
             series.append((f"{name.replace('model.', '')}[{p}]", stack[:, p]))
-    plt = _plt()
-    cols = 3
-    rows_n = int(np.ceil(len(series) / cols))
-    fig, axes = plt.subplots(rows_n, cols, figsize=(10, 2.8 * rows_n), squeeze=False)
-    for ax, (label, y) in zip(axes.flat, series):
-        slope, intercept = np.polyfit(steps, y, 1)
-        r2 = float(np.corrcoef(steps, y)[0, 1] ** 2) if np.std(y) > 0 else float("nan")
-        ax.plot(steps, y, "o", ms=3)
-        ax.plot(steps, intercept + slope * steps, "-", lw=1)
-        ax.set_title(f"{label}\nR² = {r2:.3f}", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(series):]:
-        ax.axis("off")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return steps, series
 
 
 def make_plots(data: dict) -> dict[str, Path]:
-    report_dir = data["run"] / "report"
-    made = {}
-    for key, path in (
-        ("report/training.png", plot_training(data["metrics"], report_dir / "training.png")),
-        ("report/trajectories.png", plot_parameter_trajectories(data["run"], report_dir / "trajectories.png")),
-    ):
-        if path is not None:
-            made[key] = path
-    return {**made, **data["images"]}
+    report_dir = RunDir(data["run"]).report
+    made = {"report/training.png": save_training_png(data["metrics"], report_dir / "training.png")}
+    series = parameter_series(data["run"]) if RunDir(data["run"]).trajectory.is_file() else None
+    if series is not None:
+        made["report/trajectories.png"] = save_line_fits_png(report_dir / "trajectories.png", *series)
+    return {**{k: v for k, v in made.items() if v is not None}, **data["images"]}
 
 
 # ----------------------------------------------------------------------------------------------
 # Tables (rows shared by the terminal and the HTML page)
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
+def _cell(value) -> str:
+    """A table cell: numbers through tables.fmt, text as it is."""
+    if value is None or (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)):
+        return fmt(value)
     return str(value)
 
 
@@ -169,7 +112,7 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         if isinstance(s, dict) and "RL-Extra" in s:  # rl-extra --baseline writes {label: summary}
             s = s["RL-Extra"]
         if isinstance(s, dict):
-            rows = [[label, _fmt(s.get(k))] for k, label in (
+            rows = [[label, _cell(s.get(k))] for k, label in (
                 ("grad_steps", "gradient steps"), ("steps", "effective steps"), ("checkpoints", "checkpoints"),
                 ("test_accuracy_start", "greedy test accuracy, start"), ("test_accuracy_end", "greedy test accuracy, end"),
                 ("reward_first", "reward, first step"), ("reward_last", "reward, last 5 steps"), ("train_time_s", "training time (s)"),
@@ -178,14 +121,14 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for key, count in (("linearity-weights", "n_params"), ("linearity-logprobs", "n_tokens")):
         s = stages.get(key)
         if isinstance(s, dict):
-            rows = [[label, _fmt(s.get(k))] for k, label in (
+            rows = [[label, _cell(s.get(k))] for k, label in (
                 ("median_r2", "median R²"), ("mean_r2", "mean R²"), ("frac_r2_gt_0_7", "fraction R² > 0.7"),
                 ("frac_r2_gt_0_9", "fraction R² > 0.9"), (count, count.replace("n_", "counted ")), ("n_filtered", "filtered out"),
             )]
             if "direction_cosine" in s:
-                rows.append(["direction cosine (successive deltas)", _fmt(s.get("direction_cosine"))])
+                rows.append(["direction cosine (successive deltas)", _cell(s.get("direction_cosine"))])
             if "holdout_rel_error" in s:
-                rows.append(["held-out relative error (last checkpoint)", _fmt(s.get("holdout_rel_error"))])
+                rows.append(["held-out relative error (last checkpoint)", _cell(s.get("holdout_rel_error"))])
             steps = s.get("steps") if isinstance(s.get("steps"), list) else []
             rows.append(["checkpoints (steps)", f"{len(steps)} ({steps[0]}..{steps[-1]})" if steps else "-"])
             tables.append((key.replace("-", " "), ["", "value"], rows))
@@ -194,7 +137,7 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         s = stages.get(key)
         if isinstance(s, dict):
             inputs = ", ".join(f"{i.get('role')} {i.get('step')}" for i in s.get("inputs") or [] if isinstance(i, dict))
-            rows.append([key.split("-")[1], s.get("method", "-"), inputs, _fmt(s.get("target_step")), _fmt(s.get("alpha")), str(s.get("out", "-"))])
+            rows.append([key.split("-")[1], s.get("method", "-"), inputs, _cell(s.get("target_step")), _cell(s.get("alpha")), str(s.get("out", "-"))])
     if rows:
         tables.append(("extrapolation", ["kind", "method", "inputs", "target", "alpha", "output"], rows))
     ev = stages.get("eval")
@@ -204,19 +147,14 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         for task in tasks:
             metrics = sorted({k for m in models for k in ev[m].get(task, {}) if k.startswith(("pass@", "maj@")) or k in ("avg", "n")},
                              key=lambda k: (k[0] != "n", k[0] != "a", k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0))
-            rows = [[metric] + [_fmt(ev[m].get(task, {}).get(metric)) for m in models] for metric in metrics]
+            rows = [[metric] + [_cell(ev[m].get(task, {}).get(metric)) for m in models] for metric in metrics]
             tables.append((f"eval: {task}", ["metric"] + models, rows))
     return tables
 
 
 def print_summary(data: dict, console) -> None:
-    from rich.table import Table
-
     for title, header, rows in summary_tables(data):
-        table = Table(*header, title=title)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        console.print(table(title, header, rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +181,7 @@ def render_html(data: dict, plots: dict[str, Path]) -> str:
         ("Training", ["report/training.png"]),
         ("Weight linearity", ["linearity/weights/r2_hist.png", "linearity/weights/r2_heatmap.png", "report/trajectories.png"]),
         ("Log-prob linearity", [k for k in plots if k.startswith("linearity/logprobs/")]),
-        ("RL-Extra vs baseline", ["compare.png"]),
+        ("RL-Extra vs baseline", [COMPARE_PNG]),
     ]
     tables = summary_tables(data)
     for title, keys in sections:
@@ -273,10 +211,8 @@ def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 def write_report(run_dir: str | Path, html_path: str | Path | None = None) -> tuple[dict, Path]:
     """Gather, plot and write the HTML page (default RUN/report/index.html); return (data, html path)."""
-    from rlvrx.checkpoint import atomic_write_text
-
     data = gather(run_dir)
     plots = make_plots(data)
-    out = Path(html_path) if html_path else data["run"] / "report" / "index.html"
+    out = Path(html_path) if html_path else RunDir(data["run"]).report / "index.html"
     atomic_write_text(out, render_html(data, plots))
     return data, out

@@ -1,4 +1,4 @@
-"""A rich progress bar for SFT and GRPO that shows the latest loss / reward."""
+"""A rich progress bar for SFT and GRPO that shows the latest loss / reward (a rlvrx.train.trainer.TrainingProgress)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Verification: grading types, the grader table, the worker pool, pass@k metrics."""

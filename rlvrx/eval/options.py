@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from rlvrx.errors import UsageError
-from rlvrx.generation.engines import ENGINE_ALIASES, ENGINES
+from rlvrx.generation.engines import ENGINES
 from rlvrx.generation.sampling import Sampling, resolve_sampling
 from rlvrx.models import check_device
 from rlvrx.tasks.base import Task
@@ -52,10 +52,8 @@ class EvalOptions:
             raise UsageError(f"tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise UsageError(f"gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        engine = ENGINE_ALIASES.get(self.engine, self.engine)
-        if engine not in ENGINES:
+        if self.engine not in ENGINES:
             raise UsageError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
-        self.engine = engine
         timeout = self.grading_timeout
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf):
             raise UsageError(f"grading-timeout must be a positive, finite number of seconds, got {timeout!r}")

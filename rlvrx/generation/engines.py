@@ -12,7 +12,6 @@ from rlvrx.errors import UsageError
 
 __all__ = [
     "ENGINES",
-    "ENGINE_ALIASES",
     "Engine",
     "HFEngine",
     "VLLMAdapter",
@@ -23,7 +22,6 @@ __all__ = [
 ]
 
 ENGINES = ("auto", "hf", "vllm")
-ENGINE_ALIASES = {"native": "hf"}
 SMALL_MODEL_PARAMS = 20_000_000  # below this, the hf engine decodes on one CPU thread
 
 
@@ -41,7 +39,6 @@ class Engine(Protocol):
 
 def resolve_engine(engine: str, device: str = "auto") -> str:
     """'auto' -> 'vllm' when vLLM is installed and a GPU is visible (and no CPU device was asked for), else 'hf'."""
-    engine = ENGINE_ALIASES.get(engine, engine)
     if engine != "auto":
         return engine
     import importlib.util

@@ -55,7 +55,7 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 
 def failed_samples(runs: Sequence[TaskRun], limit: int = 5) -> list[str]:
     """A few lines naming samples graded wrong because grading timed out or failed, and why."""
-    lines = []
+    lines: list[str] = []
     for run in runs:
         for record in run.records:
             for j, status in enumerate(record["status"]):

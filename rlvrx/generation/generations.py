@@ -64,7 +64,7 @@ def group_generations(generations: Iterable, problems: int) -> tuple[list[list[s
     """Sampled Generations (rlvrx.generation.Generation, any order within a problem) -> per problem
     its completions and {"finish_reason": [...], "num_tokens": [...]}, in sample order."""
     completions: list[list[str]] = [[] for _ in range(problems)]
-    extras = [{"finish_reason": [], "num_tokens": []} for _ in range(problems)]
+    extras: list[dict] = [{"finish_reason": [], "num_tokens": []} for _ in range(problems)]
     for g in generations:
         completions[g.prompt_index].append(g.text or "")
         extras[g.prompt_index]["finish_reason"].append(g.finish_reason)

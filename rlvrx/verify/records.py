@@ -9,7 +9,7 @@ process for a task that overrides `Task.grade`. Records are the lines of rlvrx.g
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Generator, Sequence
 
 __all__ = [
     "default_k_list",
@@ -34,7 +34,7 @@ def grading_pool(workers: int | None = None, timeout: float | None = None):
     return GradingPool(workers=workers, timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
 
 
-def grade_completions(task, examples: Sequence, completions: Sequence[Sequence[str]], pool=None) -> Iterator[tuple[int, int, object]]:
+def grade_completions(task, examples: Sequence, completions: Sequence[Sequence[str]], pool=None) -> Generator[tuple[int, int, Any], None, None]:
     """(problem index, sample index, GradeResult) for every completion, as each finishes. `pool` (a
     GradingPool) grades tasks with a grading kind; a task without one grades in this process (it
     overrides Task.grade). Close the iterator when stopping early: that stops the pool's work."""

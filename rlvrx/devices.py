@@ -1,23 +1,13 @@
-"""The one check of a device a user names (`--device`, `model.device`): a torch device this machine
-has, or a one-line UsageError naming the option."""
+"""SHIM(#18): re-exports for the final pass; delete once nothing imports it."""
 
 from __future__ import annotations
 
-from rlvrx.errors import UsageError
+from rlvrx import models
 
 
 def check_device(device: str, option: str = "--device") -> str:
-    import torch
+    """rlvrx.models.check_device with this module's old default option (the --device flag)."""
+    return models.check_device(device, option)
 
-    fix = f"{option} cpu" if option.startswith("-") else f"{option}=cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"{option} {device}: not a torch device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"{option} {device}: no CUDA device is visible; use {fix}")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise UsageError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return device
 
+__all__ = ["check_device"]

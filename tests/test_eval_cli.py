@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from clirun import run_cli
-from rlvrx.eval.generations import generation_record, write_generations
+from rlvrx.generation.generations import generation_record, write_generations
 from rlvrx.eval.metrics import maj_at_k, pass_at_k
 
 

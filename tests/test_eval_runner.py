@@ -12,19 +12,14 @@ import pytest
 import torch
 
 from rlvrx.errors import UsageError
-from rlvrx.eval.generations import read_generations, write_generations, generation_record
+from rlvrx.generation.generations import read_generations, write_generations, generation_record
 from rlvrx.eval.grading import grade_one
-from rlvrx.eval.runner import (
-    EvalOptions,
-    Evaluation,
-    build_tasks,
-    generations_spec,
-    load_results,
-    problem_key,
-    resolve_model,
-    summarize_records,
-    summarize_runs,
-)
+from rlvrx.eval.model_spec import generations_spec, resolve_model
+from rlvrx.eval.options import EvalOptions
+from rlvrx.eval.runner import Evaluation, problem_key
+from rlvrx.eval.summary import load_results, summarize_runs
+from rlvrx.tasks.build import build_tasks
+from rlvrx.verify.records import summarize_records
 from rlvrx.tasks import get_task
 
 from benchdata import benchmark_file
@@ -56,7 +51,7 @@ def test_model_run_matches_direct_sampling_grading_and_metrics(tiny_model_dir, t
     (seed, problem_key(id)) per problem, also when the problem is sampled alone; the verdicts of
     in-process grading; and the summary equals metrics recomputed from the lines."""
     from rlvrx.generation import SamplingParams, generate
-    from rlvrx.train.trainer import load_pretrained
+    from rlvrx.models import load_pretrained
 
     runs, _ = model_run(tiny_model_dir, tmp_path / "eval", n=4, limit=12, batch_size=5, temperature=1.0)
     (run,) = runs

@@ -9,7 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from clirun import run_cli
 
 from rlvrx.errors import UsageError
-from rlvrx.eval.generations import read_generations
+from rlvrx.generation.generations import read_generations
 from rlvrx.extrapolate.logits import (
     PROVENANCE_SUFFIX,
     LogitsOptions,
@@ -189,7 +189,7 @@ def test_extrapolate_logits_writes_gradeable_generations(tiny_run):
 
 def test_alpha_zero_pipeline_equals_base_model_sampling(tiny_run, tmp_path):
     from rlvrx.tasks.registry import get_task
-    from rlvrx.train.trainer import load_pretrained
+    from rlvrx.models import load_pretrained
 
     opts = LogitsOptions(k=2, limit=4, seed=3, temperature=1.0, top_p=1.0, grade=False)
     res = extrapolate_logits(tiny_run, task="arithmetic", base=0, second=10, target=0, out=tmp_path / "g.jsonl", options=opts)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clirun import run_cli
-from rlvrx.eval.generations import generation_record, write_generations
+from rlvrx.generation.generations import generation_record, write_generations
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds: only so that a hung child fails the test instead of hanging it

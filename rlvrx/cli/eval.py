@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import typer
 
@@ -31,6 +31,18 @@ class _RichProgress:
             self.bar.advance(self.ids[stage], amount)
 
 
+def parse_k_list(text: str | Sequence[int] | None) -> list[int] | None:
+    """--k-list '1,4,16' -> [1, 4, 16] (sorted, unique); None stays None (= default_k_list per n)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else [str(p) for p in text]
+    try:
+        ks = sorted({int(p) for p in parts if p})
+    except ValueError:
+        raise UsageError(f"--k-list {text!r}: expected comma-separated positive integers, e.g. 1,4,16") from None
+    if not ks or ks[0] < 1:
+        raise UsageError(f"--k-list {text!r}: expected comma-separated positive integers, e.g. 1,4,16")
+    return ks
 
 
 def _split_names(values: List[str]) -> list[str]:
@@ -38,7 +50,7 @@ def _split_names(values: List[str]) -> list[str]:
 
 
 def _specs(models: List[str], generations: List[Path], names: List[str], out: Optional[Path]):
-    from rlvrx.eval.runner import generations_spec, resolve_model
+    from rlvrx.eval.model_spec import generations_spec, resolve_model
 
     count = len(models) + len(generations)
     if names and len(names) != count:
@@ -143,8 +155,12 @@ def eval_(
     command resumes where it stopped, with the samples an uninterrupted run gives. One eval writes an
     output at a time, and only results of the same model (by sha256) and settings are resumed.
     """
-    from rlvrx.eval.runner import EvalOptions, Evaluation, build_tasks, failed_samples, parse_k_list, summarize_runs
+    from rlvrx.eval.options import EvalOptions
+    from rlvrx.eval.runner import Evaluation
+    from rlvrx.eval.summary import failed_samples, summarize_runs
+    from rlvrx.models import check_device
     from rlvrx.report import progress_bar
+    from rlvrx.tasks.build import build_tasks
 
     if not common.DEBUG:  # vLLM's start-up logs (dozens of INFO lines) only with --debug; before vLLM is imported
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -161,6 +177,8 @@ def eval_(
     if models:
         for the_task in tasks:  # read the problems now: a bad data file is refused before any work
             the_task.test_examples()
+    if device != "auto":
+        check_device(device, "--device")
     eval_options = EvalOptions(
         n=samples,
         temperature=temperature,

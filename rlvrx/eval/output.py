@@ -1,7 +1,7 @@
 """One eval output: the result file of one model on one task, with its settings beside it.
 
 `OUT/<model>/<task>.jsonl` holds the graded records and `<task>.settings.json` what made them
-(rlvrx.eval.runner). While an eval writes them it holds `OUT/<model>/.<task>.lock` exclusively
+(rlvrx.eval.runner, checked and written by check_settings / write_settings). While an eval writes them it holds `OUT/<model>/.<task>.lock` exclusively
 (rlvrx.locks): a second eval of the same output is refused at once, naming the holder's pid, and no
 one truncates or appends to a file another process is writing.
 
@@ -16,11 +16,13 @@ results and settings are replaced together or not at all.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
 
-from rlvrx.eval.generations import ResultsFile
+from rlvrx.errors import UsageError
+from rlvrx.generation.generations import ResultsFile
 
 SETTINGS_SUFFIX = ".settings.json"
 COMPLETE = "COMPLETE"
@@ -124,3 +126,32 @@ class EvalOutput:
                 shutil.rmtree(self.staging, ignore_errors=True)
         finally:
             self._stack.close()
+
+
+def check_settings(path: Path, settings: dict, results: EvalOutput) -> None:
+    """Refuse to mix results made with other settings, or by another model, into one file. A file of
+    graded generations without settings beside it (e.g. written by another tool) is taken as it is;
+    model results must name the same model sha256."""
+    from rlvrx.jsonio import read_json
+
+    stored = read_json(path, expect=dict) if path.is_file() else {}
+    sha = settings.get("model_sha256")
+    if sha is not None and stored.get("model_sha256") != sha:
+        found = stored.get("model_sha256")
+        made_by = f"another model (sha256 {found[:12]}...)" if isinstance(found, str) else "a model it does not name (no model_sha256 in its settings)"
+        raise UsageError(
+            f"{results.path} holds results of {made_by}, not of {settings.get('model')} (sha256 {sha[:12]}...); "
+            "pass --overwrite to replace them, or --out DIR to write elsewhere"
+        )
+    for key in ("source", "kind", "engine", "sampling"):
+        if key in stored and stored[key] != settings.get(key):
+            raise UsageError(
+                f"{results.path} holds results made with {key} {stored[key]!r}, not {settings.get(key)!r}; "
+                "pass --overwrite to start over, or --out DIR to write elsewhere"
+            )
+
+
+def write_settings(path: Path, settings: dict) -> None:
+    from rlvrx.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")

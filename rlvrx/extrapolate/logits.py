@@ -2,9 +2,9 @@
 lockstep with their own KV caches (rlvrx.generation.ExtrapolatedSource), then temperature, top-p.
 
 The output is a generations file in the format `rlvrx eval --generations` grades
-(rlvrx.eval.generations: one line per problem with id, prompt, gold, completions, plus task,
+(rlvrx.generation.generations: one line per problem with id, prompt, gold, completions, plus task,
 finish_reason and num_tokens), a provenance file beside it (`<stem>.extrapolation.json`), and,
-when the task has a verifier, pass@k / avg / maj@k computed right away (rlvrx.eval.metrics).
+when the task has a verifier, pass@k / avg / maj@k computed right away (rlvrx.verify.records).
 
 All prompts x k samples go to one `generate` call that decodes `batch_size` rows at a time; each
 row's random stream is seeded from (seed, prompt index, sample index), so alpha = 0 (alpha = 1)
@@ -13,6 +13,7 @@ reproduces single-model sampling of the base (second) model token for token with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rlvrx.devices import check_device
 from rlvrx.errors import UsageError
+from rlvrx.models import check_device
 
 PROVENANCE_SUFFIX = ".extrapolation.json"
 
@@ -49,7 +50,7 @@ class LogitsOptions:
 
     def __post_init__(self):
         if self.device != "auto":
-            check_device(self.device)
+            check_device(self.device, "--device")  # SHIM(#18): the CLI (cli/extrapolate.py) should check its flag and this say "device"
 
 
 @dataclass
@@ -115,25 +116,13 @@ def check_same_tokenizer(a, b, path_a: str | os.PathLike, path_b: str | os.PathL
             )
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return check_device(device)
-
-
 def load_pair(base_path: str | os.PathLike, second_path: str | os.PathLike, device: str = "cpu", dtype: str | None = None):
     """(base model, second model, tokenizer) on `device`, after checking the tokenizers agree."""
-    import torch
+    from rlvrx.models import load_pretrained, resolve_dtype
 
-    from rlvrx.checkpoint import parse_dtype
-    from rlvrx.train.trainer import load_pretrained
-
-    torch_device = torch.device(device)
-    torch_dtype = parse_dtype(dtype) if dtype else (torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
-    base_model, tokenizer = load_pretrained(base_path, torch_device, torch_dtype)
-    second_model, second_tokenizer = load_pretrained(second_path, torch_device, torch_dtype)
+    torch_dtype = resolve_dtype(dtype, device)
+    base_model, tokenizer = load_pretrained(base_path, device, torch_dtype)
+    second_model, second_tokenizer = load_pretrained(second_path, device, torch_dtype)
     check_same_tokenizer(tokenizer, second_tokenizer, base_path, second_path)
     return base_model.eval(), second_model.eval(), tokenizer
 
@@ -170,44 +159,26 @@ def sample_extrapolated(
 
 
 def records_from_generations(task, examples, generations) -> list[dict]:
-    """One generations-file record per problem (rlvrx.eval.generations format)."""
-    from rlvrx.eval.generations import generation_record
+    """One generations-file record per problem (rlvrx.generation.generations format)."""
+    from rlvrx.generation.generations import generation_record, group_generations
 
-    completions = [[] for _ in examples]
-    finish = [[] for _ in examples]
-    lengths = [[] for _ in examples]
-    for g in generations:
-        completions[g.prompt_index].append(g.text or "")
-        finish[g.prompt_index].append(g.finish_reason)
-        lengths[g.prompt_index].append(len(g.token_ids))
-    return [
-        generation_record(e.id, e.prompt, e.answer, completions[i], task=task.name, finish_reason=finish[i], num_tokens=lengths[i])
-        for i, e in enumerate(examples)
-    ]
-
-
-def has_verifier(task) -> bool:
-    """A grading kind for the worker pool, or its own `grade`."""
-    from rlvrx.tasks.base import Task
-
-    return task.grading_kind is not None or type(task).grade is not Task.grade
+    completions, extras = group_generations(generations, len(examples))
+    return [generation_record(e.id, e.prompt, e.answer, completions[i], task=task.name, **extras[i]) for i, e in enumerate(examples)]
 
 
 def grade_records(task, examples, records: list[dict], workers: int | None = None, k_list: Sequence[int] | None = None) -> dict:
     """pass@k / avg / maj@k of the records under the task's verifier (grading in worker processes)."""
-    from rlvrx.eval.grading import GradingPool
-    from rlvrx.eval.runner import summarize_records
+    from rlvrx.generation.generations import graded_record
+    from rlvrx.verify.records import grade_completions, grading_pool, summarize_records
 
-    owners = [(p, j) for p, record in enumerate(records) for j in range(len(record["completions"]))]
-    if task.grading_kind is None:
-        results = [task.grade(records[p]["completions"][j], examples[p]) for p, j in owners]
-    else:
-        with GradingPool(workers=workers) as pool:
-            results = pool.grade([task.grade_item(records[p]["completions"][j], examples[p]) for p, j in owners])
-    graded = [dict(r, correct=[], extracted=[], answer_key=[], status=[], error=[]) for r in records]
-    for (p, _), result in zip(owners, results):
-        for key in ("correct", "extracted", "answer_key", "status", "error"):
-            graded[p][key].append(getattr(result, key))
+    completions = [record["completions"] for record in records]
+    verdicts = [[None] * len(c) for c in completions]
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(grading_pool(workers)) if task.grading_kind is not None else None
+        with contextlib.closing(grade_completions(task, examples, completions, pool)) as stream:
+            for p, j, verdict in stream:
+                verdicts[p][j] = verdict
+    graded = [graded_record(e, c, v, {}) for e, c, v in zip(examples, completions, verdicts)]
     return summarize_records(graded, k_list)
 
 
@@ -271,17 +242,16 @@ def extrapolate_logits(
     progress(stage, done, total) with stage "generate" (rows) or "grade"; note(message) for warnings.
     """
     from rlvrx.checkpoint import atomic_write_text
-    from rlvrx.eval.datasets import select_examples
-    from rlvrx.eval.generations import write_generations
-    from rlvrx.eval.runner import EvalOptions, build_tasks, resolve_sampling
+    from rlvrx.eval.datasets import select_examples  # SHIM(#18) path: H2a moves it to rlvrx.tasks.datasets
     from rlvrx.extrapolate.weights import interpolation_warning
-    from rlvrx.generation import SamplingParams
+    from rlvrx.generation.generations import write_generations
+    from rlvrx.generation.sampling import resolve_sampling
+    from rlvrx.models import check_weights, resolve_device
+    from rlvrx.tasks.build import build_tasks, has_verifier, task_max_new_tokens
 
     options = options or LogitsOptions()
     note = note or (lambda message: None)
     base_path, second_path, base, second, target, alpha = _resolve_inputs(run, base, second, target, alpha, base_path, second_path)
-    from rlvrx.eval.runner import check_weights
-
     for path in (base_path, second_path):
         check_weights(path)
     tasks = build_tasks([task] if task else [], data=data, data_dir=data_dir, options=task_options)
@@ -302,12 +272,11 @@ def extrapolate_logits(
         warnings.append(message)
         note(message)
 
-    device = resolve_device(options.device)
+    device = str(resolve_device(options.device))
     gpu = device.startswith("cuda")
     sampling = resolve_sampling(
-        the_task,
-        EvalOptions(n=options.k, temperature=options.temperature, top_p=options.top_p, max_new_tokens=options.max_new_tokens, seed=options.seed),
-        gpu,
+        gpu=gpu, task_name=the_task.name, task_max_new_tokens=task_max_new_tokens(the_task),
+        n=options.k, temperature=options.temperature, top_p=options.top_p, max_new_tokens=options.max_new_tokens, seed=options.seed,
     )
     examples = select_examples(the_task.test_examples(), limit=options.limit, ids=options.ids, source=the_task.name)
     if not examples:
@@ -316,7 +285,7 @@ def extrapolate_logits(
     base_model, second_model, tokenizer = load_pair(base_path, second_path, device, options.dtype)
     dtype_name = str(next(base_model.parameters()).dtype).removeprefix("torch.")
     prompts = [the_task.encode_prompt(e, tokenizer) for e in examples]
-    params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seed=sampling.seed)
+    params = sampling.params()
     total_rows = len(prompts) * sampling.n
     done = [0]
 

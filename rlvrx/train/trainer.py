@@ -16,16 +16,15 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
 from rlvrx.atomic import atomic_write_text
-from rlvrx.checkpoint import Checkpoint
 from rlvrx.config import Recipe, recipe_to_yaml
-from rlvrx.devices import check_device
+from rlvrx import models
 from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate
 from rlvrx.generation.sampler import NonFiniteLogits
 from rlvrx.locks import run_locked
+from rlvrx.models import load_pretrained
 from rlvrx.rundir import RunDir
 from rlvrx.train import rollout as rollouts
 from rlvrx.train import state as checkpoints
@@ -35,9 +34,8 @@ from rlvrx.trajectory import Trajectory
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(check_device(name, "model.device"))
+    """The recipe's model.device (errors name that key)."""
+    return models.resolve_device(name, "model.device")
 
 
 def load_model(recipe: Recipe, device: torch.device):
@@ -50,33 +48,6 @@ def load_model(recipe: Recipe, device: torch.device):
         model, tokenizer = build_tiny_model(**cfg.tiny.model_dump())
         return model.to(device=device, dtype=dtype), tokenizer
     return load_pretrained(cfg.path, device, dtype)
-
-
-def load_pretrained(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UsageError(f"model path {path} is not a directory")
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
-        raise UsageError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); save the tokenizer next to the weights")
-    Checkpoint(path).infos()  # a damaged weights file: one line naming it, before transformers reads it
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # tokenizers raises bare Exceptions for a damaged tokenizer.json
-        raise UsageError(f"{path}: cannot load the tokenizer ({_first_line(exc)})") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UsageError(f"{path}: cannot load the model ({_first_line(exc)})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def build_task(recipe: Recipe):

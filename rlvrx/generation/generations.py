@@ -28,6 +28,8 @@ __all__ = [
     "GRADED_FIELDS",
     "GenerationRecord",
     "generation_record",
+    "graded_record",
+    "group_generations",
     "write_generations",
     "read_generations",
     "read_jsonl_records",
@@ -56,6 +58,35 @@ class GenerationRecord:
 def generation_record(id: str, prompt: str, gold: str, completions: Sequence[str], **extra: Any) -> dict:
     """The JSON object of one line (fields id, prompt, gold, completions first, then `extra`)."""
     return {"id": str(id), "prompt": str(prompt), "gold": str(gold), "completions": [str(c) for c in completions], **extra}
+
+
+def group_generations(generations: Iterable, problems: int) -> tuple[list[list[str]], list[dict]]:
+    """Sampled Generations (rlvrx.generation.Generation, any order within a problem) -> per problem
+    its completions and {"finish_reason": [...], "num_tokens": [...]}, in sample order."""
+    completions: list[list[str]] = [[] for _ in range(problems)]
+    extras: list[dict] = [{"finish_reason": [], "num_tokens": []} for _ in range(problems)]
+    for g in generations:
+        completions[g.prompt_index].append(g.text or "")
+        extras[g.prompt_index]["finish_reason"].append(g.finish_reason)
+        extras[g.prompt_index]["num_tokens"].append(len(g.token_ids))
+    return completions, extras
+
+
+def graded_record(example, completions: Sequence[str], results: Sequence, extra: dict) -> dict:
+    """The line of one graded problem (an Example with id, prompt, answer): its completions with one
+    entry per sample in each of GRADED_FIELDS, from the GradeResults, then `extra`."""
+    return generation_record(
+        example.id,
+        example.prompt,
+        example.answer,
+        completions,
+        correct=[bool(r.correct) for r in results],
+        extracted=[r.extracted for r in results],
+        answer_key=[r.answer_key for r in results],
+        status=[r.status for r in results],
+        error=[r.error for r in results],
+        **extra,
+    )
 
 
 def dumps(record: dict) -> str:

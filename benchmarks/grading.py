@@ -7,7 +7,7 @@ partner problem's solution (wrong, long); a partner's boxed answer (wrong); the 
 (numbers +1, else "+1" appended); the gold in $...$ without a box; the first half of the own
 solution (usually no final answer).
 
-  pool     rlvrx.eval.grading.GradingPool() (default workers = min(4, CPUs); hard per-item timeout
+  pool     rlvrx.verify.pool.GradingPool() (default workers = min(4, CPUs); hard per-item timeout
            10 s) grading all items; timed from pool creation (worker start-up included) to the
            last verdict
   single   one process: math_verify.parse("\\boxed{gold}") (cached per problem), parse(completion),
@@ -56,7 +56,7 @@ SINGLE = textwrap.dedent(
 POOL = textwrap.dedent(
     """
     import json, sys, time
-    from rlvrx.eval.grading import GradingPool
+    from rlvrx.verify.pool import GradingPool
     items = json.load(open(sys.argv[1]))
     t0 = time.perf_counter()
     with GradingPool() as pool:

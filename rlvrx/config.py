@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlvrx.errors import UsageError
-from rlvrx.yamlio import load_yaml, read_yaml_file
+from rlvrx.io.yamlio import load_yaml, read_yaml_file
 
 
 class Strict(BaseModel):

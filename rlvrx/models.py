@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import CheckpointError, UsageError
 
 __all__ = [
     "check_device",
     "check_weights",
+    "context_length",
     "cuda_available",
     "default_dtype",
+    "load_model",
     "load_pretrained",
     "load_tokenizer",
     "resolve_device",
@@ -67,7 +69,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def resolve_dtype(dtype: str | None, device: torch.device | str) -> torch.dtype:
     """A dtype name ('bf16', 'float32', ...) -> torch dtype; None -> default_dtype(device)."""
-    from rlvrx.checkpoint import parse_dtype
+    from rlvrx.io.dtypes import parse_dtype
 
     return parse_dtype(dtype) if dtype else default_dtype(device)
 
@@ -79,7 +81,7 @@ def resolve_dtype(dtype: str | None, device: torch.device | str) -> torch.dtype:
 def check_weights(path: str | os.PathLike) -> None:
     """The checkpoint's safetensors headers read and checked against the file sizes: a CheckpointError
     naming the file for an empty, garbage or truncated file, or a directory with only .bin weights."""
-    from rlvrx.checkpoint import Checkpoint
+    from rlvrx.io.reader import Checkpoint
 
     with Checkpoint(path) as checkpoint:
         checkpoint.infos()
@@ -100,24 +102,44 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a checkpoint directory, the model on `device` in `dtype`."""
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The causal LM of a checkpoint directory on `device` in `dtype` (eval mode). A damaged weights file
+    or a directory transformers cannot load is a CheckpointError naming it."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from rlvrx.checkpoint import Checkpoint
+    from rlvrx.io.reader import Checkpoint
 
+    check_device(str(device))
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"model path {path} is not a directory")
-    _check_tokenizer_files(path)
     Checkpoint(path).infos()  # a damaged weights file: one line naming it, before transformers reads it
-    tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise UsageError(f"{path}: cannot load the model ({_first_line(exc)})") from None
-    return model.to(device), tokenizer
+        raise CheckpointError(f"{path}: cannot load the model ({_first_line(exc)})") from None
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() through a decorator
+
+
+def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a checkpoint directory, the model on `device` in `dtype`."""
+    path = Path(path)
+    if path.is_dir():
+        _check_tokenizer_files(path)  # before the (slower) model load
+    model = load_model(path, device, dtype)
+    return model, load_tokenizer(path)
+
+
+def context_length(path: str | os.PathLike) -> int | None:
+    """The model's max_position_embeddings from its config.json (None when it has none)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def _check_tokenizer_files(path: Path) -> None:

@@ -19,9 +19,9 @@ import json
 import os
 from pathlib import Path
 
-from rlvrx.atomic import atomic_write_text
+from rlvrx.io.atomic import atomic_write_text
 from rlvrx.errors import UsageError
-from rlvrx.jsonio import iter_jsonl
+from rlvrx.io.jsonio import iter_jsonl
 from rlvrx.trajectory import MANIFEST, step_dir_name
 
 RECIPE = "recipe.yaml"

@@ -54,7 +54,7 @@ def tiny_config(vocab_size: int, layers=2, hidden=64, heads=4, kv_heads=2, inter
         raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
     if (hidden // heads) % 2:
         raise ValueError(f"the head size hidden/heads ({hidden // heads}) must be even for rotary embeddings")
-    return Qwen2Config(
+    return Qwen2Config(  # type: ignore[call-arg]  # rope_theta: a parameter before transformers 5, a kwarg it maps since
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,

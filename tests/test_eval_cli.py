@@ -16,7 +16,7 @@ import pytest
 
 from clirun import run_cli
 from rlvrx.generation.generations import generation_record, write_generations
-from rlvrx.eval.metrics import maj_at_k, pass_at_k
+from rlvrx.verify.metrics import maj_at_k, pass_at_k
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -29,7 +29,7 @@ def lines(path: Path) -> list[dict]:
 
 
 def recomputed(records: list[dict], ks) -> dict:
-    """The summary metrics, straight from the per-sample verdicts with rlvrx.eval.metrics."""
+    """The summary metrics, straight from the per-sample verdicts with rlvrx.verify.metrics."""
     out = {"avg": np.mean([np.mean(r["correct"]) for r in records])}
     for k in ks:
         out[f"pass@{k}"] = np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records])

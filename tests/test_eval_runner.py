@@ -13,7 +13,7 @@ import torch
 
 from rlvrx.errors import UsageError
 from rlvrx.generation.generations import read_generations, write_generations, generation_record
-from rlvrx.eval.grading import grade_one
+from rlvrx.verify.graders import grade_one
 from rlvrx.eval.model_spec import generations_spec, resolve_model
 from rlvrx.eval.options import EvalOptions
 from rlvrx.eval.runner import Evaluation, problem_key

@@ -25,7 +25,7 @@ from rlvrx.extrapolate import (
     lstsq_coefficients,
     two_point_alpha,
 )
-from rlvrx.cli.extrapolate import parse_size, parse_window
+from rlvrx.cli.args import parse_size, parse_window
 from rlvrx.extrapolate.weights import extrapolate_weights
 from rlvrx.io.identity import input_fingerprint
 from rlvrx.trajectory import Trajectory

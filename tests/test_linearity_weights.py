@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from clirun import run_cli
 
-from rlvrx.checkpoint import Checkpoint
+from rlvrx.io.reader import Checkpoint
 from rlvrx.errors import CheckpointError, UsageError
 from rlvrx.linearity import stats
 from rlvrx.linearity.kernel import Kernel
@@ -547,7 +547,7 @@ def test_weight_linearity_runs_without_torch(tmp_path):
     pairs = [(step, str(c.path)) for step, c in ckpts]
     code = (
         "import json, sys\n"
-        "from rlvrx.checkpoint import Checkpoint\n"
+        "from rlvrx.io.reader import Checkpoint\n"
         "from rlvrx.linearity.summary import summarize\n"
         "from rlvrx.linearity.weights import WeightSettings, analyze_weights\n"
         f"ckpts = [(s, Checkpoint(p)) for s, p in {pairs!r}]\n"
@@ -566,7 +566,7 @@ def test_weight_linearity_runs_without_torch(tmp_path):
 def test_kernel_widths_give_the_same_bits(steps, min_abs_change, min_unique, dtype_name):
     """The AVX-512 build (8 parameters per vector) and the 4-lane build agree bit for bit, filters, sums,
     histogram and every kept R²; 1001 parameters cover several tiles and a ragged end."""
-    from rlvrx import native
+    from rlvrx import kernels as native
     if native.library().rlvrx_weight_block_lanes() == 4:
         pytest.skip("this CPU has no AVX-512: there is one build to run")
     values = random_block(steps, seed=len(steps) * 10 + min_unique)

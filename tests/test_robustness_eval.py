@@ -121,7 +121,7 @@ def make_run(root: Path, base_model: Path, extrapolated: Path) -> Path:
 
 
 def test_same_step_of_two_runs_never_shares_results(models, tmp_path):
-    from rlvrx.checkpoint import checkpoint_sha256
+    from rlvrx.io.identity import checkpoint_sha256
 
     run_a = make_run(tmp_path / "runs" / "a", models[0], models[1])
     run_b = make_run(tmp_path / "runs" / "b", models[0], models[2])
@@ -162,7 +162,7 @@ def test_same_step_of_two_runs_never_shares_results(models, tmp_path):
 def test_rlvrx_run_writes_eval_results_into_the_run(models, tmp_path):
     """`rlvrx run` with an eval stage of a registered step, an extrapolated checkpoint of the run and a
     model outside it: every result lands in RUN/eval, nothing in the current directory."""
-    from rlvrx.pipeline import run_pipeline
+    from rlvrx.cli.pipeline import run_pipeline
 
     run = make_run(tmp_path / "runs" / "r", models[0], models[1])
     recipe = tmp_path / "recipe.yaml"

@@ -47,13 +47,13 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trajectory(tmp_path_factory) -> Path:
     """Five checkpoints of a tiny model drifting along a line plus noise (steps 0, 10, ..., 40)."""
-    from rlvrx.checkpoint import save_state_dict
+    from rlvrx.io.writer import save_state_dict
     from rlvrx.tiny import save_tiny_model
     from rlvrx.trajectory import Trajectory
 
     run = tmp_path_factory.mktemp("traj") / "run"
     base = save_tiny_model(run / "checkpoints" / "step_000000", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
-    from rlvrx.checkpoint import Checkpoint
+    from rlvrx.io.reader import Checkpoint
 
     with Checkpoint(base) as ckpt:
         state0 = {name: ckpt.get(name) for name in ckpt.names()}

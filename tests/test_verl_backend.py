@@ -20,7 +20,8 @@ from rlvrx.backends.verl.overrides import (
     entry_module,
     hydra_value,
 )
-from rlvrx.checkpoint import Checkpoint, save_state_dict
+from rlvrx.io.reader import Checkpoint
+from rlvrx.io.writer import save_state_dict
 from rlvrx.config import load_recipe
 from rlvrx.formulas import jump
 from rlvrx.errors import UsageError
@@ -211,7 +212,8 @@ way verl does (global_step_N/actor/huggingface) and records it like rlvrx's chec
 import sys, json, torch
 from pathlib import Path
 from rlvrx.backends.verl.launch import register_step
-from rlvrx.checkpoint import Checkpoint, save_state_dict
+from rlvrx.io.reader import Checkpoint
+from rlvrx.io.writer import save_state_dict
 
 args = dict(a.lstrip("+").split("=", 1) for a in sys.argv[3:])
 with open(Path(args["rlvrx.run_dir"]) / "fake_calls.txt", "a") as log:
@@ -293,7 +295,7 @@ def test_a_second_verl_train_on_a_run_is_refused_while_the_first_holds_it(tmp_pa
     import sys
 
     run = tmp_path / "run"
-    hold = "import sys, time\nfrom rlvrx.locks import run_locked\nwith run_locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    hold = "import sys, time\nfrom rlvrx.io.locks import run_locked\nwith run_locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

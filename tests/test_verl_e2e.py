@@ -32,9 +32,9 @@ from typer.testing import CliRunner  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent / "verl_cpu"))
 import e2e  # noqa: E402
 
-from rlvrx.checkpoint import Checkpoint  # noqa: E402
+from rlvrx.io.reader import Checkpoint
 from rlvrx.cli import app  # noqa: E402
-from rlvrx.extrapolate.weights import DEFAULT_COPY_PATTERNS, is_copied  # noqa: E402
+from rlvrx.formulas import DEFAULT_COPY_PATTERNS, is_copied  # noqa: E402
 from rlvrx.trajectory import Trajectory  # noqa: E402
 
 JOB_TIMEOUT = 900  # seconds; only stops a hung job (a failed vLLM worker hangs verl) so the test fails

@@ -19,7 +19,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from rlvrx.backends.verl.jump import kept  # noqa: E402
 from rlvrx.formulas import jump  # noqa: E402
-from rlvrx.checkpoint import Checkpoint  # noqa: E402
+from rlvrx.io.reader import Checkpoint
 from rlvrx.cli import app  # noqa: E402
 from rlvrx.errors import UsageError  # noqa: E402
 from rlvrx.trajectory import Trajectory  # noqa: E402

@@ -307,7 +307,7 @@ def build_scripts(
 
 
 def write_scripts(scripts: list[Script], out_dir: Path) -> Path:
-    from rlvrx.atomic import atomic_write_text
+    from rlvrx.io.atomic import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     submit_sh = out_dir / "submit.sh"

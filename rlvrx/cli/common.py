@@ -36,7 +36,7 @@ def write_json(path: str | os.PathLike | None, data: Any) -> None:
     """Write a machine-readable summary atomically (no-op when path is None)."""
     if path is None:
         return
-    from rlvrx.checkpoint import atomic_write_text
+    from rlvrx.io.atomic import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
 
@@ -44,7 +44,7 @@ def write_json(path: str | os.PathLike | None, data: Any) -> None:
 def task_options(pairs: list[str]) -> dict:
     """`--task-option KEY=VALUE` pairs -> {key: YAML-typed value}."""
     from rlvrx.errors import UsageError
-    from rlvrx.yamlio import load_yaml
+    from rlvrx.io.yamlio import load_yaml
 
     options = {}
     for pair in pairs:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import typer
 
 from rlvrx.cli import common
+from rlvrx.cli.args import parse_k_list
 from rlvrx.cli.common import console, task_options, warn, write_json
 from rlvrx.errors import UsageError
 
@@ -29,20 +30,6 @@ class _RichProgress:
     def advance(self, stage: str, amount: int = 1) -> None:
         if stage in self.ids:
             self.bar.advance(self.ids[stage], amount)
-
-
-def parse_k_list(text: str | Sequence[int] | None) -> list[int] | None:
-    """--k-list '1,4,16' -> [1, 4, 16] (sorted, unique); None stays None (= default_k_list per n)."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else [str(p) for p in text]
-    try:
-        ks = sorted({int(p) for p in parts if p})
-    except ValueError:
-        raise UsageError(f"--k-list {text!r}: expected comma-separated positive integers, e.g. 1,4,16") from None
-    if not ks or ks[0] < 1:
-        raise UsageError(f"--k-list {text!r}: expected comma-separated positive integers, e.g. 1,4,16")
-    return ks
 
 
 def _split_names(values: List[str]) -> list[str]:
@@ -159,7 +146,7 @@ def eval_(
     from rlvrx.eval.runner import Evaluation
     from rlvrx.eval.summary import failed_samples, summarize_runs
     from rlvrx.models import check_device
-    from rlvrx.report import progress_bar
+    from rlvrx.render.tables import progress_bar
     from rlvrx.tasks.build import build_tasks
 
     if not common.DEBUG:  # vLLM's start-up logs (dozens of INFO lines) only with --debug; before vLLM is imported

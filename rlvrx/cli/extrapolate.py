@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from rlvrx.cli.args import parse_k_list, parse_size, parse_window
 from rlvrx.cli.common import console, task_options, warn, write_json
-from rlvrx.errors import UsageError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -20,36 +20,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    """'A:B' (either side may be empty) -> (A, B) inclusive."""
-    lo, sep, hi = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        a = int(lo) if lo.strip() else 0
-        b = int(hi) if hi.strip() else 2**62
-    except ValueError:
-        raise UsageError(f"--window {text!r}: expected A:B with integer steps, e.g. 100:400 (or 100: for all from 100)") from None
-    if a > b:
-        raise UsageError(f"--window {text!r}: start {a} is after end {b}")
-    return a, b
-
-
-def parse_size(text: str) -> int:
-    """'500MB', '2GiB', '5GB', '1000000' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    raw = text.strip().upper().replace(" ", "")
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise UsageError(f"size {text!r}: expected a positive number with an optional unit, e.g. 5GB, 500MB, 2GiB")
-    return int(value * units[unit])
 
 
 def _progress_bar(label: str):
@@ -202,9 +172,12 @@ def logits(
     Writes a generations file that `rlvrx eval --generations FILE` grades, and prints pass@k / avg@k
     right away when the task has a verifier.
     """
-    from rlvrx.eval.runner import parse_k_list
     from rlvrx.extrapolate.logits import LogitsOptions, extrapolate_logits
-    from rlvrx.report import progress_bar
+    from rlvrx.render.tables import progress_bar
+    from rlvrx.models import check_device
+
+    if device != "auto":
+        check_device(device, "--device")
 
     options = LogitsOptions(
         k=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,

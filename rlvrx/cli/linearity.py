@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from rlvrx.cli.args import parse_shard, parse_window
 from rlvrx.cli.common import console, task_options, warn, write_json
 from rlvrx.errors import UsageError
 
@@ -22,21 +23,6 @@ EXTRAPOLATED_OPT = typer.Option(False, "--include-extrapolated", help="Also use 
 OUT_OPT = typer.Option(None, "--out", help="Output directory (default: RUN/linearity/weights or .../logprobs; ./linearity/... without RUN).")
 JSON_OPT = typer.Option(None, "--json", help="Write the machine-readable summary here.")
 NO_PLOTS_OPT = typer.Option(False, "--no-plots", help="Skip the PNG plots.")
-
-
-def parse_window(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    lo, sep, hi = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        window = (int(lo) if lo.strip() else 0, int(hi) if hi.strip() else 2**62)
-    except ValueError:
-        raise UsageError(f"--window {text!r}: expected A:B (steps, inclusive), e.g. 100:800 or 200:") from None
-    if window[0] > window[1]:
-        raise UsageError(f"--window {text!r}: the start is after the end")
-    return window
 
 
 def resolve_checkpoints(run: Path | None, pairs: list[str], window: str | None, include_extrapolated: bool):
@@ -65,24 +51,13 @@ def resolve_checkpoints(run: Path | None, pairs: list[str], window: str | None, 
     return traj.checkpoints(entries)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' (0-based I) -> (I, N)."""
-    index, sep, count = text.partition("/")
-    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
-        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
-    index, count = int(index), int(count)
-    if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {text!r}: the index is 0-based, so I must be in 0..{max(count - 1, 0)}")
-    return index, count
-
-
 def _default_out(run: Path | None, name: str) -> Path:
     return (run / "linearity" / name) if run is not None else Path("linearity") / name
 
 
 def _print_summary(tables: list, line: str, histogram: list | None, empty: str, written: list[Path]) -> None:
     """The tables, the global line, the text histogram (or the `empty` warning when histogram is None), the files."""
-    from rlvrx.report import text_histogram
+    from rlvrx.render.tables import text_histogram
 
     for tbl in tables:
         console.print(tbl)
@@ -143,7 +118,7 @@ def weights(
     from rlvrx.linearity.summary import public_json, summarize
     from rlvrx.linearity.weights import WeightSettings, analyze_weights
     from rlvrx.render.linearity import write_weight_outputs
-    from rlvrx.report import progress_bar
+    from rlvrx.render.tables import progress_bar
 
     _check_weight_flags(min_abs_change, min_unique, sample, min_per_tensor, memory_mb)
     settings = WeightSettings(
@@ -230,10 +205,11 @@ def logprobs(
 ) -> None:
     """Per-token R² of teacher-forced log-probs against step, one checkpoint loaded at a time."""
     from rlvrx.generation import SamplingParams
-    from rlvrx.atomic import atomic_write_text
+    from rlvrx.io.atomic import atomic_write_text
     from rlvrx.linearity import logprobs as ll
+    from rlvrx.models import check_device, context_length, load_tokenizer
     from rlvrx.render.linearity import logprob_global_line, logprob_tables, write_logprob_outputs
-    from rlvrx.report import progress_bar
+    from rlvrx.render.tables import progress_bar
 
     if task is not None and generate is None:
         raise UsageError("--task gives prompts only; add --generate N to sample probe responses for them")
@@ -247,6 +223,7 @@ def logprobs(
         raise UsageError(f"--generate must be >= 1, got {generate}")
     if not min_logprob_change >= 0:
         raise UsageError(f"--min-logprob-change must be >= 0, got {min_logprob_change}")
+    check_device(device, "--device")
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
     paths = [(step, ckpt.path) for step, ckpt in checkpoints]
     out = out or _default_out(run, "logprobs")
@@ -255,7 +232,7 @@ def logprobs(
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
         with console.status(f"sampling {generate} probe responses from step {paths[0][0]}"):
             if task is not None:
-                prompts = ll.task_prompts(task, ll.load_tokenizer(first), split, task_options(task_option))
+                prompts = ll.task_prompts(task, load_tokenizer(first), split, task_options(task_option))
             else:
                 prompts = ll.load_prompts(probes)
             items = ll.generate_probes(first, prompts, generate, params, batch_size, device)
@@ -264,8 +241,8 @@ def logprobs(
     else:
         items = ll.load_probes(probes)
         needs_tokenizer = any(p.prompt_ids is None or p.response_ids is None for p in items)
-        ll.tokenize_probes(items, ll.load_tokenizer(first) if needs_tokenizer else None)
-    ll.check_probes(items, ll.context_length(first))
+        ll.tokenize_probes(items, load_tokenizer(first) if needs_tokenizer else None)
+    ll.check_probes(items, context_length(first))
     with progress_bar(console) as bar:
         progress_task = bar.add_task("scoring", total=len(items) * len(paths))
 

@@ -16,10 +16,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlvrx.atomic import atomic_write_text
+from rlvrx.io.atomic import atomic_write_text
 from rlvrx.config import Recipe, StageConfig, find_recipe
 from rlvrx.errors import RlvrxError, UsageError
-from rlvrx.jsonio import read_json
+from rlvrx.io.jsonio import read_json
 from rlvrx.rundir import RunDir
 
 # The command of each stage kind (the kinds themselves: rlvrx.config.STAGE_KINDS).

@@ -1,5 +1,5 @@
-"""Evaluation: datasets (datasets.py), grading pool (grading.py), pass@k / avg / maj@k (metrics.py).
+"""Evaluation: the resumable generate -> grade runner (runner.py), its options (options.py), which
+models to score (model_spec.py), result files (output.py) and summaries (summary.py).
 
-Kept empty on purpose: grading workers import rlvrx.eval.grading, and that must not pull in anything
-heavy. Import the submodules directly.
+Grading itself lives in rlvrx.verify, datasets in rlvrx.tasks. Import the submodules directly.
 """

@@ -2,7 +2,7 @@
 
 `OUT/<model>/<task>.jsonl` holds the graded records and `<task>.settings.json` what made them
 (rlvrx.eval.runner, checked and written by check_settings / write_settings). While an eval writes them it holds `OUT/<model>/.<task>.lock` exclusively
-(rlvrx.locks): a second eval of the same output is refused at once, naming the holder's pid, and no
+(rlvrx.io.locks): a second eval of the same output is refused at once, naming the holder's pid, and no
 one truncates or appends to a file another process is writing.
 
 --overwrite never deletes the old results first. The new ones go into a staging folder
@@ -73,7 +73,7 @@ class EvalOutput:
         return self.staging / self.settings_path.name if self.overwrite else self.settings_path
 
     def open(self) -> "EvalOutput":
-        from rlvrx.locks import locked
+        from rlvrx.io.locks import locked
 
         self.folder.mkdir(parents=True, exist_ok=True)
         self._stack.enter_context(locked(self.lock_path, f"eval output {self.path}"))
@@ -110,7 +110,7 @@ class EvalOutput:
         """With overwrite: replace the old results and settings by the new ones (see the module doc)."""
         self._results.close()
         if self.overwrite:
-            from rlvrx.checkpoint import atomic_write_text
+            from rlvrx.io.atomic import atomic_write_text
 
             _fsync_dir(self.staging)
             atomic_write_text(self.staging / COMPLETE, "")
@@ -132,7 +132,7 @@ def check_settings(path: Path, settings: dict, results: EvalOutput) -> None:
     """Refuse to mix results made with other settings, or by another model, into one file. A file of
     graded generations without settings beside it (e.g. written by another tool) is taken as it is;
     model results must name the same model sha256."""
-    from rlvrx.jsonio import read_json
+    from rlvrx.io.jsonio import read_json
 
     stored = read_json(path, expect=dict) if path.is_file() else {}
     sha = settings.get("model_sha256")
@@ -152,6 +152,6 @@ def check_settings(path: Path, settings: dict, results: EvalOutput) -> None:
 
 
 def write_settings(path: Path, settings: dict) -> None:
-    from rlvrx.checkpoint import atomic_write_text
+    from rlvrx.io.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")

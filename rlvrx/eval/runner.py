@@ -17,7 +17,7 @@ which other problems are selected.
 
 Output: each (model, task) result file is locked while an eval writes it, and --overwrite replaces
 old results only once the new ones are complete (rlvrx.eval.output). Settings record the model's
-sha256 (rlvrx.checkpoint.checkpoint_sha256), so results of another model at the same path are never
+sha256 (rlvrx.io.identity.checkpoint_sha256), so results of another model at the same path are never
 resumed.
 
 Sampling defaults: rlvrx.generation.sampling (the paper's on a GPU, small ones on CPU); engines:
@@ -48,14 +48,7 @@ from rlvrx.tasks.base import Example, Task
 from rlvrx.tasks.build import grading_task
 from rlvrx.verify.records import grade_completions, grading_pool
 
-__all__ = ["EvalProgress", "Evaluation", "TaskRun", "parse_k_list", "problem_key"]
-
-
-def parse_k_list(text):
-    """SHIM(#18): moved to rlvrx.cli.eval (cli/extrapolate.py still imports it from here)."""
-    from rlvrx.cli.eval import parse_k_list as parse
-
-    return parse(text)
+__all__ = ["EvalProgress", "Evaluation", "TaskRun", "problem_key"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +137,7 @@ class Evaluation:
     # -- selection ----------------------------------------------------------------------------
 
     def _select(self, examples: list[Example], source: str) -> list[Example]:
-        from rlvrx.eval.datasets import select_examples
+        from rlvrx.tasks.datasets import select_examples
 
         return select_examples(examples, limit=self.options.limit, ids=self.ids, source=source)
 
@@ -161,7 +154,7 @@ class Evaluation:
         if engine_name == "hf":
             check_device(device)
         gpu = device.startswith("cuda")
-        from rlvrx.checkpoint import checkpoint_sha256
+        from rlvrx.io.identity import checkpoint_sha256
 
         model_sha256 = checkpoint_sha256(spec.path)
         engine = None
@@ -352,7 +345,7 @@ class Evaluation:
     def _generations_task(spec: ModelSpec, tasks: Sequence[Task], task_options: dict | None) -> tuple[Task, str, str | None]:
         name = spec.task
         if name is None:
-            from rlvrx.jsonio import iter_jsonl
+            from rlvrx.io.jsonio import iter_jsonl
 
             first = next(iter_jsonl(spec.generations, torn_tail="drop"), None)
             name = first[1].get("task") if first is not None else None

@@ -1,4 +1,4 @@
-"""Summaries of evaluation runs: pass@k / avg / maj@k per model and task (rlvrx.eval.metrics), the
+"""Summaries of evaluation runs: pass@k / avg / maj@k per model and task (rlvrx.verify.metrics), the
 samples graded wrong because grading failed, and reading back a result file."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ __all__ = ["failed_samples", "load_results", "summarize_runs"]
 def summarize_runs(runs: Sequence[TaskRun], k_list: Sequence[int] | None = None) -> dict:
     """{model: {task: {"problems", "n", "avg", "avg_stderr", "pass@k"..., "maj@k"..., "timeouts", "errors"},
     "overall": {...} when the model has more than one task}} (metrics as fractions)."""
-    from rlvrx.eval.metrics import summarize_tasks
+    from rlvrx.verify.metrics import summarize_tasks
 
     by_model: dict[str, dict[str, list]] = {}
     for run in runs:

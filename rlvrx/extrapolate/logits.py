@@ -50,7 +50,7 @@ class LogitsOptions:
 
     def __post_init__(self):
         if self.device != "auto":
-            check_device(self.device, "--device")  # SHIM(#18): the CLI (cli/extrapolate.py) should check its flag and this say "device"
+            check_device(self.device)
 
 
 @dataclass
@@ -195,7 +195,7 @@ def default_output(run: str | os.PathLike, base: int, second: int, target: int |
 
 def _resolve_inputs(run, base, second, target, alpha, base_path, second_path):
     """(base path, second path, base step, second step, target, alpha) from the flags."""
-    from rlvrx.extrapolate.weights import resolve_alpha
+    from rlvrx.extrapolate.inputs import resolve_alpha
 
     if (base_path is None) != (second_path is None):
         if alpha is not None:
@@ -241,9 +241,9 @@ def extrapolate_logits(
 
     progress(stage, done, total) with stage "generate" (rows) or "grade"; note(message) for warnings.
     """
-    from rlvrx.checkpoint import atomic_write_text
-    from rlvrx.eval.datasets import select_examples  # SHIM(#18) path: H2a moves it to rlvrx.tasks.datasets
-    from rlvrx.extrapolate.weights import interpolation_warning
+    from rlvrx.io.atomic import atomic_write_text
+    from rlvrx.tasks.datasets import select_examples
+    from rlvrx.formulas import interpolation_warning
     from rlvrx.generation.generations import write_generations
     from rlvrx.generation.sampling import resolve_sampling
     from rlvrx.models import check_weights, resolve_device

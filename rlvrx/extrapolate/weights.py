@@ -51,13 +51,7 @@ from rlvrx.extrapolate.inputs import (
     window_sources,
 )
 from rlvrx.extrapolate.options import METHODS, PROVENANCE, Progress, Source, Warn, WeightsExtrapolation, WeightsOptions
-from rlvrx.formulas import (  # noqa: F401  SHIM(#18): DEFAULT_COPY_PATTERNS, interpolation_warning re-exported (tests, extrapolate.logits)
-    DEFAULT_COPY_PATTERNS,
-    interpolation_warning,
-    is_copied,
-    jump,
-    lstsq_coefficients,
-)
+from rlvrx.formulas import interpolation_warning, is_copied, jump, lstsq_coefficients
 from rlvrx.io.atomic import atomic_dir
 from rlvrx.io.background_writer import BackgroundWriter
 from rlvrx.io.dtypes import DTYPE_INFO, RawValues, dtype_name, element_size

@@ -95,7 +95,7 @@ def dumps(record: dict) -> str:
 
 def write_generations(path: str | os.PathLike, records: Iterable[dict | GenerationRecord]) -> Path:
     """Write a whole generations file atomically (records: dicts from `generation_record` or GenerationRecords)."""
-    from rlvrx.checkpoint import atomic_write_text
+    from rlvrx.io.atomic import atomic_write_text
 
     lines = [dumps(r.to_json() if isinstance(r, GenerationRecord) else r) for r in records]
     path = Path(path)
@@ -105,10 +105,10 @@ def write_generations(path: str | os.PathLike, records: Iterable[dict | Generati
 
 
 def read_jsonl_records(path: str | os.PathLike, allow_partial_last: bool = False) -> tuple[list[dict], int]:
-    """(records, bytes of complete lines), read with rlvrx.jsonio (one-line errors for text that is
+    """(records, bytes of complete lines), read with rlvrx.io.jsonio (one-line errors for text that is
     not UTF-8, not JSON or nested too deeply). With allow_partial_last, a last line without its
     newline (a write cut short by a kill) is left out instead of being an error."""
-    from rlvrx.jsonio import iter_jsonl
+    from rlvrx.io.jsonio import iter_jsonl
 
     path = Path(path)
     try:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from rlvrx.errors import CheckpointError, RlvrxError, UsageError
-from rlvrx.generation.sampler import Generation, SamplingParams
+from rlvrx.generation.params import Generation, SamplingParams
 
 LOGPROB_MODES = {"raw": "raw_logprobs", "processed": "processed_logprobs"}
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV cache on vLLM's CPU platform, unless the caller sizes it
@@ -98,7 +98,7 @@ def check_model_dir(model: str | os.PathLike) -> None:
     """Refuse a local model directory vLLM could not load, before vLLM spends its start-up on it:
     no config.json, or safetensors weights that are missing, truncated or damaged (a UsageError).
     Anything else (a hub id, .bin weights) is left to vLLM."""
-    from rlvrx.checkpoint import Checkpoint, read_header
+    from rlvrx.io.reader import Checkpoint, read_header
 
     path = Path(model).expanduser()
     if not path.exists():

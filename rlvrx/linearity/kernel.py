@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from rlvrx import native
-from rlvrx.checkpoint import DTYPE_INFO
+from rlvrx import kernels as native
+from rlvrx.io.dtypes import DTYPE_INFO
 from rlvrx.errors import CheckpointError, RlvrxError
-from rlvrx.linearity import block_numpy, stats
+from rlvrx.kernels import block_numpy
+from rlvrx.linearity import stats
 from rlvrx.linearity.plan import block_elements, sample_indices
 from rlvrx.linearity.state import FILTERS, TensorStats
 

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from rlvrx.checkpoint import Checkpoint
-from rlvrx.devices import check_device
-from rlvrx.errors import CheckpointError, UsageError
-from rlvrx.jsonio import iter_jsonl
+from rlvrx.models import load_model, load_tokenizer
+from rlvrx.errors import UsageError
+from rlvrx.io.jsonio import iter_jsonl
 from rlvrx.linearity import stats
 
 
@@ -94,41 +92,6 @@ def load_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
             raise UsageError(f"{path}:{lineno}: needs a non-empty string \"prompt\"")
         prompts.append((f"{path.name}:{lineno}", prompt))
     return prompts
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-
-
-def load_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    check_device(device)
-    Checkpoint(path).infos()  # a damaged weights file: one line naming it, before transformers reads it
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load as a causal LM ({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval()
-
-
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0]}); probes given as text need one") from None
-
-
-def context_length(path: str | os.PathLike) -> int | None:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(path))
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if value else None
 
 
 def tokenize_probes(probes: Sequence[Probe], tokenizer) -> None:

@@ -7,7 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rlvrx.checkpoint import DTYPE_INFO, Checkpoint, TensorInfo, compare_structure
+from rlvrx.io.dtypes import DTYPE_INFO, TensorInfo
+from rlvrx.io.reader import Checkpoint
+from rlvrx.io.identity import compare_structure
 from rlvrx.errors import CheckpointError, UsageError
 from rlvrx.linearity import stats
 

@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from rlvrx.checkpoint import Checkpoint
+from rlvrx.io.reader import Checkpoint
 from rlvrx.errors import UsageError
 from rlvrx.linearity import stats
 from rlvrx.linearity.kernel import Kernel, TensorJob, run_part

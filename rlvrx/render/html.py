@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rlvrx.atomic import atomic_write_text
+from rlvrx.io.atomic import atomic_write_text
 from rlvrx.errors import RlvrxError, UsageError
-from rlvrx.jsonio import read_json
+from rlvrx.io.jsonio import read_json
 from rlvrx.render.plots import save_line_fits_png, save_training_png
 from rlvrx.render.tables import fmt, table
 from rlvrx.rundir import COMPARE_PNG, LINEARITY_KINDS, RunDir

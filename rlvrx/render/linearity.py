@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlvrx.atomic import atomic_write_text
+from rlvrx.io.atomic import atomic_write_text
 from rlvrx.linearity.naming import layer_of, module_of
-from rlvrx.report import fmt, pct, save_heatmap_png, save_histogram_png, save_lines_png, table, write_csv
+from rlvrx.render.tables import fmt, pct, table, write_csv
+from rlvrx.render.plots import save_heatmap_png, save_histogram_png, save_lines_png
 
 # ----------------------------------------------------------------------------------------------
 # Weight linearity

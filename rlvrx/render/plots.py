@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rlvrx.atomic import atomic_file
+from rlvrx.io.atomic import atomic_file
 
 
 def figure(width: float, height: float):

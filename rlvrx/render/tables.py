@@ -14,7 +14,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from rlvrx.atomic import atomic_file
+from rlvrx.io.atomic import atomic_file
 
 BAR_BLOCKS = " ▏▎▍▌▋▊▉█"
 

@@ -44,7 +44,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Rows of a .jsonl (or .json list) / .parquet file; an empty or unreadable file is a one-line UsageError."""
-    from rlvrx.jsonio import read_json, read_jsonl
+    from rlvrx.io.jsonio import read_json, read_jsonl
 
     path = Path(path)
     if not path.is_file():

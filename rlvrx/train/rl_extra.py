@@ -93,7 +93,7 @@ class RLExtraTrainer(Trainer):
         self.sums = saved["sums"]
         if self.rl_extra.fit == "two_point":
             anchor_dir = self.trajectory.path_of(0 if self.rl_extra.anchor == "window" else self.anchor_step)
-            from rlvrx.checkpoint import Checkpoint
+            from rlvrx.io.reader import Checkpoint
 
             with Checkpoint(anchor_dir) as ckpt:
                 names = set(ckpt.names())

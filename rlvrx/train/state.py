@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from rlvrx.atomic import atomic_dir
-from rlvrx.checkpoint import Checkpoint, load_torch_file
+from rlvrx.io.atomic import atomic_dir
+from rlvrx.io.reader import Checkpoint, load_torch_file
 from rlvrx.errors import RlvrxError
 from rlvrx.trajectory import Trajectory
 

@@ -17,13 +17,13 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from rlvrx.atomic import atomic_write_text
+from rlvrx.io.atomic import atomic_write_text
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx import models
 from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate
-from rlvrx.generation.sampler import NonFiniteLogits
-from rlvrx.locks import run_locked
+from rlvrx.generation.decode import NonFiniteLogits
+from rlvrx.io.locks import run_locked
 from rlvrx.models import load_pretrained
 from rlvrx.rundir import RunDir
 from rlvrx.train import rollout as rollouts
@@ -201,7 +201,7 @@ class Trainer:
         if self.task.grading_kind != "math":
             return None
         if self._pool is None:
-            from rlvrx.eval.grading import GradingPool
+            from rlvrx.verify.pool import GradingPool
 
             self._pool = GradingPool()
         return self._pool

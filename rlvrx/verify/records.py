@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Generator, Sequence
 
+from rlvrx.verify import metrics
+
 __all__ = [
     "default_k_list",
     "failure_counts",
@@ -21,15 +23,10 @@ __all__ = [
 ]
 
 
-def _metrics():
-    from rlvrx.eval import metrics  # SHIM(#18) path: rlvrx.verify.metrics after the final pass
-
-    return metrics
-
-
 def grading_pool(workers: int | None = None, timeout: float | None = None):
     """A GradingPool (worker processes; a context manager) with `timeout` seconds per answer (None: the default)."""
-    from rlvrx.eval.grading import DEFAULT_TIMEOUT, GradingPool  # SHIM(#18) path: rlvrx.verify.pool after the final pass
+    from rlvrx.verify.graders import DEFAULT_TIMEOUT
+    from rlvrx.verify.pool import GradingPool
 
     return GradingPool(workers=workers, timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
 
@@ -62,7 +59,7 @@ def default_k_list(n: int) -> list[int]:
 
 def record_outcome(record: dict):
     """A graded record -> metrics.ProblemOutcome (verdicts and answer keys in sample order)."""
-    return _metrics().ProblemOutcome(str(record["id"]), list(record["correct"]), list(record["answer_key"]))
+    return metrics.ProblemOutcome(str(record["id"]), list(record["correct"]), list(record["answer_key"]))
 
 
 def failure_counts(records) -> dict:
@@ -78,10 +75,10 @@ def failure_counts(records) -> dict:
 
 
 def summarize_records(records: Sequence[dict], k_list: Sequence[int] | None = None) -> dict:
-    """Metrics of one task's graded records (see rlvrx.eval.metrics), plus sample counts that were
+    """Metrics of one task's graded records (see rlvrx.verify.metrics), plus sample counts that were
     graded wrong because grading timed out or failed."""
     outcomes = [record_outcome(r) for r in records]
     n = min(o.n for o in outcomes) if outcomes else 1
-    summary = _metrics().summarize_problems(outcomes, k_list or default_k_list(n))
+    summary = metrics.summarize_problems(outcomes, k_list or default_k_list(n))
     summary.update(failure_counts(records))
     return summary

@@ -36,7 +36,7 @@ from rlvrx.backends.verl.overrides import (
     total_training_steps,
 )
 from rlvrx.errors import RlvrxError, UsageError
-from rlvrx.locks import run_locked
+from rlvrx.io.locks import run_locked
 
 STEP_SIDECAR = "rlvrx_step.json"
 JUMPS_DIR = "rl_extra"
@@ -64,7 +64,7 @@ class Plan:
 
 def hf_weights_dir(step_dir: str | os.PathLike) -> Path | None:
     """Where a verl step dir keeps HF weights: actor/huggingface (hf_model saved) or huggingface (converted)."""
-    from rlvrx.checkpoint import is_checkpoint_dir
+    from rlvrx.io.reader import is_checkpoint_dir
 
     step_dir = Path(step_dir)
     for candidate in (step_dir / "actor" / "huggingface", step_dir / "huggingface", step_dir):
@@ -192,7 +192,7 @@ def base_model_path(recipe, run_dir) -> Path | str:
     if recipe.model.path:
         local = Path(recipe.model.path).expanduser()
         return local.resolve() if local.exists() else recipe.model.path
-    from rlvrx.checkpoint import is_checkpoint_dir
+    from rlvrx.io.reader import is_checkpoint_dir
     from rlvrx.tiny import save_tiny_model
 
     out = run_paths(recipe, run_dir)["base_model"]
@@ -204,7 +204,7 @@ def base_model_path(recipe, run_dir) -> Path | str:
 def prepare(recipe, run_dir) -> Plan:
     """Validate the recipe for verl, write data files and the resolved recipe; the command to run."""
     from rlvrx.backends.verl.data import write_verl_data
-    from rlvrx.checkpoint import atomic_write_text
+    from rlvrx.io.atomic import atomic_write_text
     from rlvrx.config import recipe_to_yaml
     from rlvrx.rundir import RunDir
 
@@ -321,7 +321,7 @@ def _launch(recipe, plan: Plan, restart: bool) -> int:
 
 
 def _register_base(recipe, plan: Plan) -> None:
-    from rlvrx.checkpoint import is_checkpoint_dir
+    from rlvrx.io.reader import is_checkpoint_dir
     from rlvrx.trajectory import Trajectory
 
     if not is_checkpoint_dir(Path(plan.model_path)):

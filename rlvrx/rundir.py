@@ -7,6 +7,7 @@
     stages/NAME.json, .done     `rlvrx run`'s stage summaries and markers
     linearity/{weights,logprobs}/   the linearity analyses (summary.json, PNGs, CSVs)
     extrapolated/  eval/  report/  compare.png
+    verl_checkpoints/  verl_data/  base_model/   the verl backend's folders
 
 The metrics log is appended as training goes. A process killed mid-append leaves a torn last line;
 the reader drops it (the step is recomputed on resume), while damage anywhere else is a one-line
@@ -89,6 +90,15 @@ class RunDir:
     def extrapolated(self) -> Path:
         return self.root / "extrapolated"
 
+    def extrapolated_checkpoint(self, step: int) -> Path:
+        """RUN/extrapolated/step_NNNNNN: `rlvrx extrapolate weights`' default output."""
+        return self.extrapolated / step_dir_name(step)
+
+    def extrapolated_generations(self, base: int, second: int, label: str, task: str) -> Path:
+        """RUN/extrapolated/logits-s<S0>-s<S1>-<label>/<task>.jsonl: `rlvrx extrapolate logits`' default output
+        (`rlvrx eval --generations` names the model after the folder and finds the task from the file name)."""
+        return self.extrapolated / f"logits-s{base}-s{second}-{label}" / f"{task}.jsonl"
+
     @property
     def eval(self) -> Path:
         return self.root / "eval"
@@ -96,6 +106,23 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    # -- the verl backend's own folders ---------------------------------------------------------
+
+    @property
+    def verl_checkpoints(self) -> Path:
+        """verl's checkpoint tree (global_step_N/actor/...); the HF exports are registered in the trajectory."""
+        return self.root / "verl_checkpoints"
+
+    @property
+    def verl_data(self) -> Path:
+        """The parquet files verl reads (the recipe's task, written by rlvrx)."""
+        return self.root / "verl_data"
+
+    @property
+    def base_model(self) -> Path:
+        """The model verl starts from, saved as an HF directory (a recipe's model.tiny is built here)."""
+        return self.root / "base_model"
 
     @property
     def compare_png(self) -> Path:

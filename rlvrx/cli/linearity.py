@@ -52,7 +52,9 @@ def resolve_checkpoints(run: Path | None, pairs: list[str], window: str | None, 
 
 
 def _default_out(run: Path | None, name: str) -> Path:
-    return (run / "linearity" / name) if run is not None else Path("linearity") / name
+    from rlvrx.rundir import RunDir
+
+    return RunDir(run).linearity(name) if run is not None else Path("linearity") / name
 
 
 def _print_summary(tables: list, line: str, histogram: list | None, empty: str, written: list[Path]) -> None:

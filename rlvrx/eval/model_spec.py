@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rlvrx.errors import UsageError
 from rlvrx.models import check_weights
+from rlvrx.rundir import RunDir
 
 __all__ = ["ModelSpec", "generations_spec", "resolve_model", "safe_name"]
 
@@ -91,8 +92,8 @@ def resolve_model(arg: str, out: str | os.PathLike | None = None, name: str | No
         raise UsageError(f"{path}: not a model checkpoint directory (no config.json)")
     check_weights(path)
     owner = run_dir if run_dir is not None else _enclosing_run(path)
-    base = Path(out) if out is not None else (owner / "eval" if owner is not None else Path("eval"))
-    prefix = "" if owner is None or base.resolve() == (owner / "eval").resolve() else f"{owner.resolve().name}-"
+    base = Path(out) if out is not None else (RunDir(owner).eval if owner is not None else Path("eval"))
+    prefix = "" if owner is None or base.resolve() == RunDir(owner).eval.resolve() else f"{owner.resolve().name}-"
     if run_dir is not None:
         display = name or f"{run_dir.resolve().name}:{step}"
         folder = safe_name(name) if name else safe_name(prefix + step_dir_name(step))
@@ -126,5 +127,5 @@ def generations_spec(file: str | os.PathLike, out: str | os.PathLike | None = No
     task = file.stem if file.stem in task_names() else None
     display = name or (file.resolve().parent.name if task else file.stem)
     run = _enclosing_run(file)
-    base = Path(out) if out is not None else (run / "eval" if run is not None else Path("eval"))
+    base = Path(out) if out is not None else (RunDir(run).eval if run is not None else Path("eval"))
     return ModelSpec(name=display, out_dir=base / safe_name(display), generations=file, task=task)

@@ -1,6 +1,6 @@
 """The settings of an evaluation other than its models and tasks (EvalOptions), checked when made.
 
-Sampling values left None fall back to the defaults of rlvrx.generation.sampling (by device and
+Sampling values left None fall back to the defaults of rlvrx.generation.params (by device and
 task); the engine is chosen by rlvrx.generation.engines.resolve_engine.
 """
 
@@ -12,7 +12,7 @@ from typing import Sequence
 
 from rlvrx.errors import UsageError
 from rlvrx.generation.engines import ENGINES
-from rlvrx.generation.sampling import Sampling, resolve_sampling
+from rlvrx.generation.params import Sampling, resolve_sampling
 from rlvrx.models import check_device
 from rlvrx.tasks.base import Task
 from rlvrx.tasks.build import task_max_new_tokens

@@ -20,7 +20,7 @@ old results only once the new ones are complete (rlvrx.eval.output). Settings re
 sha256 (rlvrx.io.identity.checkpoint_sha256), so results of another model at the same path are never
 resumed.
 
-Sampling defaults: rlvrx.generation.sampling (the paper's on a GPU, small ones on CPU); engines:
+Sampling defaults: rlvrx.generation.params (the paper's on a GPU, small ones on CPU); engines:
 rlvrx.generation.engines; the models and files evaluated: rlvrx.eval.model_spec; summaries:
 rlvrx.eval.summary.
 """
@@ -42,7 +42,7 @@ from rlvrx.eval.output import EvalOutput, check_settings, write_settings
 from rlvrx.eval.summary import load_results
 from rlvrx.generation.engines import engine_device, load_engine, require_vllm_engine, resolve_engine
 from rlvrx.generation.generations import graded_record, group_generations, read_generations
-from rlvrx.generation.sampling import Sampling
+from rlvrx.generation.params import Sampling
 from rlvrx.models import check_device
 from rlvrx.tasks.base import Example, Task
 from rlvrx.tasks.build import grading_task

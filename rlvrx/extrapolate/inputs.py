@@ -66,9 +66,9 @@ def resolve_alpha(base: int | None, second: int | None, target: int | None, alph
 
 
 def default_output(run: str | os.PathLike, target_step: int) -> Path:
-    from rlvrx.trajectory import step_dir_name
+    from rlvrx.rundir import RunDir
 
-    return Path(run) / "extrapolated" / step_dir_name(target_step)
+    return RunDir(run).extrapolated_checkpoint(target_step)
 
 
 def check_registrable(run: str | os.PathLike, target_step: int | None, overwrite: bool) -> None:

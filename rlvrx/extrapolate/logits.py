@@ -187,10 +187,11 @@ def grade_records(task, examples, records: list[dict], workers: int | None = Non
 
 
 def default_output(run: str | os.PathLike, base: int, second: int, target: int | None, alpha: float, task: str) -> Path:
-    """RUN/extrapolated/logits-s<S0>-s<S1>-t<T>/<task>.jsonl: `rlvrx eval --generations` then names
-    the model after the folder and finds the task from the file name."""
+    """RUN/extrapolated/logits-s<S0>-s<S1>-t<T>/<task>.jsonl (a<alpha> without a target step)."""
+    from rlvrx.rundir import RunDir
+
     label = f"t{target}" if target is not None else f"a{alpha:g}"
-    return Path(run) / "extrapolated" / f"logits-s{base}-s{second}-{label}" / f"{task}.jsonl"
+    return RunDir(run).extrapolated_generations(base, second, label, task)
 
 
 def _resolve_inputs(run, base, second, target, alpha, base_path, second_path):
@@ -245,7 +246,7 @@ def extrapolate_logits(
     from rlvrx.tasks.datasets import select_examples
     from rlvrx.formulas import interpolation_warning
     from rlvrx.generation.generations import write_generations
-    from rlvrx.generation.sampling import resolve_sampling
+    from rlvrx.generation.params import resolve_sampling
     from rlvrx.models import check_weights, resolve_device
     from rlvrx.tasks.build import build_tasks, has_verifier, task_max_new_tokens
 

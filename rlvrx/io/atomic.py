@@ -19,6 +19,9 @@ from typing import Iterator
 
 from rlvrx.errors import UsageError
 
+# What marks a run directory: its trajectory manifest (rlvrx.trajectory.MANIFEST; io sits below that layer).
+RUN_MANIFEST = "trajectory.json"
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -90,7 +93,7 @@ def recover_file(path: str | os.PathLike) -> None:
 
 def check_replaceable(out: Path) -> None:
     """Refuse to replace a run directory (one that holds trajectory.json) with anything."""
-    if out.is_dir() and (out / "trajectory.json").exists():
+    if out.is_dir() and (out / RUN_MANIFEST).exists():
         raise UsageError(f"{out} is a run directory (it holds trajectory.json); refusing to replace it: choose another output path")
 
 

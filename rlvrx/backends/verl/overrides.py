@@ -31,9 +31,6 @@ LEGACY_KEYS = {
     "reward_model": "reward.reward_model",
     "sandbox_fusion": "reward.sandbox_fusion",
 }
-CHECKPOINT_DIR = "verl_checkpoints"
-DATA_DIR = "verl_data"
-BASE_MODEL_DIR = "base_model"
 
 _UNQUOTED = re.compile(r"^[A-Za-z0-9_/+.%@?|-]+$")
 _LOOKS_TYPED = re.compile(r"^([-+]?(\d|\.\d|inf|nan)|true$|false$|null$|none$)", re.IGNORECASE)
@@ -92,14 +89,11 @@ class DataFiles:
 
 
 def run_paths(recipe, run_dir: Path) -> dict[str, Path]:
-    run_dir = Path(run_dir).resolve()
-    data_dir = Path(recipe.verl.data_dir).resolve() if recipe.verl.data_dir else run_dir / DATA_DIR
-    return {
-        "run_dir": run_dir,
-        "data_dir": data_dir,
-        "checkpoints": run_dir / CHECKPOINT_DIR,
-        "base_model": run_dir / BASE_MODEL_DIR,
-    }
+    from rlvrx.rundir import RunDir
+
+    run = RunDir(Path(run_dir).resolve())
+    data_dir = Path(recipe.verl.data_dir).resolve() if recipe.verl.data_dir else run.verl_data
+    return {"run_dir": run.root, "data_dir": data_dir, "checkpoints": run.verl_checkpoints, "base_model": run.base_model}
 
 
 def check_recipe(recipe) -> None:

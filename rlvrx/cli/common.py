@@ -26,8 +26,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 # Library parameters whose CLI flag is not `--` + the name with `-` for `_` (the default rule)
 FLAG_ALIASES = {
-    "run": "RUN", "run_dir": "RUN", "copy_patterns": "--copy-pattern", "check": "--no-check", "task_name": "--task",
-    "data_path": "--data", "generations_path": "--generations", "engine_name": "--engine",
+    "run": "RUN", "copy_patterns": "--copy-pattern", "names": "--task", "gold_key": "--answer-key",
 }
 
 

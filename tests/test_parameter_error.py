@@ -75,3 +75,22 @@ def test_generations_api_names_parameters_cli_names_flags(tmp_path):
         read_generations(path)
     rc, _, err = run_cli("eval", "--generations", path, "--task", "arithmetic", "--out", tmp_path / "o")
     assert rc == 2 and "no gold answer field ('gold' or 'answer'); set --answer-key to its name" in err
+
+
+def test_pipeline_stage_error_names_the_stage_commands_flags(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import rlvrx.cli.pipeline as pipeline
+    from rlvrx.config import load_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/quickstart.yaml"
+    first = load_recipe(recipe).stages[0]
+    name = first.name or first.kind
+
+    def invoke(argv):
+        raise ParameterError("{path} exists; pass {overwrite} to replace it", "overwrite=True", path="/x/{y}")
+
+    monkeypatch.setattr(pipeline, "invoke", invoke)
+    with pytest.raises(UsageError, match=r"^stage \S+ failed: /x/\{y\} exists; pass --overwrite to replace it$") as error:
+        pipeline.run_pipeline(recipe, [f"output.dir={tmp_path / 'run'}"], only=name, echo=lambda line: None)
+    assert not isinstance(error.value, ParameterError)  # already worded: main() prints it as it is

@@ -47,8 +47,8 @@ def check_output(out: Path, sources: Sequence[Source], overwrite: bool) -> None:
 
 
 def resolve_alpha(base: int | None, second: int | None, target: int | None, alpha: float | None) -> tuple[float, int | None]:
-    """rlvrx.formulas.resolve_alpha for the commands (weights and logits): the same checks, worded in
-    their flags (--base, --second, --target, --alpha)."""
+    """rlvrx.formulas.resolve_alpha for extrapolate_weights and extrapolate_logits: the same checks, as
+    ParameterErrors naming base, second, target, alpha (the CLI words them as its flags)."""
     if alpha is not None and not math.isfinite(alpha):
         raise ParameterError("{alpha} {value}: must be a finite number", "alpha", value=alpha)
     if base is not None and second is not None:

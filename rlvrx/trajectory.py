@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.errors import CheckpointError, ParameterError, UsageError
 from rlvrx.io.atomic import atomic_write_text
 from rlvrx.io.identity import checkpoint_sha256, compare_structure
 from rlvrx.io.jsonio import read_json
@@ -120,8 +120,9 @@ class Trajectory:
             for entry, replace in self._pending:
                 known = current.get(entry.step)
                 if known is not None and not replace and (known.kind, self.resolve(known).resolve()) != (entry.kind, self.resolve(entry).resolve()):
-                    raise UsageError(
-                        f"step {entry.step} was registered in {self.manifest} meanwhile ({known.path}); pass --replace to replace it"
+                    raise ParameterError(
+                        "step {step} was registered in {manifest} meanwhile ({path}); pass {replace} to replace it",
+                        "replace=True", step=entry.step, manifest=self.manifest, path=known.path,
                     )
                 current[entry.step] = entry
             self.entries = sorted(current.values(), key=lambda e: e.step)
@@ -194,7 +195,7 @@ class Trajectory:
         if existing and not replace and existing[0].kind == kind and self.resolve(existing[0]).resolve() == path.resolve():
             return existing[0]  # already registered: adding it again (e.g. re-running a scan with --base) is a no-op
         if existing and not replace:
-            raise UsageError(f"step {step} is already in {self.manifest} ({existing[0].path}); pass --replace to replace it")
+            raise ParameterError("step {step} is already in {manifest} ({path}); pass {replace} to replace it", "replace=True", step=step, manifest=self.manifest, path=existing[0].path)
         entry = Entry(
             step=step,
             path=self._relative(path),

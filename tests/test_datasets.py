@@ -43,7 +43,7 @@ def test_missing_benchmark_says_where_it_looked_and_what_to_do(tmp_path, monkeyp
         load_examples("aime24", data_dir=tmp_path, hub=False)
     message = str(error.value)
     assert str(tmp_path / "aime24.jsonl") in message
-    assert DATA_DIR_ENV in message and "--data-dir" in message
+    assert DATA_DIR_ENV in message and "Point data_dir or" in message
     assert "rlvrx[data]" in message and BENCHMARKS["aime24"].repo in message
     with pytest.raises(UsageError, match=f"{DATA_DIR_ENV} is not set"):
         load_examples("math500", hub=False)

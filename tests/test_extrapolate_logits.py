@@ -204,11 +204,11 @@ def test_alpha_zero_pipeline_equals_base_model_sampling(tiny_run, tmp_path):
 
 def test_request_errors(tiny_run, tmp_path):
     ck = tiny_run / "checkpoints"
-    with pytest.raises(UsageError, match="--alpha needs two checkpoints"):
+    with pytest.raises(UsageError, match="^alpha needs two checkpoints"):
         extrapolate_logits(task="arithmetic", base_path=ck / "step_000000", alpha=2.0, out=tmp_path / "x.jsonl")
-    with pytest.raises(UsageError, match="--alpha needs two checkpoints"):
+    with pytest.raises(UsageError, match="^alpha needs two checkpoints"):
         extrapolate_logits(tiny_run, task="arithmetic", base=0, alpha=2.0)
-    with pytest.raises(UsageError, match="--alpha needs two different checkpoints"):
+    with pytest.raises(UsageError, match="^alpha needs two different checkpoints"):
         extrapolate_logits(task="arithmetic", base_path=ck / "step_000000", second_path=ck / "step_000000", alpha=2.0, out=tmp_path / "x.jsonl")
     with pytest.raises(UsageError, match="both step 10"):
         extrapolate_logits(tiny_run, task="arithmetic", base=10, second=10, target=30)

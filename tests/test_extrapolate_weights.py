@@ -443,11 +443,11 @@ def test_step_errors_and_warnings(run_dir, tmp_path):
         extrapolate_weights(run, base=20, second=10, target=40)
     with pytest.raises(UsageError, match="no checkpoint at step 15"):
         extrapolate_weights(run, base=0, second=15, target=40)
-    with pytest.raises(UsageError, match="--target or --alpha, not both"):
+    with pytest.raises(UsageError, match="give target or alpha, not both"):
         extrapolate_weights(run, base=0, second=10, target=40, alpha=2.0)
     with pytest.raises(UsageError, match="at least 2"):
         extrapolate_weights(run, fit="lstsq", window=(25, 40), target=60)
-    with pytest.raises(UsageError, match="--base is for the two-point"):
+    with pytest.raises(UsageError, match="^base is for the two-point"):
         extrapolate_weights(run, fit="lstsq", base=0, target=60)
     warnings = []
     res = extrapolate_weights(run, base=10, second=30, target=20, out=tmp_path / "i", warn=warnings.append)
@@ -483,10 +483,10 @@ def test_output_exists_and_output_is_input(tmp_path, pair_bf16):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(UsageError, match="already exists; pass --overwrite"):
+    with pytest.raises(UsageError, match="already exists; pass overwrite=True"):
         extrapolate_two_point(base_dir, second_dir, 2.0, out)
     assert listing(out) == ["keep.txt"]
-    with pytest.raises(UsageError, match="is not a checkpoint directory; --overwrite replaces only a model"):
+    with pytest.raises(UsageError, match="is not a checkpoint directory; overwrite replaces only a model"):
         extrapolate_two_point(base_dir, second_dir, 2.0, out, options=WeightsOptions(overwrite=True))
     assert listing(out) == ["keep.txt"]
     (out / "keep.txt").unlink()  # an empty directory, or an earlier output, is replaced

@@ -103,7 +103,7 @@ def test_scan_errors(tmp_path, checkpoint_series, tiny_model_dir):
     checkpoint_series(zero, [0, 10])
     traj = Trajectory(tmp_path / "run2")
     traj.add(0, tiny_model_dir, kind="base")
-    with pytest.raises(UsageError, match="step 0 is already in .*; pass --replace"):
+    with pytest.raises(UsageError, match="step 0 is already in .*; pass replace=True"):
         traj.scan(zero)
 
 
@@ -117,7 +117,7 @@ def test_add_errors_and_replace(tmp_path, checkpoint_series):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         traj.add(10, tmp_path)
     traj.add(10, paths[10])
-    with pytest.raises(UsageError, match=r"step 10 is already in .*ck/step_10\); pass --replace"):
+    with pytest.raises(UsageError, match=r"step 10 is already in .*ck/step_10\); pass replace=True"):
         traj.add(10, paths[20])
     entry = traj.add(10, paths[20], replace=True, grad_step=4, meta={"alpha": 2.0})
     assert traj.steps == [10] and entry.sha256 == checkpoint_sha256(paths[20])

@@ -24,24 +24,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.errors import ParameterError, RlvrxError, UsageError
 from rlvrx.rundir import RunDir
 
 COMMANDS = ("train", "rl-extra", "eval", "linearity")
 RAY_PORT = 6379
-
-
-class OptionError(UsageError):
-    """A bad value of one parameter (a SlurmOptions field, or build_scripts' command, run_dir, out_dir).
-
-    `name` is the parameter; `describe(name)` words the problem around a name, so the CLI can name its
-    flag instead (`OptionError(flag, exc.describe)`)."""
-
-    def __init__(self, name: str, describe: Callable[[str], str]):
-        self.name, self.describe = name, describe
-        super().__init__(describe(name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,8 +45,8 @@ def check_line(value: object, name: str) -> str:
     """VALUE (of parameter `name`) as text for a one-line field, refusing line breaks and other control characters."""
     text = str(value)
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise OptionError(name, lambda n: f"{n}: {text!r} holds a line break or another control character; "
-                          "it cannot be written into an sbatch script")
+        raise ParameterError("{0}: {text!r} holds a line break or another control character; "
+                             "it cannot be written into an sbatch script", name, text=text)
     return text
 
 
@@ -82,8 +70,8 @@ def output_pattern(log_dir: Path, name: str = "out_dir") -> str:
     %x, %A, ...), and no backslash (a backslash anywhere in the name turns the pattern expansion off)."""
     text = check_line(log_dir, name)
     if "\\" in text:
-        raise OptionError(name, lambda n: f"the log directory ({n}, default output.dir/slurm): {text!r} holds a backslash, "
-                          "which sbatch --output does not allow in a log path")
+        raise ParameterError("the log directory ({0}, default output.dir/slurm): {text!r} holds a backslash, "
+                             "which sbatch --output does not allow in a log path", name, text=text)
     return text.replace("%", "%%")
 
 
@@ -108,14 +96,14 @@ class SlurmOptions:
         for key, least in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("shards", 1)):
             value = getattr(self, key)
             if value is not None and value < least:
-                raise OptionError(key, lambda n, least=least, value=value: f"{n} must be >= {least}, got {value}")
+                raise ParameterError("{0} must be >= {least}, got {value}", key, least=least, value=value)
         for key in ("partition", "time", "account"):
             if getattr(self, key) is not None:
                 check_line(getattr(self, key), key)
         for arg in self.sbatch_args:
             check_line(arg, "sbatch_args")
             if not arg.startswith("-"):
-                raise OptionError("sbatch_args", lambda n, arg=arg: f"{n} {arg!r}: give one sbatch option per {n}, e.g. {n}=--qos=high")
+                raise ParameterError("{0} {arg!r}: give one sbatch option per {0}, e.g. {0}=--qos=high", "sbatch_args", arg=arg)
         check_line(self.python, "python")
 
 
@@ -294,7 +282,7 @@ def build_scripts(
 ) -> list[Script]:
     opts.check()
     if command not in COMMANDS:
-        raise OptionError("command", lambda n: f"{n} {command!r}: use one of {', '.join(COMMANDS)}")
+        raise ParameterError("{0} {value!r}: use one of {commands}", "command", value=command, commands=", ".join(COMMANDS))
     check_line(run_dir, "run_dir")
     check_line(out_dir, "out_dir")
     name = job_name(command, run_dir)

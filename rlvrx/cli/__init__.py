@@ -100,7 +100,7 @@ def main() -> None:
     except RlvrxError as exc:
         if common.DEBUG:
             raise
-        common.fail(str(exc), exc.exit_code)
+        common.fail(common.message(exc), exc.exit_code)
     except Stopped as exc:
         if exc.signum == signal.SIGTERM:
             common.fail("terminated (SIGTERM)", 128 + signal.SIGTERM)

@@ -6,10 +6,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from rlvrx.errors import RlvrxError
 
 DEBUG = False
 console = Console()
@@ -19,6 +22,27 @@ err_console = Console(stderr=True)
 def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+# Library parameters whose CLI flag is not `--` + the name with `-` for `_` (the default rule)
+FLAG_ALIASES = {
+    "run": "RUN", "copy_patterns": "--copy-pattern", "names": "--task", "gold_key": "--answer-key",
+}
+
+
+def flag(param: str) -> str:
+    """The CLI flag that sets library parameter `param` (FLAG_ALIASES, else foo_bar -> --foo-bar)."""
+    return FLAG_ALIASES.get(param) or "--" + param.replace("_", "-")
+
+
+def message(exc: RlvrxError, flags: Mapping[str, str] | None = None) -> str:
+    """exc's one-line message for a CLI user: a ParameterError names the flags (a command's own
+    `flags` {parameter: flag} first, then flag()); any other error reads as str(exc)."""
+    from rlvrx.errors import ParameterError
+
+    if isinstance(exc, ParameterError):
+        return exc.worded({p: (flags or {}).get(p) or flag(p) for p in exc.params})
+    return str(exc)
 
 
 def warn(message: str) -> None:

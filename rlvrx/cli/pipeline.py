@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlvrx.cli.common import message
 from rlvrx.io.atomic import atomic_write_text
 from rlvrx.config import Recipe, StageConfig, find_recipe
 from rlvrx.errors import RlvrxError, UsageError
@@ -196,8 +197,9 @@ def run_pipeline(
         echo(f"[stage] {name}: rlvrx {' '.join(argv)}")
         try:
             code = invoke(argv)
-        except RlvrxError as exc:
-            raise type(exc)(f"stage {name} failed: {exc}") from None
+        except RlvrxError as exc:  # worded as the stage's command words it (flags, not parameters)
+            cls = type(exc) if type(exc).__init__ is RlvrxError.__init__ else UsageError if exc.exit_code == 2 else RlvrxError
+            raise cls(f"stage {name} failed: {message(exc)}") from None
         if code:
             raise RlvrxError(f"stage {name} failed with exit code {code}; earlier stages' results are kept in {run_dir}")
         atomic_write_text(marker, json.dumps({"argv": argv, "kind": stage.kind}, indent=2) + "\n")

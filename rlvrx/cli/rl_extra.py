@@ -71,15 +71,11 @@ def rl_extra(
 
 
 def _with_progress(run, recipe, force: bool, no_progress: bool) -> dict:
-    """run(recipe) under a progress bar; a run dir holding another recipe is refused naming --force."""
+    """run(recipe) under a progress bar; a run dir holding another recipe is refused naming --force (main words it)."""
     from rlvrx.cli.progress import TrainProgress
-    from rlvrx.train.trainer import RecipeMismatch
 
-    try:
-        with TrainProgress(enabled=not no_progress) as progress:
-            return run(recipe, force=force, progress=progress)
-    except RecipeMismatch as exc:
-        raise RecipeMismatch(exc.run_dir, exc.saved, flag="--force") from None
+    with TrainProgress(enabled=not no_progress) as progress:
+        return run(recipe, force=force, progress=progress)
 
 
 def _compare(run_a: Path, run_b: Path, png: Optional[Path], json_path: Optional[Path]) -> None:

@@ -42,9 +42,9 @@ def slurm(
     """Render sbatch scripts for a recipe's run (and submit them with --submit)."""
     import sys
 
-    from rlvrx.backends.slurm import OptionError, SlurmOptions, build_scripts, submit as submit_scripts, write_scripts
+    from rlvrx.backends.slurm import SlurmOptions, build_scripts, submit as submit_scripts, write_scripts
     from rlvrx.config import find_recipe, load_recipe
-    from rlvrx.errors import UsageError
+    from rlvrx.errors import ParameterError, UsageError
 
     resolved = load_recipe(recipe, overrides or [])
     run_dir = Path(resolved.output.dir).resolve()
@@ -60,8 +60,8 @@ def slurm(
     out_dir = (out or run_dir / "slurm").resolve()
     try:
         scripts = build_scripts(command, str(find_recipe(recipe).resolve()), list(overrides or []), run_dir, extra, opts, out_dir)
-    except OptionError as exc:  # the same message, naming the flag (or recipe key) that set the parameter
-        raise OptionError(FLAGS.get(exc.name, exc.name), exc.describe) from None
+    except ParameterError as exc:  # the same message, naming the flag (or recipe key) that set the parameter
+        raise UsageError(exc.worded({p: FLAGS.get(p, p) for p in exc.params})) from None
     submit_sh = write_scripts(scripts, out_dir)
     for s in scripts:
         after = f" (after {s.depends_on})" if s.depends_on else ""

@@ -36,13 +36,10 @@ def train(
 
         raise UsageError("--dry-run applies to backend: verl; the native backend has no separate launch step")
     from rlvrx.cli.progress import TrainProgress
-    from rlvrx.train.trainer import RecipeMismatch, train as run_training
+    from rlvrx.train.trainer import train as run_training
 
-    try:
-        with TrainProgress(enabled=not no_progress) as progress:
-            summary = run_training(resolved, force=force, progress=progress)
-    except RecipeMismatch as exc:
-        raise RecipeMismatch(exc.run_dir, exc.saved, flag="--force") from None
+    with TrainProgress(enabled=not no_progress) as progress:  # a RecipeMismatch reads "pass --force" (main words it)
+        summary = run_training(resolved, force=force, progress=progress)
     table = Table("", "value", title=f"GRPO run {summary['run_dir']}")
     for key, label in (
         ("resumed_from", "resumed from step"),

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 from rlvrx.eval.model_spec import ModelSpec, safe_name
 from rlvrx.eval.options import EvalOptions, parse_ids, sampling_for
 from rlvrx.eval.output import EvalOutput, check_settings, write_settings
@@ -222,14 +222,16 @@ class Evaluation:
     @staticmethod
     def _check_finished(record: dict, example: Example, n: int | None, path: Path) -> None:
         if record.get("gold") != example.answer or record.get("prompt") != example.prompt:
-            raise UsageError(
-                f"{path}: the finished record {example.id!r} is for a different problem (prompt or gold answer differ); "
-                "pass --overwrite to start over, or --out DIR to write elsewhere"
+            raise ParameterError(
+                "{path}: the finished record {id!r} is for a different problem (prompt or gold answer differ); "
+                "pass {overwrite} to start over, or {out:DIR} to write elsewhere",
+                "overwrite=True", "out", path=path, id=example.id,
             )
         if n is not None and len(record["completions"]) != n:
-            raise UsageError(
-                f"{path}: record {example.id!r} has {len(record['completions'])} samples, this run asks for {n}; "
-                "pass --overwrite to start over, or --out DIR"
+            raise ParameterError(
+                "{path}: record {id!r} has {samples} samples, this run asks for {n}; "
+                "pass {overwrite} to start over, or {out:DIR}",
+                "overwrite=True", "out", path=path, id=example.id, samples=len(record["completions"]), n=n,
             )
 
     def _generate_and_grade(self, engine, task: Task, todo: list[Example], sampling: Sampling, results: EvalOutput, run: TaskRun, label: str) -> None:
@@ -305,7 +307,7 @@ class Evaluation:
             try:
                 records = load_results(source)
             except UsageError as e:
-                raise UsageError(f"{e}; to grade it, write the grades elsewhere with --out DIR") from None
+                raise ParameterError("{error}; to grade it, write the grades elsewhere with {out:DIR}", "out", error=e) from None
             by_id = {str(r["id"]): r for r in records}
             examples = self._select([Example(str(r["id"]), str(r.get("prompt", "")), str(r.get("gold", ""))) for r in records], str(source))
             return TaskRun(spec.name, task_label, source, [by_id[e.id] for e in examples], resumed=len(examples))
@@ -321,9 +323,10 @@ class Evaluation:
                 if done is not None:
                     self._check_finished(done, example, None, results.path)
                     if done["completions"] != by_id[example.id].completions:
-                        raise UsageError(
-                            f"{results.path}: the graded completions of {example.id!r} differ from those in {source}; "
-                            "pass --overwrite to grade again"
+                        raise ParameterError(
+                            "{path}: the graded completions of {id!r} differ from those in {source}; "
+                            "pass {overwrite} to grade again",
+                            "overwrite=True", path=results.path, id=example.id, source=source,
                         )
             todo = [e for e in examples if e.id not in results.finished]
             run.resumed, run.generated = len(examples) - len(todo), len(todo)

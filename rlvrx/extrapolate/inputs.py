@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rlvrx import formulas
-from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.errors import CheckpointError, ParameterError, UsageError
 from rlvrx.extrapolate.options import Source, WeightsExtrapolation
 from rlvrx.io.atomic import check_replaceable, recover
 from rlvrx.io.identity import compare_structure
@@ -34,34 +34,34 @@ def check_output(out: Path, sources: Sequence[Source], overwrite: bool) -> None:
     resolved = out.resolve()
     for src in sources:
         if src.path.resolve() == resolved:
-            raise UsageError(f"output {out} is one of the input checkpoints; choose another --out")
+            raise ParameterError("output {path} is one of the input checkpoints; choose another {out}", "out", path=out)
         if resolved in src.path.resolve().parents:
-            raise UsageError(f"output {out} holds the input checkpoint {src.path}; choose another --out")
+            raise ParameterError("output {path} holds the input checkpoint {source}; choose another {out}", "out", path=out, source=src.path)
     if not out.exists():
         return
     if not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
+        raise ParameterError("{path} already exists; pass {overwrite} to replace it (it is kept until the new one is complete)", "overwrite=True", path=out)
     check_replaceable(out)
     if not out.is_dir() or not (is_checkpoint_dir(out) or not any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not a checkpoint directory; --overwrite replaces only a model, choose another --out")
+        raise ParameterError("{path} exists and is not a checkpoint directory; {overwrite} replaces only a model, choose another {out}", "overwrite", "out", path=out)
 
 
 def resolve_alpha(base: int | None, second: int | None, target: int | None, alpha: float | None) -> tuple[float, int | None]:
-    """rlvrx.formulas.resolve_alpha for the commands (weights and logits): the same checks, worded in
-    their flags (--base, --second, --target, --alpha)."""
+    """rlvrx.formulas.resolve_alpha for extrapolate_weights and extrapolate_logits: the same checks, as
+    ParameterErrors naming base, second, target, alpha (the CLI words them as its flags)."""
     if alpha is not None and not math.isfinite(alpha):
-        raise UsageError(f"--alpha {alpha}: must be a finite number")
+        raise ParameterError("{alpha} {value}: must be a finite number", "alpha", value=alpha)
     if base is not None and second is not None:
         if target is not None and alpha is not None:
-            raise UsageError("give --target or --alpha, not both (alpha = (target - base) / (second - base))")
+            raise ParameterError("give {target} or {alpha}, not both (alpha = (target - base) / (second - base))", "target", "alpha")
         if target is None and alpha is None:
-            raise UsageError("give --target T (alpha = (T - base) / (second - base)) or --alpha")
+            raise ParameterError("give {target:T} (alpha = (T - base) / (second - base)) or {alpha}", "target", "alpha")
         if second == base:
-            raise UsageError(f"--base and --second are both step {base}; extrapolation needs two different steps")
+            raise ParameterError("{base} and {second} are both step {step}; extrapolation needs two different steps", "base", "second", step=base)
         if second < base:
-            raise UsageError(f"--second ({second}) is before --base ({base}); the second checkpoint must be the later one (swap them)")
+            raise ParameterError("{second} ({s1}) is before {base} ({s0}); the second checkpoint must be the later one (swap them)", "second", "base", s1=second, s0=base)
     elif alpha is None:
-        raise UsageError("two model directories without steps need --alpha (or --base S0 --second S1 --target T)")
+        raise ParameterError("two model directories without steps need {alpha} (or {base:S0} {second:S1} {target:T})", "alpha", "base", "second", "target")
     return formulas.resolve_alpha(base, second, target, alpha)
 
 
@@ -76,18 +76,20 @@ def check_registrable(run: str | os.PathLike, target_step: int | None, overwrite
     from rlvrx.trajectory import Trajectory
 
     if target_step is None:
-        raise UsageError("--register needs an integer target step (--target)")
+        raise ParameterError("{register} needs an integer target step ({target})", "register", "target")
     traj = Trajectory.load(run, create=True)
     for entry in traj:
         if entry.step == target_step:
             if entry.kind != "extrapolated":
-                raise UsageError(
-                    f"step {target_step} in {traj.manifest} is a real checkpoint ({entry.kind}: {entry.path}); "
-                    "an extrapolated model cannot replace it; drop --register or pick another --target"
+                raise ParameterError(
+                    "step {step} in {manifest} is a real checkpoint ({kind}: {path}); "
+                    "an extrapolated model cannot replace it; drop {register} or pick another {target}",
+                    "register", "target", step=target_step, manifest=traj.manifest, kind=entry.kind, path=entry.path,
                 )
             if not overwrite:
-                raise UsageError(
-                    f"step {target_step} in {traj.manifest} already holds an extrapolated model ({entry.path}); pass --overwrite to replace it"
+                raise ParameterError(
+                    "step {step} in {manifest} already holds an extrapolated model ({path}); pass {overwrite} to replace it",
+                    "overwrite=True", step=target_step, manifest=traj.manifest, path=entry.path,
                 )
 
 

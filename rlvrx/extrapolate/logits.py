@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 from rlvrx.models import check_device
 
 PROVENANCE_SUFFIX = ".extrapolation.json"
@@ -151,9 +151,10 @@ def sample_extrapolated(
         for i, ids in enumerate(prompts):
             if len(ids) >= source.max_positions:
                 label = names[i] if names is not None else f"prompt {i}"
-                raise UsageError(
-                    f"problem {label}: its prompt has {len(ids)} tokens, leaving no room in the model context of "
-                    f"{source.max_positions} positions; drop it (--ids / --limit) or use a model with a longer context"
+                raise ParameterError(
+                    "problem {label}: its prompt has {tokens} tokens, leaving no room in the model context of "
+                    "{positions} positions; drop it ({ids} / {limit}) or use a model with a longer context",
+                    "ids", "limit", label=label, tokens=len(ids), positions=source.max_positions,
                 )
     return generate(source, tokenizer, prompts, n=n, params=params, batch_size=batch_size, progress=progress)
 
@@ -200,22 +201,22 @@ def _resolve_inputs(run, base, second, target, alpha, base_path, second_path):
 
     if (base_path is None) != (second_path is None):
         if alpha is not None:
-            raise UsageError("--alpha needs two checkpoints: give both --base-path and --second-path")
-        raise UsageError("give both --base-path and --second-path (two model directories), or neither")
+            raise ParameterError("{alpha} needs two checkpoints: give both {base_path} and {second_path}", "alpha", "base_path", "second_path")
+        raise ParameterError("give both {base_path} and {second_path} (two model directories), or neither", "base_path", "second_path")
     if base_path is None:
         if run is None:
-            raise UsageError("give RUN with --base S0 --second S1, or --base-path/--second-path")
+            raise ParameterError("give {run} with {base:S0} {second:S1}, or {base_path}/{second_path}", "run", "base", "second", "base_path", "second_path")
         if base is None or second is None:
             if alpha is not None:
-                raise UsageError("--alpha needs two checkpoints: give both --base S0 and --second S1")
-            raise UsageError("logits extrapolation needs two checkpoints: give --base S0 and --second S1")
+                raise ParameterError("{alpha} needs two checkpoints: give both {base:S0} and {second:S1}", "alpha", "base", "second")
+            raise ParameterError("logits extrapolation needs two checkpoints: give {base:S0} and {second:S1}", "base", "second")
         from rlvrx.trajectory import Trajectory
 
         traj = Trajectory.load(run)
         base_path, second_path = traj.path_of(base), traj.path_of(second)
     alpha, target = resolve_alpha(base, second, target, alpha)
     if Path(base_path).resolve() == Path(second_path).resolve():
-        raise UsageError(f"--alpha needs two different checkpoints; both are {base_path}")
+        raise ParameterError("{alpha} needs two different checkpoints; both are {path}", "alpha", path=base_path)
     return Path(base_path), Path(second_path), base, second, target, float(alpha)
 
 
@@ -257,15 +258,15 @@ def extrapolate_logits(
         check_weights(path)
     tasks = build_tasks([task] if task else [], data=data, data_dir=data_dir, options=task_options)
     if len(tasks) != 1:
-        raise UsageError("give one task: --task NAME or --data FILE")
+        raise ParameterError("give one task: {task:NAME} or {data:FILE}", "task", "data")
     the_task = tasks[0]
     if out is None:
         if run is None or base is None:
-            raise UsageError("give --out FILE (the default RUN/extrapolated/logits-.../TASK.jsonl needs RUN and steps)")
+            raise ParameterError("give {out:FILE} (the default RUN/extrapolated/logits-.../TASK.jsonl needs {run} and steps)", "out", "run")
         out = default_output(run, base, second, target, alpha, the_task.name)
     out = Path(out)
     if out.exists() and not options.overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
+        raise ParameterError("{path} already exists; pass {overwrite} to replace it", "overwrite=True", path=out)
 
     warnings = []
     message = interpolation_warning("two-point", [base, second], target, alpha)

@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from rlvrx import kernels
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 from rlvrx.extrapolate.arithmetic import check_finite, combine_into, compute_dtype, native_kind, raise_non_finite, torch_dtype, torch_threads
 from rlvrx.extrapolate.inputs import (
     check_output,
@@ -262,18 +262,18 @@ def extrapolate_weights(
     model directories; two-point or least squares; optional registration in the trajectory."""
     options = options or WeightsOptions()
     if any(not pattern.strip() for pattern in options.copy_patterns):
-        raise UsageError("--copy-pattern '': an empty pattern matches every tensor name (nothing would be extrapolated); give a name substring such as norm")
+        raise ParameterError("{copy_patterns} '': an empty pattern matches every tensor name (nothing would be extrapolated); give a name substring such as norm", "copy_patterns")
     if fit not in METHODS:
-        raise UsageError(f"--fit {fit!r}: use one of {', '.join(METHODS)}")
+        raise ParameterError("{fit} {value!r}: use one of {methods}", "fit", value=fit, methods=", ".join(METHODS))
     if register and run is None:
-        raise UsageError("--register needs the RUN directory whose trajectory.json should record the result")
+        raise ParameterError("{register} needs the {run} directory whose trajectory.json should record the result", "register", "run")
 
     if fit == "lstsq":
-        given = [flag for flag, value in (("--base", base), ("--second", second), ("--alpha", alpha), ("--base-path", base_path), ("--second-path", second_path)) if value is not None]
+        given = [name for name, value in (("base", base), ("second", second), ("alpha", alpha), ("base_path", base_path), ("second_path", second_path)) if value is not None]
         if given:
-            raise UsageError(f"{given[0]} is for the two-point method; --fit lstsq takes RUN, --window A:B and --target")
+            raise ParameterError("{0} is for the two-point method; {fit:lstsq} takes {run}, {window:A:B} and {target}", given[0], "fit", "run", "window", "target")
         if run is None or target is None:
-            raise UsageError("--fit lstsq needs RUN and --target (and usually --window A:B)")
+            raise ParameterError("{fit:lstsq} needs {run} and {target} (and usually {window:A:B})", "fit", "run", "target", "window")
         sources = window_sources(run, window)
         out = Path(out) if out is not None else default_output(run, target)
         if register:
@@ -281,19 +281,19 @@ def extrapolate_weights(
         result = extrapolate_lstsq(sources, target, out, options=options, progress=progress, warn=warn)
     else:
         if window is not None:
-            raise UsageError("--window is for --fit lstsq; the two-point method uses --base and --second")
+            raise ParameterError("{window} is for {fit:lstsq}; the two-point method uses {base} and {second}", "window", "fit", "base", "second")
         if (base_path is None) != (second_path is None):
-            raise UsageError("give both --base-path and --second-path (two model directories), or neither")
+            raise ParameterError("give both {base_path} and {second_path} (two model directories), or neither", "base_path", "second_path")
         if base_path is None:
             if run is None or base is None or second is None:
-                raise UsageError("give RUN with --base S0 --second S1 (steps in its trajectory), or --base-path/--second-path with --alpha")
+                raise ParameterError("give {run} with {base:S0} {second:S1} (steps in its trajectory), or {base_path}/{second_path} with {alpha}", "run", "base", "second", "base_path", "second_path", "alpha")
             src_base, src_second = sources_from_run(run, [base, second])
         else:
             src_base, src_second = Source(Path(base_path), base), Source(Path(second_path), second)
         alpha, target = resolve_alpha(base, second, target, alpha)
         if out is None:
             if run is None or target is None:
-                raise UsageError("give --out DIR (the default RUN/extrapolated/step_T needs RUN and an integer target step)")
+                raise ParameterError("give {out:DIR} (the default RUN/extrapolated/step_T needs {run} and an integer target step)", "out", "run")
             out = default_output(run, target)
         if register:
             check_registrable(run, target, options.overwrite)

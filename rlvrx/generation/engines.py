@@ -8,7 +8,7 @@ import gc
 import os
 from typing import Callable, Protocol, Sequence
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError
 
 __all__ = [
     "ENGINES",
@@ -69,7 +69,7 @@ def require_vllm_engine():
     try:
         from rlvrx.generation.vllm_engine import VLLMEngine, require_vllm
     except ImportError as e:
-        raise UsageError(f"the vllm engine is not available in this install ({e}); use --engine hf") from None
+        raise ParameterError("the vllm engine is not available in this install ({error}); use {engine:hf}", "engine", error=e) from None
     require_vllm()
     return VLLMEngine
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 
 __all__ = [
     "GRADED_FIELDS",
@@ -134,7 +134,7 @@ def parse_generation(raw: dict, where: str, gold_key: str | None = None) -> Gene
     keys = (gold_key,) if gold_key else GOLD_KEYS
     gold_field = next((k for k in keys if raw.get(k) is not None), None)
     if gold_field is None:
-        raise UsageError(f"{where}: no gold answer field ({' or '.join(repr(k) for k in keys)}); set --answer-key to its name")
+        raise ParameterError("{where}: no gold answer field ({keys}); set {gold_key} to its name", "gold_key", where=where, keys=" or ".join(repr(k) for k in keys))
     completions = raw.get("completions")
     if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
         raise UsageError(f"{where}: 'completions' must be a list of strings")

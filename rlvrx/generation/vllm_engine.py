@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rlvrx.errors import CheckpointError, RlvrxError, UsageError
+from rlvrx.errors import CheckpointError, ParameterError, RlvrxError, UsageError
 from rlvrx.generation.params import Generation, SamplingParams
 
 LOGPROB_MODES = {"raw": "raw_logprobs", "processed": "processed_logprobs"}
@@ -51,14 +51,14 @@ def require_vllm():
     try:
         import vllm
     except ImportError:
-        raise UsageError(
+        raise ParameterError(
             "the vllm engine needs vLLM: pip install 'rlvrx[vllm]' on a machine with a CUDA GPU "
-            "(or use the hf engine: --engine hf)"
+            "(or use the hf engine: {engine:hf})", "engine",
         ) from None
     if not vllm_device():
-        raise UsageError(
+        raise ParameterError(
             "the vllm engine found no device vLLM can use here (no CUDA GPU visible, and this vLLM is not a CPU build); "
-            "use the hf engine (--engine hf)"
+            "use the hf engine ({engine:hf})", "engine",
         )
     return vllm
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 
 # What marks a run directory: its trajectory manifest (rlvrx.trajectory.MANIFEST; io sits below that layer).
 RUN_MANIFEST = "trajectory.json"
@@ -107,7 +107,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out = Path(out)
     recover(out)
     if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
+        raise ParameterError("{path} already exists; pass {overwrite} to replace it (it is kept until the new one is complete)", "overwrite=True", path=out)
     check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name, "tmp"), dir=out.parent))

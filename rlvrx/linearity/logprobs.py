@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rlvrx.models import load_model, load_tokenizer
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 from rlvrx.io.jsonio import iter_jsonl
 from rlvrx.linearity import stats
 
@@ -78,7 +78,7 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
                 raise UsageError(f"{path}:{lineno}: \"response\" must be a string")
             probes.append(Probe(where, prompt, response, prompt_ids, response_ids))
         else:
-            raise UsageError(f"{path}:{lineno}: needs \"response\" or \"responses\" (or use --generate N to sample them)")
+            raise ParameterError("{path}:{lineno}: needs \"response\" or \"responses\" (or use {generate:N} to sample them)", "generate", path=path, lineno=lineno)
     return probes
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 from rlvrx.tasks.base import Example, Task
 
 __all__ = ["build_tasks", "grading_task", "has_verifier", "task_max_new_tokens"]
@@ -61,7 +61,7 @@ def build_tasks(
             raise UsageError(f"task {task.name!r} is given twice")
         seen.add(task.name)
     if not tasks:
-        raise UsageError("no task: pass --task NAME (arithmetic, aime24, aime25, math500, gsm8k, ...) or --data FILE")
+        raise ParameterError("no task: pass {names:NAME} (arithmetic, aime24, aime25, math500, gsm8k, ...) or {data:FILE}", "names", "data")
     return tasks
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import ParameterError, UsageError
 from rlvrx.tasks.base import Example
 
 DATA_DIR_ENV = "RLVRX_DATA_DIR"
@@ -137,7 +137,7 @@ def load_examples(
             rows = load_hub_rows(source)
             problem_key, answer_key, id_key = "problem", "answer", "id"
         else:
-            raise UsageError(_missing_benchmark_message(source, path))
+            raise _missing_benchmark(source, path)
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -153,12 +153,13 @@ def _benchmark_path(name: str, data_dir) -> Path | None:
     return directory / f"{name}.jsonl" if directory is not None else None
 
 
-def _missing_benchmark_message(name: str, path: Path | None) -> str:
-    where = f"looked for {path}" if path is not None else f"no data directory given (--data-dir) and ${DATA_DIR_ENV} is not set"
-    return (
-        f"benchmark '{name}': {where}. Point --data-dir or ${DATA_DIR_ENV} at a directory holding {name}.jsonl "
-        f"(rows with problem/answer fields), or, with a network, pip install 'rlvrx[data]' to load "
-        f"{BENCHMARKS[name].repo} from the Hugging Face hub"
+def _missing_benchmark(name: str, path: Path | None) -> ParameterError:
+    where = "looked for {path}" if path is not None else "no data directory given ({data_dir}) and ${env} is not set"
+    return ParameterError(
+        "benchmark '{name}': " + where + ". Point {data_dir} or ${env} at a directory holding {name}.jsonl "
+        "(rows with problem/answer fields), or, with a network, pip install 'rlvrx[data]' to load "
+        "{repo} from the Hugging Face hub",
+        "data_dir", name=name, path=path, env=DATA_DIR_ENV, repo=BENCHMARKS[name].repo,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 from rlvrx.io.atomic import atomic_write_text
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx import models
-from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.errors import ParameterError, RlvrxError, UsageError
 from rlvrx.generation import SamplingParams, generate
 from rlvrx.generation.decode import NonFiniteLogits
 from rlvrx.io.locks import run_locked
@@ -93,12 +93,18 @@ class NoProgress:
         pass
 
 
-class RecipeMismatch(UsageError):
-    """The run directory holds another recipe; `flag` names how the caller overrides that."""
+class RecipeMismatch(ParameterError):
+    """The run directory holds another recipe; parameter `force` overrides that."""
 
-    def __init__(self, run_dir: Path, saved: Path, flag: str = "force=True"):
+    def __init__(self, run_dir: Path, saved: Path):
         self.run_dir, self.saved = run_dir, saved
-        super().__init__(f"{run_dir} holds a different recipe ({saved}); use another output.dir, or pass {flag} to continue with this one")
+        super().__init__(
+            "{run_dir} holds a different recipe ({saved}); use another output.dir, or pass {force} to continue with this one",
+            "force=True", run_dir=run_dir, saved=saved,
+        )
+
+    def __reduce__(self) -> tuple:
+        return RecipeMismatch, (self.run_dir, self.saved)
 
 
 class Trainer:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from rlvrx.io.reader import load_torch_file
-from rlvrx.errors import CheckpointError, UsageError
+from rlvrx.errors import CheckpointError, ParameterError, UsageError
 
 DTYPES = ("bfloat16", "float32", "auto")
 _STEP_DIR = re.compile(r"global_step_(\d+)$")
@@ -248,7 +248,7 @@ def convert_fsdp_checkpoint(
     if out.resolve() == hf_dir.resolve():
         raise UsageError(f"{out}: that is verl's own huggingface/ dir (config + tokenizer); write the weights elsewhere")
     if out.exists() and not overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+        raise ParameterError("{path} exists; pass {overwrite} to replace it", "overwrite=True", path=out)
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: no config.json; verl writes it with every checkpoint, so this one is incomplete")
 

@@ -198,7 +198,16 @@ def logprobs(
     temperature: float = typer.Option(1.0, "--temperature", help="With --generate: sampling temperature."),
     top_p: float = typer.Option(1.0, "--top-p", help="With --generate: nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="With --generate: sampling seed."),
-    min_logprob_change: float = typer.Option(0.2, "--min-logprob-change", help="Drop tokens whose log-prob moves less than this (max - min)."),
+    min_logprob_change: float = typer.Option(0.2, "--min-logprob-change", help="Token filter threshold: see --filter."),
+    token_filter: str = typer.Option(
+        "endpoints", "--filter",
+        help="Which tokens count: 'endpoints' keeps a token when |log-prob at the last step - at the first| > "
+        "--min-logprob-change (the official RLVR-Linearity script); 'range' keeps it when max - min over all steps >= it.",
+    ),
+    score_eos: bool = typer.Option(
+        False, "--score-eos/--no-score-eos",
+        help="With --generate: also score the end-of-sequence token that ended a response (the official scripts do not).",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Probes scored per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the forward passes."),
     out: Optional[Path] = OUT_OPT,
@@ -225,6 +234,10 @@ def logprobs(
         raise UsageError(f"--generate must be >= 1, got {generate}")
     if not min_logprob_change >= 0:
         raise UsageError(f"--min-logprob-change must be >= 0, got {min_logprob_change}")
+    if token_filter not in ll.FILTERS:
+        raise UsageError(f"--filter must be one of {', '.join(ll.FILTERS)}, got {token_filter!r}")
+    if score_eos and generate is None:
+        raise UsageError("--score-eos applies to sampled probes; add --generate N (given probes are scored as written)")
     check_device(device, "--device")
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
     paths = [(step, ckpt.path) for step, ckpt in checkpoints]
@@ -237,7 +250,7 @@ def logprobs(
                 prompts = ll.task_prompts(task, load_tokenizer(first), split, task_options(task_option))
             else:
                 prompts = ll.load_prompts(probes)
-            items = ll.generate_probes(first, prompts, generate, params, batch_size, device)
+            items = ll.generate_probes(first, prompts, generate, params, batch_size, device, score_eos)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "probes.jsonl", "".join(json.dumps(p.to_json()) + "\n" for p in items))
     else:
@@ -252,12 +265,13 @@ def logprobs(
             bar.update(progress_task, advance=n, description=f"scoring step {step}")
 
         lp, lg = ll.score_checkpoints(paths, items, batch_size, device, advance)
-    summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change)
+    summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change, token_filter,
+                                  score_eos if generate is not None else None)
     written = write_logprob_outputs(summary, out, plots=not no_plots)
     if json_path is not None:
         write_json(json_path, ll.public_json(summary))
         written.append(json_path)
     _print_summary(
         logprob_tables(summary), logprob_global_line(summary), summary["histogram"] if summary["n_tokens"] else None,
-        f"every token was filtered out (log-prob change < {min_logprob_change:g}); lower --min-logprob-change?", written,
+        f"every token was filtered out (log-prob change within {min_logprob_change:g}); lower --min-logprob-change?", written,
     )

@@ -111,27 +111,49 @@ def weights(
     min_unique: int = typer.Option(4, "--min-unique", help="Drop parameters with fewer distinct values over the steps."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: analyse only part I (0-based) of N tensor parts and write a part file for `merge`."),
     memory_mb: int = typer.Option(512, "--memory-mb", help="Cap on the working memory of one block of parameters read from all checkpoints (per thread)."),
+    read_dtype: Optional[str] = typer.Option(
+        None, "--read-dtype",
+        help="bfloat16: round every value to bf16 on read, as the official RLVR-Linearity code loads checkpoints "
+        "(changes fp32 results: fewer distinct values, more parameters filtered); default: the stored dtype, exact.",
+    ),
+    tensors: List[str] = typer.Option([], "--tensors", help="GLOB of tensor names to analyse (repeat; fnmatch, e.g. 'model.layers.*.mlp.*'); default every float tensor."),
+    dump_params: List[str] = typer.Option(
+        [], "--dump-params",
+        help="GLOB (repeat): also write OUT/params.npz with every parameter of the matching tensors: its values over "
+        "the steps (NAME/values, as read), R² (NAME/r2, NaN when filtered) and filter code (NAME/filter), and 'steps'.",
+    ),
     out: Optional[Path] = OUT_OPT,
     json_path: Optional[Path] = JSON_OPT,
     no_plots: bool = NO_PLOTS_OPT,
 ) -> None:
     """Per-parameter R² of weight against step, streamed over every tensor of every checkpoint."""
-    from rlvrx.linearity.plan import MAX_CHECKPOINTS, selected_tensors
+    from rlvrx.linearity.dump import dump_parameters
+    from rlvrx.linearity.kernel import READ_DTYPES
+    from rlvrx.linearity.plan import MAX_CHECKPOINTS, matching_tensors, selected_tensors
     from rlvrx.linearity.summary import public_json, summarize
     from rlvrx.linearity.weights import WeightSettings, analyze_weights
     from rlvrx.render.linearity import write_weight_outputs
     from rlvrx.render.tables import progress_bar
 
     _check_weight_flags(min_abs_change, min_unique, sample, min_per_tensor, memory_mb)
+    if read_dtype is not None and read_dtype not in READ_DTYPES:
+        raise UsageError(f"--read-dtype must be {' or '.join(READ_DTYPES)} (or left out for the stored dtype), got {read_dtype!r}")
+    if any(not p for p in tensors + dump_params):
+        raise UsageError("--tensors and --dump-params take a non-empty GLOB")
+    if dump_params and shard:
+        raise UsageError("--dump-params writes one file; run it without --shard")
     settings = WeightSettings(
-        min_abs_change=min_abs_change, min_unique=min_unique, sample=sample, min_per_tensor=min_per_tensor, seed=seed, memory_mb=memory_mb
+        min_abs_change=min_abs_change, min_unique=min_unique, sample=sample, min_per_tensor=min_per_tensor, seed=seed, memory_mb=memory_mb,
+        read_dtype=read_dtype, tensors=tuple(tensors),
     )
     part = parse_shard(shard) if shard else None
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
     if len(checkpoints) > MAX_CHECKPOINTS:
         raise UsageError(f"weight linearity takes at most {MAX_CHECKPOINTS} checkpoints, got {len(checkpoints)}; use --window or every n-th step")
     out = out or _default_out(run, "weights")
-    todo = selected_tensors(checkpoints, part)
+    todo = selected_tensors(checkpoints, part, settings.tensors)
+    if dump_params:
+        matching_tensors(checkpoints[0][1].infos(), dump_params, "--dump-params")  # a bad GLOB fails before the long run
     position = {name: i for i, (name, _) in enumerate(todo)}
     with progress_bar(console, count=False) as bar:
         progress_task = bar.add_task("weights", total=sum(n for _, n in todo) or 1)
@@ -150,6 +172,12 @@ def weights(
         return
     summary = summarize(state)
     written = write_weight_outputs(summary, out, plots=not no_plots)
+    if dump_params:
+        names = matching_tensors(checkpoints[0][1].infos(), dump_params, "--dump-params")
+        with progress_bar(console, count=False) as bar:
+            dump_task = bar.add_task("dumping", total=sum(checkpoints[0][1].infos()[n].numel for n in names) or 1)
+            dump_parameters(checkpoints, dump_params, out / "params.npz", settings, lambda name, n: bar.update(dump_task, advance=n, description=name))
+        written.append(out / "params.npz")
     if json_path is not None:
         write_json(json_path, public_json(summary))
         written.append(json_path)

@@ -224,3 +224,46 @@ def test_cli_logprobs_generate_from_task_and_errors(trajectory, tmp_path):
     assert "probe long.jsonl:1" in result_err and "context of 32" in result_err
     two_code, two_out, two_err = run_cli("linearity", "logprobs", *pairs[:4], "--probes", str(root / "probes.jsonl"))
     assert two_code == 2 and "at least 3 checkpoints" in two_err
+
+
+def test_generated_probes_leave_out_the_stop_token_unless_asked(tmp_path):
+    """A model rigged so that after one or more free tokens it mostly says <eos>: sampled responses end with
+    the stop token, which is scored only with --score-eos (the official scripts never score it)."""
+    model, tokenizer = build_tiny_model(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64, max_position=32, seed=0, tie_embeddings=False)
+    eos, seven = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("7")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eos, 0], model.lm_head.weight[seven, 0] = -8.0, 8.0
+    pairs = []
+    gen = torch.Generator().manual_seed(0)
+    for step in (0, 1, 2):
+        with torch.no_grad():
+            for p in model.model.layers.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        path = tmp_path / f"step_{step}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        pairs += ["-c", f"{step}={path}"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "<bos>1+2="}) + "\n")
+    runs = {}
+    for flag in ("--no-score-eos", "--score-eos"):
+        out = tmp_path / flag
+        code, stdout, stderr = run_cli("linearity", "logprobs", *pairs, "--probes", str(prompts), "--generate", "8", "--max-new-tokens", "6",
+                                       flag, "--out", str(out), "--json", str(out / "s.json"), "--no-plots")
+        assert code == 0, stdout + stderr
+        runs[flag] = ([json.loads(line)["response_ids"] for line in (out / "probes.jsonl").read_text().splitlines()],
+                      json.loads((out / "s.json").read_text()))
+    without, summary_without = runs["--no-score-eos"]
+    with_eos, summary_with = runs["--score-eos"]
+    stopped = [ids for ids in with_eos if ids[-1] == eos]
+    assert len(stopped) >= 4 and all(len(ids) >= 2 for ids in stopped)  # the rigging works: several stop after a token
+    assert without == [ids[:-1] if ids[-1] == eos else ids for ids in with_eos]
+    assert all(eos not in ids for ids in without)
+    assert summary_without["score_eos"] is False and summary_with["score_eos"] is True
+    scored = lambda s: s["n_tokens"] + s["n_filtered"]  # noqa: E731
+    assert scored(summary_with) - scored(summary_without) == len(stopped)
+    code, _, stderr = run_cli("linearity", "logprobs", *pairs, "--probes", str(prompts), "--score-eos", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--score-eos applies to sampled probes" in stderr

@@ -62,7 +62,10 @@ def test_eval_arithmetic_cpu_defaults_table_json_and_result_lines(tiny_model_dir
     assert 0 <= metrics["pass@1"] <= metrics["pass@4"] <= 1
     settings = json.loads((tmp_path / "eval" / "model" / "arithmetic.settings.json").read_text())
     assert settings["sampling"] == {"n": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 6, "seed": 0}
-    assert "pass@4" in out and "maj@4" in out and "avg ± stderr" in out
+    assert "pass@4 ± stderr" in out and "maj@4 ± stderr" in out and "avg ± stderr" in out
+    assert "one standard error over problems" in out
+    row = next(line for line in out.splitlines() if "pass@4 ± stderr" in line)
+    assert f"{100 * metrics['pass@4']:.1f} ± {100 * metrics['stderr']['pass@4']:.1f}" in row
     assert "CPU defaults" in out and "max 6 new tokens" in out
 
 
@@ -84,7 +87,7 @@ def test_two_models_and_a_generations_file_give_one_column_each(two_models, tmp_
     assert [name in header for name in ("m0", "m1", "logits")] == [True, True, True]
     assert summary["logits"]["arithmetic"] == {
         "problems": 2, "n": 2, "avg": 0.5, "avg_stderr": 0.0, "pass@1": 0.5, "pass@2": 1.0, "maj@1": 0.5, "maj@2": 0.5,
-        "timeouts": 0, "errors": 0,
+        "stderr": {"avg": 0.0, "pass@1": 0.0, "pass@2": 0.0, "maj@1": 0.5, "maj@2": 0.5}, "timeouts": 0, "errors": 0,
     }
     for model in ("m0", "m1"):
         records = lines(tmp_path / "eval" / model / "arithmetic.jsonl")
@@ -182,3 +185,18 @@ def test_usage_errors_are_one_line_with_exit_code_2(tiny_model_dir, tmp_path, ar
     assert code == 2, (out, err)
     assert message in one_error_line(err)
     assert not list(tmp_path.rglob("*.jsonl"))  # refused before any work
+
+
+def test_report_eval_table_shows_standard_errors():
+    from rlvrx.render.html import summary_tables
+    from rlvrx.verify.metrics import ProblemOutcome, summarize_tasks
+
+    problems = [ProblemOutcome("a", [True, False]), ProblemOutcome("b", [True, True]), ProblemOutcome("c", [False, False])]
+    metrics = summarize_tasks({"arithmetic": problems}, k_list=[1, 2])
+    (title, header, rows), = summary_tables({"stages": {"eval": {"base": metrics}}})
+    assert title == "eval: arithmetic (± one standard error over problems)" and header == ["metric", "base"]
+    cells = dict((row[0], row[1]) for row in rows)
+    # avg = pass@1 = (0.5 + 1 + 0) / 3, sd 0.5 -> stderr 0.5 / sqrt(3); pass@2 = (1 + 1 + 0) / 3, sd 1/sqrt(3) -> 1/3
+    assert cells["avg ± stderr"] == cells["pass@1 ± stderr"] == "0.500 ± 0.289"
+    assert cells["pass@2 ± stderr"] == "0.667 ± 0.333"
+    assert cells["n"] == "2"

@@ -16,16 +16,34 @@ from benchdata import benchmark_file
 # giant integer power); it must cost our pool at most one timeout.
 PATHOLOGICAL = r"\boxed{\dfrac{5^{\left(5^{\left(5^{\left(5^5\right)}\right)} - 4\right)} - 5}{16}}"
 
-# (gold, completion, what math-verify 0.9 decides)
+# (gold, completion, what math-verify 0.9 decides, with rlvrx.verify.math's two official rules)
 MATH_CASES = [
     # fractions vs decimals
     (r"\frac{1}{2}", r"The answer is $\boxed{0.5}$", True),
     ("0.5", r"\boxed{\frac{1}{2}}", True),
-    (r"\frac{1}{2}", r"\boxed{\frac{2}{4}}", True),
+    (r"\frac{1}{2}", r"\boxed{\frac{2}{4}}", False),  # literal fractions in the gold's terms only (official rule)
     (r"\frac{1}{3}", r"\boxed{0.333333}", True),  # floats compared after rounding to 6 places
     (r"\frac{1}{3}", r"\boxed{0.33}", False),
     (r"\frac{\sqrt{3}}{2}", r"\boxed{0.8660254}", True),
     (r"\frac{\sqrt{3}}{2}", r"\boxed{0.866}", False),
+    # unreduced fractions (math-verify alone accepts them; the official grader does not)
+    ("17/50", r"\boxed{34/100}", False),
+    (r"\frac{17}{50}", r"\boxed{\frac{34}{100}}", False),
+    ("17/50", r"\boxed{\frac{17}{50}}", True),
+    (r"\frac{17}{50}", r"\boxed{17/50}", True),
+    (r"\frac{17}{50}", r"\boxed{\dfrac{17}{50}}", True),
+    (r"-\frac{17}{50}", r"\boxed{-\frac{17}{50}}", True),
+    (r"\frac{17}{50}", r"\boxed{0.34}", True),  # not a literal fraction: math-verify's call (and sympy's, officially)
+    (r"\frac{17}{50}", r"\boxed{\frac{17}{51}}", False),
+    # base subscripts: same digits, same base (math-verify alone drops the subscript)
+    ("52_8", r"\boxed{52}", False),
+    ("52_8", r"\boxed{52_{10}}", False),
+    ("52_8", r"\boxed{42}", False),  # its decimal value: not the base-8 numeral asked for
+    ("52_8", r"\boxed{52_8}", True),
+    ("52_8", r"The answer is $52_{8}$.", True),
+    ("1011_{2}", r"\boxed{1011_2}", True),
+    ("A3_{16}", r"\boxed{a3_{16}}", True),
+    ("x_1", r"\boxed{x_1}", True),  # not a numeral with a base: no subscript rule
     # \boxed{} nesting and spelling
     (r"\frac{\sqrt{3}}{2}", r"so $\boxed{\frac{\sqrt{3}}{2}}$", True),
     (r"\frac{\sqrt{3}}{2}", r"\boxed{\boxed{\frac{\sqrt{3}}{2}}}", True),

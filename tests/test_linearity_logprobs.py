@@ -133,7 +133,7 @@ def test_analyze_matches_numpy_and_counts_filters():
     logprobs = np.concatenate([moving[:, :4], constant, small, moving[:, 4:]], axis=1)
     logits = logprobs * 2.0 + 1.0 + np.outer(t, np.ones(logprobs.shape[1])) * 1e-3
     probes = [Probe("a", prompt_ids=[1], response_ids=[5] * 7), Probe("b", prompt_ids=[1], response_ids=[6] * 4)]
-    summary = analyze_logprobs(steps, probes, logprobs, logits, min_logprob_change=0.2)
+    summary = analyze_logprobs(steps, probes, logprobs, logits, min_logprob_change=0.2, filter="range")
     kept = np.r_[0:4, 9:11]
     expected = numpy_r2(logprobs[:, kept], steps)
     assert summary["n_tokens"] == 6 and summary["n_filtered"] == 5
@@ -151,6 +151,32 @@ def test_analyze_matches_numpy_and_counts_filters():
     assert tuple(k for k in summary if k in PUBLIC_KEYS) == PUBLIC_KEYS
     with pytest.raises(UsageError, match="at least 3"):
         analyze_logprobs(steps[:2], probes, logprobs[:2], logits[:2])
+
+
+def test_endpoint_and_range_filters_differ():
+    """Hand-made series (threshold 0.25, exact binary fractions): the official filter keeps a token when
+    |last - first| > 0.25; range keeps it when max - min >= 0.25."""
+    steps = [0, 1, 2, 3]
+    series = {
+        "A": [-1.0, -1.5, -1.5, -1.125],  # moves 0.5 in between, 0.125 end to end: range only
+        "B": [-1.0, -1.125, -1.25, -1.25],  # 0.25 both ways: range (>=) keeps it, endpoints (>) does not
+        "C": [-2.0, -1.75, -1.5, -1.0],  # 1.0 both ways: both
+        "D": [-1.0, -1.0625, -1.0, -1.0625],  # 0.0625: neither
+        "E": [-3.0, -3.0, -3.0, -3.0],  # constant: neither
+    }
+    logprobs = np.array(list(series.values())).T
+    probes = [Probe("p", prompt_ids=[1], response_ids=[5] * 5)]
+    kept = {}
+    for rule in ("endpoints", "range"):
+        summary = analyze_logprobs(steps, probes, logprobs, logprobs * 2, min_logprob_change=0.25, filter=rule)
+        kept[rule] = [name for name, row in zip(series, summary["token_rows"]) if not row["filtered"]]
+        assert summary["filter"] == rule and summary["filters"]["constant"] == 1
+        assert summary["median_r2"] == pytest.approx(float(np.median(numpy_r2(logprobs[:, [list(series).index(n) for n in kept[rule]]], steps))), abs=1e-12)
+    assert kept == {"endpoints": ["C"], "range": ["A", "B", "C"]}
+    rows = analyze_logprobs(steps, probes, logprobs, logprobs, min_logprob_change=0.25)["token_rows"]
+    assert [r["change"] for r in rows] == [0.125, 0.25, 1.0, 0.0625, 0.0]  # |last - first| by default
+    with pytest.raises(UsageError, match="filter must be one of"):
+        analyze_logprobs(steps, probes, logprobs, logprobs, filter="max")
 
 
 def test_cli_logprobs_run_dir(trajectory, tmp_path):
@@ -187,7 +213,9 @@ def test_cli_logprobs_generate_from_task_and_errors(trajectory, tmp_path):
     again_code, again_out, again_err = run_cli("linearity", "logprobs", *pairs, "--probes", str(out / "probes.jsonl"), "--out", str(tmp_path / "again"),
               "--json", str(tmp_path / "a.json"), "--min-logprob-change", "0", "--no-plots")
     assert again_code == 0, again_out + again_err
-    assert json.loads((tmp_path / "a.json").read_text()) == data
+    again = json.loads((tmp_path / "a.json").read_text())
+    assert data.pop("score_eos") is False and again.pop("score_eos") is None  # sampled without EOS; given probes
+    assert again == data and data["filter"] == "endpoints"
 
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "<bos>1+1=", "response": "2" * 40}) + "\n")
@@ -196,3 +224,46 @@ def test_cli_logprobs_generate_from_task_and_errors(trajectory, tmp_path):
     assert "probe long.jsonl:1" in result_err and "context of 32" in result_err
     two_code, two_out, two_err = run_cli("linearity", "logprobs", *pairs[:4], "--probes", str(root / "probes.jsonl"))
     assert two_code == 2 and "at least 3 checkpoints" in two_err
+
+
+def test_generated_probes_leave_out_the_stop_token_unless_asked(tmp_path):
+    """A model rigged so that after one or more free tokens it mostly says <eos>: sampled responses end with
+    the stop token, which is scored only with --score-eos (the official scripts never score it)."""
+    model, tokenizer = build_tiny_model(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64, max_position=32, seed=0, tie_embeddings=False)
+    eos, seven = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("7")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eos, 0], model.lm_head.weight[seven, 0] = -8.0, 8.0
+    pairs = []
+    gen = torch.Generator().manual_seed(0)
+    for step in (0, 1, 2):
+        with torch.no_grad():
+            for p in model.model.layers.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        path = tmp_path / f"step_{step}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        pairs += ["-c", f"{step}={path}"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "<bos>1+2="}) + "\n")
+    runs = {}
+    for flag in ("--no-score-eos", "--score-eos"):
+        out = tmp_path / flag
+        code, stdout, stderr = run_cli("linearity", "logprobs", *pairs, "--probes", str(prompts), "--generate", "8", "--max-new-tokens", "6",
+                                       flag, "--out", str(out), "--json", str(out / "s.json"), "--no-plots")
+        assert code == 0, stdout + stderr
+        runs[flag] = ([json.loads(line)["response_ids"] for line in (out / "probes.jsonl").read_text().splitlines()],
+                      json.loads((out / "s.json").read_text()))
+    without, summary_without = runs["--no-score-eos"]
+    with_eos, summary_with = runs["--score-eos"]
+    stopped = [ids for ids in with_eos if ids[-1] == eos]
+    assert len(stopped) >= 4 and all(len(ids) >= 2 for ids in stopped)  # the rigging works: several stop after a token
+    assert without == [ids[:-1] if ids[-1] == eos else ids for ids in with_eos]
+    assert all(eos not in ids for ids in without)
+    assert summary_without["score_eos"] is False and summary_with["score_eos"] is True
+    scored = lambda s: s["n_tokens"] + s["n_filtered"]  # noqa: E731
+    assert scored(summary_with) - scored(summary_without) == len(stopped)
+    code, _, stderr = run_cli("linearity", "logprobs", *pairs, "--probes", str(prompts), "--score-eos", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--score-eos applies to sampled probes" in stderr

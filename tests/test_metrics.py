@@ -106,7 +106,42 @@ def test_summary_over_tasks_is_the_macro_average():
     assert overall["pass@2"] == pytest.approx((t1["pass@2"] + t2["pass@2"]) / 2)
     assert "pass@3" not in overall
     assert overall["avg_stderr"] == pytest.approx(math.hypot(t1["avg_stderr"], t2["avg_stderr"]) / 2)
+    assert overall["stderr"]["pass@2"] == pytest.approx(math.hypot(t1["stderr"]["pass@2"], t2["stderr"]["pass@2"]) / 2)
+    assert set(overall["stderr"]) == {"avg", "pass@1", "pass@2", "maj@1", "maj@2"}
     assert "overall" not in summarize_tasks({"t1": by_task["t1"]})
+
+
+def test_standard_errors_by_formula_and_by_enumerating_problem_resamples():
+    """stderr = sd(per-problem values, ddof 1) / sqrt(N). Independent check: over all N^N draws of N problems
+    with replacement (the bootstrap, enumerated exactly), the metric's variance is (N - 1) / N * stderr^2."""
+    problems = [
+        ProblemOutcome("a", [True, False, True, False], ["1", "2", "1", "2"]),
+        ProblemOutcome("b", [False, False, False, False], ["3", "3", None, "4"]),
+        ProblemOutcome("c", [True, True, True, False], ["5", "5", "5", "6"]),
+        ProblemOutcome("d", [False, True, False, False], ["7", "8", "9", "7"]),
+    ]
+    summary = summarize_problems(problems, k_list=[1, 2, 4])
+    errors = summary["stderr"]
+    assert list(errors) == ["avg", "pass@1", "pass@2", "pass@4", "maj@1", "maj@2", "maj@4"]
+    # by hand: pass@2 per problem = 1 - C(n - c, 2) / C(4, 2): a 5/6, b 0, c 1, d 1/2
+    by_hand = np.array([5 / 6, 0.0, 1.0, 0.5])
+    assert errors["pass@2"] == pytest.approx(by_hand.std(ddof=1) / 2, abs=1e-15)
+    assert errors["avg"] == summary["avg_stderr"] == pytest.approx(np.array([0.5, 0, 0.75, 0.25]).std(ddof=1) / 2, abs=1e-15)
+    n = len(problems)
+    for metric in errors:
+        k = int(metric.split("@")[1]) if "@" in metric else None
+        per_problem = []
+        for p in problems:
+            if metric == "avg":
+                per_problem.append(Fraction(p.c, p.n))
+            elif metric.startswith("pass@"):
+                per_problem.append(enumerated_pass_at_k(p.n, p.c, k))
+            else:
+                per_problem.append(Fraction(maj_at_k(p.answer_keys, p.correct, k)).limit_denominator())
+        means = [sum(per_problem[i] for i in draw) / n for draw in itertools.product(range(n), repeat=n)]
+        mean = sum(means) / len(means)
+        variance = sum((m - mean) ** 2 for m in means) / len(means)
+        assert errors[metric] ** 2 * (n - 1) / n == pytest.approx(float(variance), rel=1e-12, abs=1e-15), metric
 
 
 def test_single_problem_has_no_stderr_and_bad_input_is_refused():

@@ -38,11 +38,11 @@ SMALL = [
     f"{stage('linearity-logprobs')}.options.generate=8",
     f"{stage('extrapolate-weights')}.options={{base: 6, second: 10, target: 12}}",
     f"{stage('extrapolate-logits')}.options={{base: 6, second: 10, target: 12, task: arithmetic, samples: 2, limit: 20}}",
-    f'{stage("eval")}.args=["{{run}}:12", "{{run}}/extrapolated/step_000012"]',
+    f'{stage("eval")}.args=["{{run}}:6", "{{run}}:10", "{{run}}:12", "{{run}}/extrapolated/step_000012"]',
     f"{stage('eval')}.options.generations={{run}}/extrapolated/logits-s6-s10-t12/arithmetic.jsonl",
     f"{stage('eval')}.options.limit=20",
     f"{stage('eval')}.options.samples=2",
-    f"{stage('eval')}.options.name=[real, weights, logits]",
+    f"{stage('eval')}.options.name=[base, second, real, weights, logits]",
 ]
 
 
@@ -73,11 +73,12 @@ def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
     assert (run / "extrapolated/step_000012/model.safetensors").is_file()
     assert (run / "extrapolated/logits-s6-s10-t12/arithmetic.jsonl").is_file()
     ev = stages["eval"]
-    assert set(ev) == {"real", "weights", "logits"}
+    assert list(ev) == ["base", "second", "real", "weights", "logits"]
     for model in ev.values():
         metrics = model["arithmetic"]
         assert metrics["problems"] == 20 and metrics["n"] == 2
         assert 0 <= metrics["pass@1"] <= metrics["pass@2"] <= 1
+        assert set(metrics["stderr"]) == {"avg", "pass@1", "pass@2", "maj@1", "maj@2"}
 
 
 @pytest.mark.slow
@@ -99,6 +100,7 @@ def test_report_html_and_pngs(quickstart_run):
     page = (run / "report/index.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
     assert "Resolved recipe" in page and "grpo:" in page
+    assert "pass@2 ± stderr" in page and "± one standard error over problems" in page
     assert (run / "report/training.png").is_file() and (run / "report/trajectories.png").is_file()
 
 
@@ -116,9 +118,9 @@ def test_stage_options_are_checked_before_any_work(tmp_path):
 def test_stage_command_line(tmp_path):
     recipe = load_recipe(QUICKSTART, [f"output.dir={tmp_path}"])
     argv = stage_argv(recipe.stages[stage_index('eval')], tmp_path, Path("r.yaml"), [], tmp_path / "stages/eval.json")
-    assert argv[:3] == ["eval", f"{tmp_path}:200", f"{tmp_path}/extrapolated/step_000200"]
+    assert argv[:5] == ["eval", f"{tmp_path}:100", f"{tmp_path}:150", f"{tmp_path}:200", f"{tmp_path}/extrapolated/step_000200"]
     assert argv[argv.index("--generations") + 1] == f"{tmp_path}/extrapolated/logits-s100-s150-t200/arithmetic.jsonl"
-    assert argv.count("--name") == 3
+    assert argv.count("--name") == 5
     assert argv[argv.index("--json") + 1] == str(tmp_path / "stages/eval.json")
 
 

@@ -66,7 +66,8 @@ def _percent(value, stderr=None) -> str:
 def _table(summary: dict, models: list[str]):
     from rich.table import Table
 
-    table = Table(title="rlvrx eval (metrics in %)", title_justify="left", header_style="bold")
+    table = Table(title="rlvrx eval (metrics in %)", title_justify="left", header_style="bold", caption_justify="left",
+                  caption="± one standard error over problems: sd of the per-problem values / sqrt(problems)")
     table.add_column("task", no_wrap=True)
     table.add_column("metric", no_wrap=True)
     for model in models:
@@ -89,10 +90,8 @@ def _table(summary: dict, models: list[str]):
             ("samples per problem", [str(c["n"]) if c else "-" for c in cells]),
             ("avg ± stderr", [_percent(c["avg"], c.get("avg_stderr")) if c else "-" for c in cells]),
         ]
-        for key in metric_keys("pass@", task):
-            rows.append((key, [_percent(c.get(key)) if c else "-" for c in cells]))
-        for key in metric_keys("maj@", task, minimum=2):
-            rows.append((key, [_percent(c.get(key)) if c else "-" for c in cells]))
+        for key in metric_keys("pass@", task) + metric_keys("maj@", task, minimum=2):
+            rows.append((f"{key} ± stderr", [_percent(c.get(key), (c.get("stderr") or {}).get(key)) if c else "-" for c in cells]))
         rows.append(("problems", [str(c["problems"]) if c else "-" for c in cells]))
         rows.append(("graded wrong: timeout / error", [f"{c.get('timeouts', 0)} / {c.get('errors', 0)}" if c else "-" for c in cells]))
         for index, (label, values) in enumerate(rows):

@@ -212,11 +212,12 @@ def logits(
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_row("avg ± stderr", _percent(m.get("avg"), m.get("avg_stderr")))
+        errors = m.get("stderr") or {}
         for key in sorted((k for k in m if k.startswith("pass@")), key=lambda k: int(k.split("@")[1])):
-            table.add_row(key, _percent(m[key]))
+            table.add_row(f"{key} ± stderr", _percent(m[key], errors.get(key)))
         for key in sorted((k for k in m if k.startswith("maj@")), key=lambda k: int(k.split("@")[1])):
             if int(key.split("@")[1]) >= 2:
-                table.add_row(key, _percent(m[key]))
+                table.add_row(f"{key} ± stderr", _percent(m[key], errors.get(key)))
         table.add_row("problems", str(m.get("problems")))
         console.print(table)
     write_json(json_path, result.summary())

@@ -111,27 +111,49 @@ def weights(
     min_unique: int = typer.Option(4, "--min-unique", help="Drop parameters with fewer distinct values over the steps."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: analyse only part I (0-based) of N tensor parts and write a part file for `merge`."),
     memory_mb: int = typer.Option(512, "--memory-mb", help="Cap on the working memory of one block of parameters read from all checkpoints (per thread)."),
+    read_dtype: Optional[str] = typer.Option(
+        None, "--read-dtype",
+        help="bfloat16: round every value to bf16 on read, as the official RLVR-Linearity code loads checkpoints "
+        "(changes fp32 results: fewer distinct values, more parameters filtered); default: the stored dtype, exact.",
+    ),
+    tensors: List[str] = typer.Option([], "--tensors", help="GLOB of tensor names to analyse (repeat; fnmatch, e.g. 'model.layers.*.mlp.*'); default every float tensor."),
+    dump_params: List[str] = typer.Option(
+        [], "--dump-params",
+        help="GLOB (repeat): also write OUT/params.npz with every parameter of the matching tensors: its values over "
+        "the steps (NAME/values, as read), R² (NAME/r2, NaN when filtered) and filter code (NAME/filter), and 'steps'.",
+    ),
     out: Optional[Path] = OUT_OPT,
     json_path: Optional[Path] = JSON_OPT,
     no_plots: bool = NO_PLOTS_OPT,
 ) -> None:
     """Per-parameter R² of weight against step, streamed over every tensor of every checkpoint."""
-    from rlvrx.linearity.plan import MAX_CHECKPOINTS, selected_tensors
+    from rlvrx.linearity.dump import dump_parameters
+    from rlvrx.linearity.kernel import READ_DTYPES
+    from rlvrx.linearity.plan import MAX_CHECKPOINTS, matching_tensors, selected_tensors
     from rlvrx.linearity.summary import public_json, summarize
     from rlvrx.linearity.weights import WeightSettings, analyze_weights
     from rlvrx.render.linearity import write_weight_outputs
     from rlvrx.render.tables import progress_bar
 
     _check_weight_flags(min_abs_change, min_unique, sample, min_per_tensor, memory_mb)
+    if read_dtype is not None and read_dtype not in READ_DTYPES:
+        raise UsageError(f"--read-dtype must be {' or '.join(READ_DTYPES)} (or left out for the stored dtype), got {read_dtype!r}")
+    if any(not p for p in tensors + dump_params):
+        raise UsageError("--tensors and --dump-params take a non-empty GLOB")
+    if dump_params and shard:
+        raise UsageError("--dump-params writes one file; run it without --shard")
     settings = WeightSettings(
-        min_abs_change=min_abs_change, min_unique=min_unique, sample=sample, min_per_tensor=min_per_tensor, seed=seed, memory_mb=memory_mb
+        min_abs_change=min_abs_change, min_unique=min_unique, sample=sample, min_per_tensor=min_per_tensor, seed=seed, memory_mb=memory_mb,
+        read_dtype=read_dtype, tensors=tuple(tensors),
     )
     part = parse_shard(shard) if shard else None
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
     if len(checkpoints) > MAX_CHECKPOINTS:
         raise UsageError(f"weight linearity takes at most {MAX_CHECKPOINTS} checkpoints, got {len(checkpoints)}; use --window or every n-th step")
     out = out or _default_out(run, "weights")
-    todo = selected_tensors(checkpoints, part)
+    todo = selected_tensors(checkpoints, part, settings.tensors)
+    if dump_params:
+        matching_tensors(checkpoints[0][1].infos(), dump_params, "--dump-params")  # a bad GLOB fails before the long run
     position = {name: i for i, (name, _) in enumerate(todo)}
     with progress_bar(console, count=False) as bar:
         progress_task = bar.add_task("weights", total=sum(n for _, n in todo) or 1)
@@ -150,6 +172,12 @@ def weights(
         return
     summary = summarize(state)
     written = write_weight_outputs(summary, out, plots=not no_plots)
+    if dump_params:
+        names = matching_tensors(checkpoints[0][1].infos(), dump_params, "--dump-params")
+        with progress_bar(console, count=False) as bar:
+            dump_task = bar.add_task("dumping", total=sum(checkpoints[0][1].infos()[n].numel for n in names) or 1)
+            dump_parameters(checkpoints, dump_params, out / "params.npz", settings, lambda name, n: bar.update(dump_task, advance=n, description=name))
+        written.append(out / "params.npz")
     if json_path is not None:
         write_json(json_path, public_json(summary))
         written.append(json_path)
@@ -198,7 +226,16 @@ def logprobs(
     temperature: float = typer.Option(1.0, "--temperature", help="With --generate: sampling temperature."),
     top_p: float = typer.Option(1.0, "--top-p", help="With --generate: nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="With --generate: sampling seed."),
-    min_logprob_change: float = typer.Option(0.2, "--min-logprob-change", help="Drop tokens whose log-prob moves less than this (max - min)."),
+    min_logprob_change: float = typer.Option(0.2, "--min-logprob-change", help="Token filter threshold: see --filter."),
+    token_filter: str = typer.Option(
+        "endpoints", "--filter",
+        help="Which tokens count: 'endpoints' keeps a token when |log-prob at the last step - at the first| > "
+        "--min-logprob-change (the official RLVR-Linearity script); 'range' keeps it when max - min over all steps >= it.",
+    ),
+    score_eos: bool = typer.Option(
+        False, "--score-eos/--no-score-eos",
+        help="With --generate: also score the end-of-sequence token that ended a response (the official scripts do not).",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Probes scored per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the forward passes."),
     out: Optional[Path] = OUT_OPT,
@@ -225,6 +262,10 @@ def logprobs(
         raise UsageError(f"--generate must be >= 1, got {generate}")
     if not min_logprob_change >= 0:
         raise UsageError(f"--min-logprob-change must be >= 0, got {min_logprob_change}")
+    if token_filter not in ll.FILTERS:
+        raise UsageError(f"--filter must be one of {', '.join(ll.FILTERS)}, got {token_filter!r}")
+    if score_eos and generate is None:
+        raise UsageError("--score-eos applies to sampled probes; add --generate N (given probes are scored as written)")
     check_device(device, "--device")
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
     paths = [(step, ckpt.path) for step, ckpt in checkpoints]
@@ -237,7 +278,7 @@ def logprobs(
                 prompts = ll.task_prompts(task, load_tokenizer(first), split, task_options(task_option))
             else:
                 prompts = ll.load_prompts(probes)
-            items = ll.generate_probes(first, prompts, generate, params, batch_size, device)
+            items = ll.generate_probes(first, prompts, generate, params, batch_size, device, score_eos)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "probes.jsonl", "".join(json.dumps(p.to_json()) + "\n" for p in items))
     else:
@@ -252,12 +293,13 @@ def logprobs(
             bar.update(progress_task, advance=n, description=f"scoring step {step}")
 
         lp, lg = ll.score_checkpoints(paths, items, batch_size, device, advance)
-    summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change)
+    summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change, token_filter,
+                                  score_eos if generate is not None else None)
     written = write_logprob_outputs(summary, out, plots=not no_plots)
     if json_path is not None:
         write_json(json_path, ll.public_json(summary))
         written.append(json_path)
     _print_summary(
         logprob_tables(summary), logprob_global_line(summary), summary["histogram"] if summary["n_tokens"] else None,
-        f"every token was filtered out (log-prob change < {min_logprob_change:g}); lower --min-logprob-change?", written,
+        f"every token was filtered out (log-prob change within {min_logprob_change:g}); lower --min-logprob-change?", written,
     )

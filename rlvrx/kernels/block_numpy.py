@@ -45,6 +45,64 @@ def weight_block(rows, kind: int, lut, k: int, tc: np.ndarray, s_tt: float, hold
         return _reduce(rows, kind, lut, k, tc, s_tt, holdout, min_abs_change, min_unique, thresholds, bins, hist, want_values)
 
 
+def _centered(y: np.ndarray, k: int, tc: np.ndarray, holdout: np.ndarray):
+    """mean, centred values, S_ty, S_yy and the held-out error of each column of y (K, n)."""
+    mean = np.zeros(y.shape[1])
+    for j in range(k):
+        mean += y[j]
+    mean /= float(k)
+    c = y - mean
+    sty, syy, err = np.zeros(y.shape[1]), np.zeros(y.shape[1]), np.zeros(y.shape[1])
+    for j in range(k):
+        sty += tc[j] * c[j]
+        syy += c[j] * c[j]
+        err += holdout[j] * c[j]
+    return mean, c, sty, syy, err
+
+
+def _classify(y, c, sty, syy, s_tt, min_abs_change, min_unique, wide_limit):
+    """The filters (constant, max - min below min_abs_change, too few distinct values; each parameter under
+    the first it fails), the kept mask and every column's clamped R²."""
+    m = y.shape[1]
+    if min_unique > 1:
+        distinct = _distinct(y)
+        constant, few = distinct == 1, distinct < min_unique
+    else:
+        constant, few = (y == y[0]).all(axis=0), np.zeros(m, dtype=bool)
+    constant |= syy <= 0.0
+    open_ = ~constant
+    small = np.zeros(m, dtype=bool)
+    if min_abs_change > 0.0:
+        narrow = open_ & ~(syy > wide_limit)
+        small = narrow & (c.max(axis=0) - c.min(axis=0) < min_abs_change)
+    open_ &= ~small
+    few &= open_
+    keep = open_ & ~few
+    r2 = sty * sty / (syy * s_tt)
+    r2 = np.where(r2 > 1.0, 1.0, r2)
+    r2 = np.where(r2 < 0.0, 0.0, r2)
+    return constant, small, few, keep, r2
+
+
+def parameter_detail(rows, kind: int, lut, k: int, tc: np.ndarray, s_tt: float, holdout: np.ndarray,
+                     min_abs_change: float, min_unique: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per parameter of rows (K arrays of n raw values): its K values as float64 (n, K), its R² (NaN when
+    filtered) and why it was filtered (FILTER_CODES); the arithmetic is weight_block's."""
+    with np.errstate(all="ignore"):
+        y = np.stack([_widen(r, kind, lut) for r in rows])
+        _, c, sty, syy, _ = _centered(y, k, tc, holdout)
+        wide_limit = k * (min_abs_change * 1.001) * (min_abs_change * 1.001)
+        constant, small, few, keep, r2 = _classify(y, c, sty, syy, s_tt, min_abs_change, min_unique, wide_limit)
+    code = np.zeros(y.shape[1], dtype=np.int8)
+    code[few] = 3
+    code[small] = 2
+    code[constant] = 1
+    return np.ascontiguousarray(y.T), np.where(keep, r2, np.nan), code
+
+
+FILTER_CODES = {0: "kept", 1: "constant", 2: "min_abs_change", 3: "min_unique"}
+
+
 def _reduce(rows, kind, lut, k, tc, s_tt, holdout, min_abs_change, min_unique, thresholds, bins, hist, want_values):
     n = len(rows[0])
     counts = np.zeros(7, dtype=np.int64)
@@ -58,16 +116,7 @@ def _reduce(rows, kind, lut, k, tc, s_tt, holdout, min_abs_change, min_unique, t
         y = np.zeros((k, padded))
         for j in range(k):
             y[j, :m] = _widen(rows[j][p0:p0 + m], kind, lut)
-        mean = np.zeros(padded)
-        for j in range(k):
-            mean += y[j]
-        mean /= float(k)
-        c = y - mean
-        sty, syy, err = np.zeros(padded), np.zeros(padded), np.zeros(padded)
-        for j in range(k):
-            sty += tc[j] * c[j]
-            syy += c[j] * c[j]
-            err += holdout[j] * c[j]
+        mean, c, sty, syy, err = _centered(y, k, tc, holdout)
         _accumulate4(acc[1], err * err)
         whole = y[k - 1] - y[0]
         _accumulate4(acc[2], whole * whole)
@@ -76,25 +125,9 @@ def _reduce(rows, kind, lut, k, tc, s_tt, holdout, min_abs_change, min_unique, t
             _accumulate4(acc[3 + j], d[j] * d[j])
             if j:
                 _accumulate4(acc[k + 1 + j], d[j - 1] * d[j])
-        y, mean, c, sty, syy, err = y[:, :m], mean[:m], c[:, :m], sty[:m], syy[:m], err[:m]
-        if min_unique > 1:
-            distinct = _distinct(y)
-            constant, few = distinct == 1, distinct < min_unique
-        else:
-            constant, few = (y == y[0]).all(axis=0), np.zeros(m, dtype=bool)
+        y, mean, c, sty, syy = y[:, :m], mean[:m], c[:, :m], sty[:m], syy[:m]
+        constant, small, few, keep, r2 = _classify(y, c, sty, syy, s_tt, min_abs_change, min_unique, wide_limit)
         bad = ~(mean - mean == 0.0)
-        constant |= syy <= 0.0
-        open_ = ~constant
-        small = np.zeros(m, dtype=bool)
-        if min_abs_change > 0.0:
-            narrow = open_ & ~(syy > wide_limit)
-            small = narrow & (c.max(axis=0) - c.min(axis=0) < min_abs_change)
-        open_ &= ~small
-        few &= open_
-        keep = open_ & ~few
-        r2 = sty * sty / (syy * s_tt)
-        r2 = np.where(r2 > 1.0, 1.0, r2)
-        r2 = np.where(r2 < 0.0, 0.0, r2)
         counts += [constant.sum(), small.sum(), few.sum(), keep.sum(), (keep & (r2 > thresholds[0])).sum(),
                    (keep & (r2 > thresholds[1])).sum(), bad.sum()]
         r2_kept = np.zeros(padded)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from rlvrx.linearity.weights import WeightSettings
 
 
-def _lookup_table(dtype_name: str) -> np.ndarray | None:
+def lookup_table(dtype_name: str) -> np.ndarray | None:
     """float64 value of every bit pattern of a 1- or 2-byte float type other than bf16."""
     if dtype_name == "F16":
         return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
@@ -38,6 +38,29 @@ def _lookup_table(dtype_name: str) -> np.ndarray | None:
     return None
 
 
+READ_DTYPES = ("bfloat16",)  # WeightSettings.read_dtype: cast every value on read (None: the stored dtype)
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (to nearest, ties to even, NaN kept NaN: torch's .to(bfloat16)),
+    as the uint16 bit patterns the kernel reads."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def cast_on_read(dtype_name: str, read_dtype: str | None):
+    """(kernel dtype, raw row -> raw row of that dtype or None): how a tensor stored as dtype_name is read."""
+    if read_dtype is None or dtype_name == "BF16":
+        return dtype_name, None
+    if read_dtype != "bfloat16":
+        raise RlvrxError(f"read_dtype must be one of {', '.join(READ_DTYPES)} or None, got {read_dtype!r}")
+    lut = lookup_table(dtype_name)
+    if lut is not None:
+        return "BF16", lambda row: bf16_bits(lut[row].astype(np.float32))
+    return "BF16", lambda row: bf16_bits(row.astype(np.float32))  # F64 goes through float32, as torch does
+
+
 class Kernel:
     """Everything a block needs that depends only on the steps, the dtype and the settings."""
 
@@ -46,7 +69,7 @@ class Kernel:
         self.steps = list(steps)
         self.settings = settings
         self.kind = native.RAW_KINDS[dtype_name]
-        self.lut = _lookup_table(dtype_name)
+        self.lut = lookup_table(dtype_name)
         self.tc = stats.centered_steps(steps)
         self.s_tt = float(self.tc @ self.tc)
         self.holdout = stats.holdout_vector(steps)
@@ -112,9 +135,13 @@ def run_part(task) -> dict:
     job, part = task
     if part.indices is None:
         rows = [v[part.lo:part.hi] for v in job.views]
+        if job.cast is not None:
+            rows = [job.cast(r) for r in rows]
         result = job.kernel.run(rows, job.thread_hist(), values=False)
     else:
         rows = [v[part.indices] for v in job.views]  # gathers the sample: K small contiguous arrays
+        if job.cast is not None:
+            rows = [job.cast(r) for r in rows]
         result = job.kernel.run(rows, None, values=True)
     if result["non_finite"]:
         kernel = job.kernel
@@ -128,8 +155,8 @@ def run_part(task) -> dict:
 class TensorJob:
     """One tensor: its parts (blocks, or chunks of the sample) and the accumulation of their results."""
 
-    def __init__(self, record: TensorStats, views: list[np.ndarray], kernel: Kernel, settings: WeightSettings):
-        self.record, self.views, self.kernel, self.settings = record, views, kernel, settings
+    def __init__(self, record: TensorStats, views: list[np.ndarray], kernel: Kernel, settings: WeightSettings, cast=None):
+        self.record, self.views, self.kernel, self.settings, self.cast = record, views, kernel, settings, cast
         self.sampled = settings.sample is not None
         per_block = block_elements(kernel.k, views[0].itemsize, settings.memory_mb)
         if settings.max_block_elements is not None:

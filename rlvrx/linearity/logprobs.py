@@ -4,8 +4,10 @@ Probes are (prompt, response) pairs, read from JSONL or sampled from the first c
 checkpoint is loaded once (float32, CPU unless told otherwise), scores every probe in padded
 batches, and is freed before the next one loads. That gives, per response token, a series of K
 log-probs (and chosen-token logits); its R² against step is computed as for weights. Tokens whose
-log-prob moves less than `min_logprob_change` (max - min over steps; the paper's 0.2) are filtered,
-and so are constant ones. Each response's mean log-prob gets its own R² as well.
+log-prob moves by `min_logprob_change` (the paper's 0.2) or less are filtered, and so are constant ones:
+filter "endpoints" (the official script, default) keeps a token when |last - first| > min_logprob_change
+(first and last checkpoint); "range" keeps it when max - min over all steps >= min_logprob_change.
+Each response's mean log-prob gets its own R² as well.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rlvrx.errors import ParameterError, UsageError
 from rlvrx.io.jsonio import iter_jsonl
 from rlvrx.linearity import stats
 
+FILTERS = ("endpoints", "range")  # token filters: the official |last - first| >, or max - min >=
 
 @dataclass
 class Probe:
@@ -139,8 +142,12 @@ def generate_probes(
     params,
     batch_size: int = 8,
     device: str = "cpu",
+    score_eos: bool = False,
 ) -> list[Probe]:
-    """Sample n probe responses from the model at model_path, cycling through (source, text or ids) prompts."""
+    """Sample n probe responses from the model at model_path, cycling through (source, text or ids) prompts.
+
+    A response that stopped at end-of-sequence keeps its stop token only with score_eos (the official
+    scripts never score it); a response that was only a stop token keeps it (a probe needs a token)."""
     from rlvrx.generation import generate
 
     if n < 1:
@@ -156,7 +163,10 @@ def generate_probes(
     probes = []
     for i, ((source, prompt), g) in enumerate(zip(chosen, generations)):
         text = prompt if isinstance(prompt, str) else tokenizer.decode(list(g.prompt_ids))
-        probes.append(Probe(f"generated {i} ({source})", text, g.text, list(g.prompt_ids), list(g.token_ids)))
+        response_ids = list(g.token_ids)
+        if not score_eos and g.finish_reason == "eos" and len(response_ids) > 1:
+            response_ids = response_ids[:-1]
+        probes.append(Probe(f"generated {i} ({source})", text, g.text, list(g.prompt_ids), response_ids))
     return probes
 
 
@@ -204,16 +214,28 @@ def analyze_logprobs(
     logprobs: np.ndarray,
     logits: np.ndarray,
     min_logprob_change: float = 0.2,
+    filter: str = "endpoints",
+    score_eos: bool | None = None,
 ) -> dict:
-    """Summary (public keys first) plus per-token and per-response details for CSV and plots."""
+    """Summary (public keys first) plus per-token and per-response details for CSV and plots.
+
+    filter: "endpoints" (|last - first| > min_logprob_change) or "range" (max - min >= it); score_eos
+    is recorded in the summary (None: the probes were given, not generated)."""
     steps = stats.check_steps(steps)
     if not min_logprob_change >= 0:
         raise UsageError(f"min_logprob_change must be >= 0, got {min_logprob_change}")
+    if filter not in FILTERS:
+        raise UsageError(f"filter must be one of {', '.join(FILTERS)}, got {filter!r}")
     r2, s_yy = stats.r2_columns(logprobs, steps)
     logit_r2, logit_syy = stats.r2_columns(logits, steps)
     span = logprobs.max(axis=0) - logprobs.min(axis=0)
     constant = (span == 0) | (s_yy <= 0)
-    small = ~constant & (span < min_logprob_change)
+    if filter == "endpoints":
+        change = np.abs(logprobs[-1] - logprobs[0])
+        small = ~constant & ~(change > min_logprob_change)
+    else:
+        change = span
+        small = ~constant & (span < min_logprob_change)
     keep = ~(constant | small)
     tokens = stats.summarize_values(r2[keep])
     logit_keep = keep & (logit_syy > 0)
@@ -237,7 +259,7 @@ def analyze_logprobs(
                 "token_id": probe.response_ids[pos],
                 "logprob_first": float(logprobs[0, col]),
                 "logprob_last": float(logprobs[-1, col]),
-                "change": float(span[col]),
+                "change": float(change[col]),
                 "r2": None if constant[col] else float(r2[col]),
                 "logit_r2": float(logit_r2[col]) if logit_syy[col] > 0 else None,
                 "filtered": reason,
@@ -260,11 +282,13 @@ def analyze_logprobs(
         "n_tokens": tokens.n,
         "n_filtered": int((~keep).sum()),
         "steps": steps,
+        "filter": filter,
+        "min_logprob_change": min_logprob_change,
+        "score_eos": score_eos,
         # details
         "n_tokens_scored": int(keep.size),
         "n_probes": len(probes),
         "filters": {"constant": int(constant.sum()), "min_logprob_change": int(small.sum())},
-        "min_logprob_change": min_logprob_change,
         "logit": logit.to_json(),
         "response_mean_logprob": responses.to_json(),
         "histogram": hist.tolist(),
@@ -273,7 +297,8 @@ def analyze_logprobs(
     }
 
 
-PUBLIC_KEYS = ("median_r2", "mean_r2", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "n_tokens", "n_filtered", "steps")
+PUBLIC_KEYS = ("median_r2", "mean_r2", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "n_tokens", "n_filtered", "steps",
+               "filter", "min_logprob_change", "score_eos")
 
 
 def public_json(summary: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from typing import Sequence
 
@@ -74,10 +75,24 @@ def open_checked(checkpoints: Sequence[tuple[int, Checkpoint]]) -> tuple[list[in
     return steps, ckpts
 
 
-def selected_tensors(checkpoints: Sequence[tuple[int, Checkpoint]], shard: tuple[int, int] | None = None) -> list[tuple[str, int]]:
-    """(name, numel) of the floating-point tensors this run (or shard) analyses, in checkpoint order."""
+def matching_tensors(infos: dict[str, TensorInfo], patterns: Sequence[str], what: str = "tensors") -> list[str]:
+    """The floating-point tensors whose names match any of the glob patterns (all of them for no pattern)."""
+    names = float_tensors(infos)
+    if not patterns:
+        return names
+    chosen = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not chosen:
+        example = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UsageError(f"{what} {' '.join(patterns)} match{'es' * (len(patterns) == 1)} no floating-point tensor (names look like {example})")
+    return chosen
+
+
+def selected_tensors(checkpoints: Sequence[tuple[int, Checkpoint]], shard: tuple[int, int] | None = None,
+                     patterns: Sequence[str] = ()) -> list[tuple[str, int]]:
+    """(name, numel) of the floating-point tensors this run (or shard) analyses, in checkpoint order;
+    patterns: only the tensors matching one of these globs."""
     infos = checkpoints[0][1].infos()
-    sizes = [(name, infos[name].numel) for name in float_tensors(infos)]
+    sizes = [(name, infos[name].numel) for name in matching_tensors(infos, patterns)]
     if shard is None:
         return sizes
     chosen = set(partition_tensors(sizes, shard[1])[shard[0]])

@@ -43,7 +43,7 @@ import numpy as np
 from rlvrx.io.reader import Checkpoint
 from rlvrx.errors import UsageError
 from rlvrx.linearity import stats
-from rlvrx.linearity.kernel import Kernel, TensorJob, run_part
+from rlvrx.linearity.kernel import READ_DTYPES, Kernel, TensorJob, cast_on_read, run_part
 from rlvrx.linearity.naming import layer_of, module_of
 from rlvrx.linearity.plan import float_tensors, open_checked, selected_tensors, structure_fingerprint
 from rlvrx.linearity.state import TensorStats, WeightState, add_hist
@@ -59,6 +59,8 @@ class WeightSettings:
     memory_mb: int = 512  # cap on the working memory of one block of K checkpoints (per thread)
     max_block_elements: int | None = None  # cap on parameters per block (tests force several blocks)
     threads: int | None = None  # worker threads over blocks; None = the usable cores (at most 8)
+    read_dtype: str | None = None  # "bfloat16": every value cast on read (the official code); None: as stored
+    tensors: tuple[str, ...] = ()  # glob patterns of the tensors to analyse (fnmatch); () = every float tensor
 
     def __post_init__(self):
         if not self.min_abs_change >= 0:
@@ -73,11 +75,17 @@ class WeightSettings:
             raise UsageError(f"memory_mb must be >= 1, got {self.memory_mb}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be >= 1, got {self.threads}")
+        if self.read_dtype is not None and self.read_dtype not in READ_DTYPES:
+            raise UsageError(f"read_dtype must be one of {', '.join(READ_DTYPES)} or None, got {self.read_dtype!r}")
+        if isinstance(self.tensors, str) or not all(isinstance(p, str) and p for p in self.tensors):
+            raise UsageError(f"tensors must be a sequence of non-empty glob patterns, got {self.tensors!r}")
+        object.__setattr__(self, "tensors", tuple(self.tensors))
 
     def fingerprint(self) -> dict:
         """The settings that change results (memory and threads do not)."""
         data = asdict(self)
         del data["memory_mb"], data["max_block_elements"], data["threads"]
+        data["tensors"] = list(self.tensors)
         return data
 
 
@@ -92,14 +100,15 @@ def analyze_weights(
     infos = ckpts[0].infos()
     names = float_tensors(infos)
     index = {name: i for i, name in enumerate(infos)}
-    todo = selected_tensors(checkpoints, shard)
+    todo = selected_tensors(checkpoints, shard, settings.tensors)
     kernels: dict[str, Kernel] = {}
     jobs = []
     for name, _ in todo:
         info = infos[name]
         record = TensorStats(index=index[name], name=name, module=module_of(name), layer=layer_of(name), numel=info.numel)
-        kernel = kernels.get(info.dtype_name) or kernels.setdefault(info.dtype_name, Kernel(steps, info.dtype_name, settings))
-        jobs.append(TensorJob(record, [c.raw(name).data for c in ckpts], kernel, settings))
+        dtype, cast = cast_on_read(info.dtype_name, settings.read_dtype)
+        kernel = kernels.get(dtype) or kernels.setdefault(dtype, Kernel(steps, dtype, settings))
+        jobs.append(TensorJob(record, [c.raw(name).data for c in ckpts], kernel, settings, cast))
     hists: dict[str, np.ndarray] = {}
     cells: dict[str, np.ndarray] = {}
 

@@ -147,9 +147,17 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         for task in tasks:
             metrics = sorted({k for m in models for k in ev[m].get(task, {}) if k.startswith(("pass@", "maj@")) or k in ("avg", "n")},
                              key=lambda k: (k[0] != "n", k[0] != "a", k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0))
-            rows = [[metric] + [_cell(ev[m].get(task, {}).get(metric)) for m in models] for metric in metrics]
-            tables.append((f"eval: {task}", ["metric"] + models, rows))
+            rows = [[metric if metric == "n" else f"{metric} ± stderr"]
+                    + [_with_stderr(ev[m].get(task, {}), metric) for m in models] for metric in metrics]
+            tables.append((f"eval: {task} (± one standard error over problems)", ["metric"] + models, rows))
     return tables
+
+
+def _with_stderr(metrics: dict, key: str) -> str:
+    """'value ± standard error' of one eval metric (the value alone when it has none)."""
+    value = _cell(metrics.get(key))
+    error = (metrics.get("stderr") or {}).get(key) if isinstance(metrics.get("stderr"), dict) else None
+    return value if error is None or key == "n" else f"{value} ± {_cell(error)}"
 
 
 def print_summary(data: dict, console) -> None:

@@ -140,8 +140,14 @@ def logprob_global_line(summary: dict) -> str:
         f"median R² {fmt(summary['median_r2'])}, mean {fmt(summary['mean_r2'])}, R² > 0.7: {pct(summary['frac_r2_gt_0_7'])}, "
         f"R² > 0.9: {pct(summary['frac_r2_gt_0_9'])} over {fmt(summary['n_tokens'])} of {fmt(summary['n_tokens_scored'])} "
         f"response tokens; filtered {fmt(summary['n_filtered'])}: constant {fmt(f['constant'])}, "
-        f"log-prob change < {summary['min_logprob_change']:g} {fmt(f['min_logprob_change'])}"
+        f"{_change_rule(summary)} {fmt(f['min_logprob_change'])}"
     )
+
+
+def _change_rule(summary: dict) -> str:
+    """The dropped tokens' rule: the official |last - first| <= x (endpoints) or max - min < x (range)."""
+    x = f"{summary['min_logprob_change']:g}"
+    return f"|last - first| <= {x}" if summary.get("filter", "endpoints") == "endpoints" else f"max - min < {x}"
 
 
 def write_logprob_outputs(summary: dict, out_dir, plots: bool = True, max_lines: int = 10) -> list:

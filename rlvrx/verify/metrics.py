@@ -114,8 +114,12 @@ def _stderr(values: Sequence[float]) -> float | None:
 
 
 def summarize_problems(problems: Iterable[ProblemOutcome], k_list: Sequence[int] = (1,)) -> dict:
-    """{"problems", "n", "avg", "avg_stderr", "pass@k"..., "maj@k"...} for k in k_list up to n
-    (n = the smallest sample count among the problems)."""
+    """{"problems", "n", "avg", "avg_stderr", "pass@k"..., "maj@k"..., "stderr": {"avg", "pass@k"..., "maj@k"...}}
+    for k in k_list up to n (n = the smallest sample count among the problems).
+
+    Each metric is a mean over problems of a per-problem value x_i (fraction correct, unbiased pass@k,
+    maj@k); its standard error is sqrt(sum (x_i - mean)^2 / (N - 1) / N) over the N problems (None for
+    N < 2): the spread of the metric over problem sets drawn like this one, sampling noise included."""
     problems = list(problems)
     if not problems:
         raise UsageError("no graded problems to summarize")
@@ -125,11 +129,15 @@ def summarize_problems(problems: Iterable[ProblemOutcome], k_list: Sequence[int]
     n = min(p.n for p in problems)
     accuracies = [p.c / p.n for p in problems]
     summary: dict = {"problems": len(problems), "n": n, "avg": _mean(accuracies), "avg_stderr": _stderr(accuracies)}
+    errors = {"avg": summary["avg_stderr"]}
     ks = sorted({int(k) for k in k_list if 1 <= int(k) <= n})
     for k in ks:
-        summary[f"pass@{k}"] = _mean([pass_at_k(p.n, p.c, k) for p in problems])
+        values = [pass_at_k(p.n, p.c, k) for p in problems]
+        summary[f"pass@{k}"], errors[f"pass@{k}"] = _mean(values), _stderr(values)
     for k in ks:
-        summary[f"maj@{k}"] = _mean([maj_at_k(p.answer_keys, p.correct, k) for p in problems])
+        values = [maj_at_k(p.answer_keys, p.correct, k) for p in problems]
+        summary[f"maj@{k}"], errors[f"maj@{k}"] = _mean(values), _stderr(values)
+    summary["stderr"] = errors
     return summary
 
 
@@ -139,6 +147,11 @@ def summarize_tasks(by_task: Mapping[str, Iterable[ProblemOutcome]], k_list: Seq
     if len(summaries) > 1:
         summaries["overall"] = _overall(list(summaries.values()))
     return summaries
+
+
+def _combined_stderr(errors: list[float | None]) -> float | None:
+    """Standard error of a macro average over tasks (independent tasks): sqrt(sum e_t^2) / T."""
+    return None if None in errors else math.sqrt(math.fsum(e * e for e in errors if e is not None)) / len(errors)
 
 
 def _overall(summaries: list[dict]) -> dict:
@@ -152,7 +165,10 @@ def _overall(summaries: list[dict]) -> dict:
         elif key == "n":
             overall[key] = min(s[key] for s in summaries)
         elif key == "avg_stderr":
-            overall[key] = None if None in errors else math.sqrt(math.fsum(e * e for e in errors)) / len(errors)
+            overall[key] = _combined_stderr(errors)
+        elif key == "stderr":
+            shared = [m for m in summaries[0][key] if all(m in s[key] for s in summaries)]
+            overall[key] = {m: _combined_stderr([s[key][m] for s in summaries]) for m in shared}
         else:
             overall[key] = _mean([s[key] for s in summaries])
     return overall

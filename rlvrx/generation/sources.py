@@ -68,6 +68,16 @@ def keep_logits_kwargs(model: torch.nn.Module, keep: int) -> dict:
     return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The KV cache as the model's forward takes it: `cache=` (transformers >= 5.2x) or `past_key_values=` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned: the `cache` field where the output class has one, else `past_key_values`."""
+    return out.cache if "cache" in getattr(type(out), "__dataclass_fields__", {}) else out.past_key_values
+
+
 def _text_config(model: torch.nn.Module):
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -100,21 +110,25 @@ class ModelSource:
         self.max_positions = model_max_positions(model)
         self.eos_token_ids = _model_eos_ids(model)
         self._keep_last = keep_logits_kwargs(model, 1)
+        self._cache_name = next(iter(cache_kwargs(model, None)))
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
+
+    def _cache_kwarg(self, cache) -> dict:
+        return {self._cache_name: cache}
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **self._cache_kwarg(cache),
             **self._keep_last,
         )
         out = self.model(**kwargs)
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits[:, -1, :].float(), output_cache(out)
 
     def prefill(self, input_ids, attention_mask, row_map=None):
         input_ids = input_ids.to(self.device)

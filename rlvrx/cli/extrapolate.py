@@ -48,7 +48,7 @@ def weights(
     second_path: Optional[Path] = typer.Option(None, "--second-path", help="Second model directory (instead of a step of RUN)."),
     fit: str = typer.Option("two-point", "--fit", help="two-point, or lstsq: each parameter's least-squares line through every checkpoint in --window."),
     window: Optional[str] = typer.Option(None, "--window", help="A:B, the steps --fit lstsq uses (inclusive; either side may be empty)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output checkpoint dir (default: RUN/extrapolated/step_T)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output checkpoint directory (default: RUN/extrapolated/step_T; --alpha without --target needs --out)."),
     copy_pattern: Optional[List[str]] = typer.Option(
         None, "--copy-pattern", help="Name substring of tensors copied from the latest checkpoint (repeatable; default: norm, layernorm, rmsnorm, ln_)."
     ),
@@ -163,7 +163,7 @@ def logits(
     k_list: Optional[str] = typer.Option(None, "--k-list", help="Report pass@k / maj@k for these k, e.g. 1,4,16."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Grading worker processes (default: min(4, CPUs))."),
     no_grade: bool = typer.Option(False, "--no-grade", help="Only write the generations file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Generations JSONL (default: RUN/extrapolated/logits-s<S0>-s<S1>-t<T>/<task>.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory: OUT/<task>.jsonl and its provenance file (default: RUN/extrapolated/logits-s<S0>-s<S1>-t<T>, a<alpha> with --alpha)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write a machine-readable summary here."),
 ) -> None:

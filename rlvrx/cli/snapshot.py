@@ -118,7 +118,7 @@ def verify(
 @app.command()
 def convert(
     path: Path = typer.Argument(..., help="A verl checkpoint: global_step_N (or its actor/ dir) holding FSDP shards."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output HF dir (default: global_step_N/huggingface, which `scan` finds)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output HF directory (default: global_step_N/huggingface, which `scan` finds)."),
     dtype: str = typer.Option(
         "bfloat16", "--dtype",
         help="bfloat16 (what verl's model merger writes), float32 (keep full precision: use it for linearity and "

@@ -261,8 +261,12 @@ def extrapolate_logits(
     the_task = tasks[0]
     if out is None:
         if run is None or base is None:
-            raise UsageError("give --out FILE (the default RUN/extrapolated/logits-.../TASK.jsonl needs RUN and steps)")
+            raise UsageError("give --out DIR (the default RUN/extrapolated/logits-s<S0>-s<S1>-t<T>/ needs RUN and steps)")
         out = default_output(run, base, second, target, alpha, the_task.name)
+    else:
+        if Path(out).is_file():
+            raise UsageError(f"--out is a directory (it receives <task>.jsonl); {out} is a file")
+        out = Path(out) / f"{the_task.name}.jsonl"
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it")

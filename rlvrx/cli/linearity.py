@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True)
 
 RUN_ARG = typer.Argument(None, help="Run directory holding trajectory.json (or pass --checkpoint instead).", show_default=False)
 CHECKPOINT_OPT = typer.Option(
-    [], "--checkpoint", "-c", help="STEP=PATH of one checkpoint; repeat, in increasing step order (instead of RUN)."
+    [], "--checkpoint", "-c", help="STEP=PATH of one checkpoint (PATH may be a hub id org/name[@revision]); repeat, in increasing step order (instead of RUN)."
 )
 WINDOW_OPT = typer.Option(None, "--window", help="Only steps in A:B (inclusive; either end may be left out).")
 EXTRAPOLATED_OPT = typer.Option(False, "--include-extrapolated", help="Also use the run's extrapolated checkpoints (default: base + rl).")

@@ -29,7 +29,7 @@ def _human(n: int) -> str:
 def scan(
     directory: Path = typer.Argument(..., help="Directory holding step_N, global_step_N (verl) or checkpoint-N dirs."),
     run: Path = RUN_OPT,
-    base: Optional[Path] = typer.Option(None, help="Register this model as the starting point (step 0, kind base)."),
+    base: Optional[Path] = typer.Option(None, help="Register this model (a directory or hub id org/name[@revision]) as the starting point (step 0, kind base)."),
     no_hash: bool = NO_HASH,
     replace: bool = typer.Option(False, help="Re-register steps that are already in the manifest."),
 ) -> None:
@@ -54,7 +54,7 @@ def scan(
 @app.command()
 def add(
     run: Path = typer.Argument(..., help="Run directory."),
-    path: Path = typer.Argument(..., help="Checkpoint directory to register."),
+    path: Path = typer.Argument(..., help="Checkpoint directory (or hub id org/name[@revision]) to register."),
     step: int = typer.Option(..., "--step", help="Training step of this checkpoint."),
     kind: str = typer.Option("rl", help="base, rl or extrapolated."),
     no_hash: bool = NO_HASH,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rlvrx.errors import UsageError
+from rlvrx.hub import model_dir
 from rlvrx.models import check_device
 
 PROVENANCE_SUFFIX = ".extrapolation.json"
@@ -214,6 +215,7 @@ def _resolve_inputs(run, base, second, target, alpha, base_path, second_path):
         traj = Trajectory.load(run)
         base_path, second_path = traj.path_of(base), traj.path_of(second)
     alpha, target = resolve_alpha(base, second, target, alpha)
+    base_path, second_path = model_dir(base_path), model_dir(second_path)
     if Path(base_path).resolve() == Path(second_path).resolve():
         raise UsageError(f"--alpha needs two different checkpoints; both are {base_path}")
     return Path(base_path), Path(second_path), base, second, target, float(alpha)

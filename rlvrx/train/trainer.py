@@ -21,6 +21,7 @@ from rlvrx.io.atomic import atomic_write_text
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx import models
 from rlvrx.errors import RlvrxError, UsageError
+from rlvrx.hub import model_dir
 from rlvrx.generation import SamplingParams, generate
 from rlvrx.generation.decode import NonFiniteLogits
 from rlvrx.io.locks import run_locked
@@ -47,7 +48,7 @@ def load_model(recipe: Recipe, device: torch.device):
 
         model, tokenizer = build_tiny_model(**cfg.tiny.model_dump())
         return model.to(device=device, dtype=dtype), tokenizer
-    return load_pretrained(cfg.path, device, dtype)
+    return load_pretrained(model_dir(cfg.path), device, dtype)
 
 
 def build_task(recipe: Recipe):

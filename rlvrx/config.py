@@ -186,6 +186,9 @@ class Recipe(Strict):
     output: OutputConfig = OutputConfig()
     stages: list[StageConfig] = Field(default_factory=list)
     verl: VerlConfig = VerlConfig()
+    logger: list[Literal["console", "tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["console"], description="trackers of a native run (metrics.jsonl is always written)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

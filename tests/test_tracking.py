@@ -109,3 +109,4 @@ def test_a_rerun_with_other_loggers_resumes_and_bad_names_are_one_line(tracked_r
     code, out, err = run_cli("train", recipe, "--logger", "tensorboard,neptune")
     assert code == 2
     assert "--logger 'tensorboard,neptune': expected comma-separated names from console, tensorboard, mlflow" in out + err
+

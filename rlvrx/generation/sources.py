@@ -68,9 +68,15 @@ def keep_logits_kwargs(model: torch.nn.Module, keep: int) -> dict:
     return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache under: `cache` in recent transformers 5 releases
+    (where `past_key_values` is deprecated), `past_key_values` before (transformers 4.51+)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model: torch.nn.Module, cache) -> dict:
-    """The KV cache as the model's forward takes it: `cache=` (transformers >= 5.2x) or `past_key_values=` before."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    """{name: cache} for the model's forward (see cache_argument)."""
+    return {cache_argument(model): cache}
 
 
 def output_cache(out):
@@ -110,13 +116,10 @@ class ModelSource:
         self.max_positions = model_max_positions(model)
         self.eos_token_ids = _model_eos_ids(model)
         self._keep_last = keep_logits_kwargs(model, 1)
-        self._cache_name = next(iter(cache_kwargs(model, None)))
+        self._cache_name = cache_argument(model)
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
-
-    def _cache_kwarg(self, cache) -> dict:
-        return {self._cache_name: cache}
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         kwargs = dict(
@@ -124,7 +127,7 @@ class ModelSource:
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            **self._cache_kwarg(cache),
+            **{self._cache_name: cache},
             **self._keep_last,
         )
         out = self.model(**kwargs)

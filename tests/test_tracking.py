@@ -5,12 +5,12 @@ import json
 import pytest
 from clirun import run_cli
 
-from rlvrx.train.tracking import VERL_NAMES, tracker_metrics
+from rlvrx.train.tracking import VERL_NAMES, tracker_metrics, tracker_step
 
 RECIPE = """\
 model: {tiny: {layers: 1, hidden: 32, heads: 2, kv_heads: 1, intermediate: 64, max_position: 32}}
 task: {name: arithmetic, digits: 1, n_train: 40, n_test: 8}
-sft: {enabled: false}
+sft: {steps: 2, batch_size: 4}
 grpo: {num_generations: 4, batch_size: 4, lr: 1.0e-3, steps: 3, save_every: 3, eval_every: 3, max_new_tokens: 3, eval_examples: 8}
 output: {dir: RUN}
 """
@@ -25,6 +25,8 @@ def test_tracker_metrics_use_verl_names():
         "actor/kl_loss": 0.01, "actor/entropy": 1.5, "actor/grad_norm": 2.0, "actor/pg_clipfrac": 0.1,
         "response_length/mean": 3.0, "perf/time_per_step": 0.2, "val-core/arithmetic/acc/mean@1": 0.75, "rlvrx/new_key": 4.0,
     }
+    sft = {"stage": "sft", "step": 0, "sft_step": 12, "loss": 1.25}
+    assert tracker_metrics(sft, "arithmetic") == {"sft/loss": 1.25} and tracker_step(sft) == 12
 
 
 def test_tensorboard_tracker_writes_each_record_at_its_step(tmp_path):
@@ -81,12 +83,15 @@ def test_tensorboard_and_mlflow_hold_the_metrics_jsonl_values(tracked_run):
     run, _, records = tracked_run
     steps = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
+    sft = [r for r in records if r.get("stage") == "sft"]
+    assert [r["sft_step"] for r in sft] == [1, 2]
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     for key in ("reward_mean", "loss", "entropy", "grad_norm", "response_length"):
         scalars = events.Scalars(VERL_NAMES[key])
         assert [s.step for s in scalars] == [1, 2, 3]
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in steps], rel=1e-6, abs=1e-7)
+    assert [(s.step, s.value) for s in events.Scalars("sft/loss")] == [(r["sft_step"], pytest.approx(r["loss"])) for r in sft]
     evals = events.Scalars("val-core/arithmetic/acc/mean@1")
     assert [(s.step, s.value) for s in evals] == [(r["step"], pytest.approx(r["test_accuracy"])) for r in records if "test_accuracy" in r]
 

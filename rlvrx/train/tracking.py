@@ -56,12 +56,23 @@ def parse_loggers(value: str | Iterable[str]) -> list[str]:
     return names
 
 
+def tracker_step(record: dict) -> int:
+    """The x-axis of a record: the training step; an SFT warm-up record's SFT step."""
+    return int(record["sft_step"] if record.get("stage") == "sft" else record.get("step", 0))
+
+
 def tracker_metrics(record: dict, task: str) -> dict[str, float]:
     """A metrics.jsonl record -> {verl name: value}: finite numbers only; test_accuracy is the greedy
-    eval, verl's val-core/<task>/acc/mean@1; keys without a verl name keep theirs under rlvrx/."""
+    eval, verl's val-core/<task>/acc/mean@1; keys without a verl name keep theirs under rlvrx/. An SFT
+    warm-up record's values go under sft/ (verl's SFT trainer names its loss train/loss)."""
     out: dict[str, float] = {}
+    sft = record.get("stage") == "sft"
     for key, value in record.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        if sft:
+            if key not in ("step", "sft_step"):
+                out[f"sft/{key}"] = float(value)
             continue
         if key == "test_accuracy":
             name = f"val-core/{task}/acc/mean@1"
@@ -88,7 +99,7 @@ class Tracker:
         if not self.backends:
             return
         metrics = tracker_metrics(record, self.task)
-        step = int(record.get("step", 0))
+        step = tracker_step(record)
         for backend in self.backends:
             backend.log(metrics, step)
 

@@ -54,7 +54,7 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.tiny is None):
-            raise ValueError("give exactly one of model.path (an HF checkpoint dir) or model.tiny (a local tiny model)")
+            raise ValueError("give exactly one of model.path (an HF checkpoint dir or hub id org/name[@revision]) or model.tiny (a local tiny model)")
         return self
 
 
@@ -186,6 +186,9 @@ class Recipe(Strict):
     output: OutputConfig = OutputConfig()
     stages: list[StageConfig] = Field(default_factory=list)
     verl: VerlConfig = VerlConfig()
+    logger: list[Literal["console", "tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["console"], description="trackers of a native run (metrics.jsonl is always written)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

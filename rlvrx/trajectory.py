@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from rlvrx.errors import CheckpointError, ParameterError, UsageError
+from rlvrx.hub import model_dir
 from rlvrx.io.atomic import atomic_write_text
 from rlvrx.io.identity import checkpoint_sha256, compare_structure
 from rlvrx.io.jsonio import read_json
@@ -188,6 +189,8 @@ class Trajectory:
         if not path.is_absolute() and not path.exists() and (self.run_dir / path).exists():
             path = self.run_dir / path
         if not path.exists():
+            path = model_dir(path)  # a hub id org/name[@revision]: its cached snapshot
+        if not path.exists():
             raise UsageError(f"{path}: no such checkpoint directory")
         ckpt = Checkpoint(path)  # validates the directory and its headers
         ckpt.infos()
@@ -284,7 +287,7 @@ def parse_step_paths(pairs: Iterable[str]) -> Trajectory:
         step, sep, path = pair.partition("=")
         if not sep or not step.strip().lstrip("-").isdigit():
             raise UsageError(f"{pair!r}: expected STEP=PATH, e.g. 100=runs/a/checkpoints/step_000100")
-        entries.append(Entry(step=int(step), path=str(Path(path).resolve()), kind="rl"))
+        entries.append(Entry(step=int(step), path=str(model_dir(path).resolve()), kind="rl"))
     steps = [e.step for e in entries]
     if len(set(steps)) != len(steps):
         raise UsageError(f"duplicate steps in {list(pairs)}")

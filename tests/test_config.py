@@ -107,7 +107,7 @@ def test_every_error_at_once_with_dotted_keys(tmp_path):
 @pytest.mark.parametrize(
     "model, message",
     [
-        ("model:\n  path: /x\n  tiny: {}\n", "model: give exactly one of model.path (an HF checkpoint dir) or model.tiny"),
+        ("model:\n  path: /x\n  tiny: {}\n", "model: give exactly one of model.path (an HF checkpoint dir or hub id org/name[@revision]) or model.tiny"),
         ("model:\n  dtype: float32\n", "model: give exactly one of model.path"),
         ("description: no model\n", "model: Field required"),
     ],

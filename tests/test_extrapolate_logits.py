@@ -220,9 +220,20 @@ def test_cli_logits(tiny_run, tmp_path):
 
     summary = tmp_path / "s.json"
     result_code, result_out, result_err = run_cli("extrapolate", "logits", str(tiny_run), "--base", "0", "--second", "10", "--target", "20", "--task", "arithmetic",
-         "-k", "2", "--limit", "3", "--out", str(tmp_path / "g.jsonl"), "--json", str(summary))
+         "-k", "2", "--limit", "3", "--out", str(tmp_path / "g"), "--json", str(summary))
     assert result_code == 0, result_out + result_err
     assert "pass@1" in result_out and "pass@2" in result_out
     data = json.loads(summary.read_text())
     assert data["alpha"] == 2.0 and data["problems"] == 3 and data["metrics"]["n"] == 2
-    assert len(read_generations(tmp_path / "g.jsonl")) == 3
+    assert data["out"] == str(tmp_path / "g" / "arithmetic.jsonl")  # --out is a directory, like every command's
+    assert len(read_generations(tmp_path / "g" / "arithmetic.jsonl")) == 3
+
+
+def test_cli_logits_out_must_be_a_directory(tiny_run, tmp_path):
+    taken = tmp_path / "g.jsonl"
+    taken.write_text("")
+    code, out, err = run_cli("extrapolate", "logits", str(tiny_run), "--base", "0", "--second", "10", "--target", "20",
+                             "--task", "arithmetic", "-k", "1", "--limit", "1", "--out", str(taken))
+    assert code == 2
+    assert f"--out is a directory (it receives <task>.jsonl); {taken} is a file" in out + err
+    assert taken.read_text() == ""

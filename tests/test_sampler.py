@@ -334,3 +334,40 @@ def test_vectorised_row_seeds_equal_numpy_seed_sequence():
         i, j = rng.integers(0, 10**6, 50), rng.integers(0, 100, 50)
         want = [np.random.SeedSequence([seed, int(a), int(b)]).generate_state(1, np.uint64)[0] for a, b in zip(i, j)]
         assert row_seeds(seed, i, j).tolist() == [int(w) for w in want]
+
+
+# ------------------------------------------------------------------ current KV cache API (no deprecation notices)
+
+
+def test_cached_decoding_and_shared_prompt_scoring_use_the_current_cache_api(model):
+    """Neither the sampler nor the shared-prompt scorer passes or reads a deprecated cache name."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from rlvrx.generation import left_pad
+    from rlvrx.generation.scoring import shared_prompt_token_logprobs
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    hf_root = logging.getLogger("transformers")
+    hf_logging.warning_once.cache_clear()  # a notice shown earlier in the session would hide a new one
+    hf_root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            params = SamplingParams(temperature=0, max_new_tokens=4, stop_token_ids=())
+            generate(model, None, PROMPTS[:2], n=1, params=params)
+            ids, mask = left_pad(PROMPTS[:2])
+            responses = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+            shared_prompt_token_logprobs(model, ids, mask, torch.tensor([0, 0, 1]), responses, torch.ones_like(responses))
+    finally:
+        hf_root.removeHandler(handler)
+    notices = records + [str(w.message) for w in caught]
+    assert not [m for m in notices if "past_key_values" in m or "cache_params" in m], notices

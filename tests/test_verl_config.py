@@ -208,3 +208,10 @@ def test_arithmetic_rows_grade_exactly(tmp_path):
         assert compute_score(solution_str=gold, **args) == 1.0
         assert compute_score(solution_str=str(int(gold) + 1), **args) == 0.0
         assert compute_score(solution_str="x" + gold, **args) == 0.0
+
+
+def test_recipe_logger_passes_through_to_trainer_logger(tiny_model, math_rows, tmp_path):
+    default = _compose(build_command(_recipe("deepscaler-1.5b-grpo", tiny_model, math_rows, tmp_path / "a"), tmp_path / "a")[3:])
+    assert list(default.trainer.logger) == ["console"]  # not verl's default, which includes wandb
+    recipe = _recipe("deepscaler-1.5b-grpo", tiny_model, math_rows, tmp_path / "b", "logger=[tensorboard, mlflow]")
+    assert list(_compose(build_command(recipe, tmp_path / "b")[3:]).trainer.logger) == ["tensorboard", "mlflow", "console"]

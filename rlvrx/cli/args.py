@@ -67,3 +67,19 @@ def parse_k_list(text: str | Sequence[int] | None) -> list[int] | None:
     if not ks or ks[0] < 1:
         raise UsageError(f"--k-list {text!r}: expected comma-separated positive integers, e.g. 1,4,16")
     return ks
+
+
+LOGGER_HELP = "Trackers, comma-separated: console, tensorboard (RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlflow.db); the recipe key `logger`. metrics.jsonl is always written."
+
+
+def logger_override(text: str | None) -> list[str]:
+    """--logger 'tensorboard,mlflow' -> ['logger=[tensorboard, mlflow]'] (a recipe override), [] without it."""
+    if text is None:
+        return []
+    from rlvrx.train.tracking import LOGGERS
+
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if not names or unknown:
+        raise UsageError(f"--logger {text!r}: expected comma-separated names from {', '.join(LOGGERS)}")
+    return [f"logger=[{', '.join(dict.fromkeys(names))}]"]

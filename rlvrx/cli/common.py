@@ -50,10 +50,11 @@ def warn(message: str) -> None:
 
 
 def quiet_libraries() -> None:
-    """Silence transformers' own progress bars and info logs; rlvrx draws its own."""
+    """Silence transformers' (and mlflow's) progress bars and info logs; rlvrx draws its own."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # --logger mlflow: no INFO lines about its tables
 
 
 def write_json(path: str | os.PathLike | None, data: Any) -> None:

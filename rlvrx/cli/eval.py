@@ -101,7 +101,7 @@ def _table(summary: dict, models: list[str]):
 
 def eval_(
     models: Optional[List[str]] = typer.Argument(
-        None, help="Checkpoint directories or RUN:STEP (a run directory and a step of its trajectory.json); one table column each.", show_default=False
+        None, help="Checkpoint directories, RUN:STEP (a run directory and a step of its trajectory.json) or hub ids org/name[@revision] (from the local Hugging Face cache; downloaded only when HF_HUB_OFFLINE is unset); one table column each.", show_default=False
     ),
     task: List[str] = typer.Option([], "--task", "-t", help="Task: arithmetic, aime24, aime25, math500, gsm8k, or package.module:function (repeat or comma-separate)."),
     data: Optional[Path] = typer.Option(None, "--data", help="A JSONL/parquet file of problems to evaluate as a math task (named after the file)."),

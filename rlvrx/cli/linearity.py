@@ -16,11 +16,12 @@ app = typer.Typer(no_args_is_help=True)
 
 RUN_ARG = typer.Argument(None, help="Run directory holding trajectory.json (or pass --checkpoint instead).", show_default=False)
 CHECKPOINT_OPT = typer.Option(
-    [], "--checkpoint", "-c", help="STEP=PATH of one checkpoint; repeat, in increasing step order (instead of RUN)."
+    [], "--checkpoint", "-c", help="STEP=PATH of one checkpoint (PATH may be a hub id org/name[@revision]); repeat, in increasing step order (instead of RUN)."
 )
 WINDOW_OPT = typer.Option(None, "--window", help="Only steps in A:B (inclusive; either end may be left out).")
 EXTRAPOLATED_OPT = typer.Option(False, "--include-extrapolated", help="Also use the run's extrapolated checkpoints (default: base + rl).")
-OUT_OPT = typer.Option(None, "--out", help="Output directory (default: RUN/linearity/weights or .../logprobs; ./linearity/... without RUN).")
+WEIGHTS_OUT_OPT = typer.Option(None, "--out", help="Output directory (default: RUN/linearity/weights; ./linearity/weights without RUN).")
+LOGPROBS_OUT_OPT = typer.Option(None, "--out", help="Output directory (default: RUN/linearity/logprobs; ./linearity/logprobs without RUN).")
 JSON_OPT = typer.Option(None, "--json", help="Write the machine-readable summary here.")
 NO_PLOTS_OPT = typer.Option(False, "--no-plots", help="Skip the PNG plots.")
 
@@ -103,7 +104,9 @@ def weights(
     sample: Optional[float] = typer.Option(
         None, "--sample",
         help="Fraction of parameters per tensor (the paper: 0.001); default every parameter. Reads only the sampled "
-        "parameters; every statistic, direction cosine and held-out error included, is then computed on the sample.",
+        "parameters; every statistic, direction cosine and held-out error included, is then computed on the sample. "
+        "Medians: without --sample they come from a histogram of R² (within 1e-5; layer x module cells within 1e-3), "
+        "with --sample they are exact.",
     ),
     min_per_tensor: int = typer.Option(50, "--min-per-tensor", help="With --sample: at least this many parameters per tensor."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-tensor samples."),
@@ -122,7 +125,7 @@ def weights(
         help="GLOB (repeat): also write OUT/params.npz with every parameter of the matching tensors: its values over "
         "the steps (NAME/values, as read), R² (NAME/r2, NaN when filtered) and filter code (NAME/filter), and 'steps'.",
     ),
-    out: Optional[Path] = OUT_OPT,
+    out: Optional[Path] = WEIGHTS_OUT_OPT,
     json_path: Optional[Path] = JSON_OPT,
     no_plots: bool = NO_PLOTS_OPT,
 ) -> None:
@@ -238,7 +241,7 @@ def logprobs(
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Probes scored per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the forward passes."),
-    out: Optional[Path] = OUT_OPT,
+    out: Optional[Path] = LOGPROBS_OUT_OPT,
     json_path: Optional[Path] = JSON_OPT,
     no_plots: bool = NO_PLOTS_OPT,
 ) -> None:

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from rlvrx.cli.args import LOGGER_HELP, logger_override
 from rlvrx.cli.common import console, write_json
 from rlvrx.errors import UsageError
 
@@ -29,6 +30,7 @@ def rl_extra(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     png: Optional[Path] = typer.Option(None, "--png", help="compare: where to write the plot (default RUN_A/compare.png)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write a summary as JSON here."),
+    logger: Optional[str] = typer.Option(None, "--logger", help=LOGGER_HELP),
 ) -> None:
     """RL-Extra: m GRPO steps, then jump n steps ahead along the weight drift; repeat `iterations` times.
 
@@ -44,7 +46,7 @@ def rl_extra(
     from rlvrx.train.rl_extra import baseline_recipe, train_rl_extra
     from rlvrx.train.trainer import train
 
-    recipe = load_recipe(args[0], args[1:])
+    recipe = load_recipe(args[0], [*args[1:], *logger_override(logger)])
     if recipe.backend == "verl":
         from rlvrx.backends.verl.launch import launch
 

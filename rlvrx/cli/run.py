@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from rlvrx.cli.args import LOGGER_HELP, logger_override
 from rlvrx.cli.common import console, err_console
 from rlvrx.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 
@@ -16,6 +17,7 @@ def run(
     overrides: Optional[List[str]] = OVERRIDES_ARG,
     only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (by name), even if it finished before."),
     start_from: Optional[str] = typer.Option(None, "--from", help="Start at this stage; earlier ones are not run."),
+    logger: Optional[str] = typer.Option(None, "--logger", help=LOGGER_HELP + " Passed to the train and rl-extra stages."),
 ) -> None:
     """Run the whole workflow a recipe lists under `stages:` (train, linearity, extrapolate, rl-extra, eval).
 
@@ -25,7 +27,7 @@ def run(
     from rlvrx.cli.pipeline import run_pipeline
 
     results = run_pipeline(
-        recipe, overrides or [], only=only, start_from=start_from,
+        recipe, [*(overrides or []), *logger_override(logger)], only=only, start_from=start_from,
         echo=lambda line: err_console.print(f"[bold cyan]{line}[/]", highlight=False, markup=True, soft_wrap=True),
     )
     table = Table("stage", "kind", "status", title="rlvrx run")

@@ -35,7 +35,7 @@ def slurm(
     args: str = typer.Option("", "--args", help='Arguments of the analysis command, one string, e.g. --args "--sample 0.001" (eval: models and --task).'),
     sbatch: List[str] = typer.Option([], "--sbatch", help="Extra #SBATCH option (repeat), e.g. --sbatch=--qos=high."),
     python: Optional[str] = typer.Option(None, "--python", help="Python that runs rlvrx (and verl) on the nodes [this one]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where the scripts go [RUN/slurm]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for the scripts (default: RUN/slurm, RUN being the recipe's output.dir)."),
     submit: bool = typer.Option(False, "--submit", help="Submit with sbatch (the merge job after the array, --dependency=afterok)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write {scripts, submit_sh, job_ids} here."),
 ) -> None:

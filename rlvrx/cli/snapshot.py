@@ -29,7 +29,7 @@ def _human(n: int) -> str:
 def scan(
     directory: Path = typer.Argument(..., help="Directory holding step_N, global_step_N (verl) or checkpoint-N dirs."),
     run: Path = RUN_OPT,
-    base: Optional[Path] = typer.Option(None, help="Register this model as the starting point (step 0, kind base)."),
+    base: Optional[Path] = typer.Option(None, help="Register this model (a directory or hub id org/name[@revision]) as the starting point (step 0, kind base)."),
     no_hash: bool = NO_HASH,
     replace: bool = typer.Option(False, help="Re-register steps that are already in the manifest."),
 ) -> None:
@@ -54,7 +54,7 @@ def scan(
 @app.command()
 def add(
     run: Path = typer.Argument(..., help="Run directory."),
-    path: Path = typer.Argument(..., help="Checkpoint directory to register."),
+    path: Path = typer.Argument(..., help="Checkpoint directory (or hub id org/name[@revision]) to register."),
     step: int = typer.Option(..., "--step", help="Training step of this checkpoint."),
     kind: str = typer.Option("rl", help="base, rl or extrapolated."),
     no_hash: bool = NO_HASH,
@@ -118,7 +118,7 @@ def verify(
 @app.command()
 def convert(
     path: Path = typer.Argument(..., help="A verl checkpoint: global_step_N (or its actor/ dir) holding FSDP shards."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output HF dir (default: global_step_N/huggingface, which `scan` finds)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output HF directory (default: global_step_N/huggingface, which `scan` finds)."),
     dtype: str = typer.Option(
         "bfloat16", "--dtype",
         help="bfloat16 (what verl's model merger writes), float32 (keep full precision: use it for linearity and "

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from rlvrx.cli.args import LOGGER_HELP, logger_override
 from rlvrx.cli.common import console, write_json
 from rlvrx.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 
@@ -19,6 +20,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="backend verl: print the command and write the data files, launch nothing."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (logs and CI)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write a summary as JSON here."),
+    logger: Optional[str] = typer.Option(None, "--logger", help=LOGGER_HELP),
 ) -> None:
     """Train with GRPO (after an optional SFT warm-up), saving a checkpoint trajectory.
 
@@ -26,7 +28,7 @@ def train(
     """
     from rlvrx.config import load_recipe
 
-    resolved = load_recipe(recipe, overrides or [])
+    resolved = load_recipe(recipe, [*(overrides or []), *logger_override(logger)])
     if resolved.backend == "verl":
         from rlvrx.backends.verl.launch import launch
 

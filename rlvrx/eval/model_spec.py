@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlvrx.errors import UsageError
+from rlvrx.hub import model_dir, parse_hub_id
 from rlvrx.models import check_weights
 from rlvrx.rundir import RunDir
 
@@ -55,8 +56,8 @@ def _find_run(path: Path) -> tuple[Path, int] | None:
 
 
 def resolve_model(arg: str, out: str | os.PathLike | None = None, name: str | None = None) -> ModelSpec:
-    """A model argument -> ModelSpec. `arg` is a checkpoint dir or RUN:STEP (a run dir holding
-    trajectory.json, and one of its steps). Models of a run's trajectory are named RUN:STEP and write
+    """A model argument -> ModelSpec. `arg` is a checkpoint dir, RUN:STEP (a run dir holding
+    trajectory.json, and one of its steps) or a hub id org/name[@revision] (named so, under ./eval). Models of a run's trajectory are named RUN:STEP and write
     to RUN/eval/step_NNNNNN; other checkpoints inside a run (RUN/extrapolated/step_NNNNNN) write to
     RUN/eval/<their path in the run, dashed>; others are named by their directory, under ./eval. With
     `out` (other than RUN/eval), folders of run models carry the run's name. The weight files are
@@ -86,8 +87,12 @@ def resolve_model(arg: str, out: str | os.PathLike | None = None, name: str | No
             except ValueError:
                 raise UsageError(f"{arg}: expected RUN:STEP with an integer step (or RUN:last)") from None
         path = trajectory.path_of(step)
+    elif parse_hub_id(arg) is not None:
+        path = model_dir(arg)
+        name = name or arg
     else:
-        raise UsageError(f"{arg}: no such model directory; give a checkpoint directory or RUN:STEP (a run directory and a step)")
+        raise UsageError(f"{arg}: no such model directory; give a checkpoint directory, RUN:STEP (a run directory and a step) "
+                         "or a hub id org/name[@revision]")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"{path}: not a model checkpoint directory (no config.json)")
     check_weights(path)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rlvrx.errors import ParameterError, UsageError
+from rlvrx.hub import model_dir
 from rlvrx.models import check_device
 
 PROVENANCE_SUFFIX = ".extrapolation.json"
@@ -215,6 +216,7 @@ def _resolve_inputs(run, base, second, target, alpha, base_path, second_path):
         traj = Trajectory.load(run)
         base_path, second_path = traj.path_of(base), traj.path_of(second)
     alpha, target = resolve_alpha(base, second, target, alpha)
+    base_path, second_path = model_dir(base_path), model_dir(second_path)
     if Path(base_path).resolve() == Path(second_path).resolve():
         raise ParameterError("{alpha} needs two different checkpoints; both are {path}", "alpha", path=base_path)
     return Path(base_path), Path(second_path), base, second, target, float(alpha)
@@ -262,8 +264,12 @@ def extrapolate_logits(
     the_task = tasks[0]
     if out is None:
         if run is None or base is None:
-            raise ParameterError("give {out:FILE} (the default RUN/extrapolated/logits-.../TASK.jsonl needs {run} and steps)", "out", "run")
+            raise ParameterError("give {out:DIR} (the default RUN/extrapolated/logits-s<S0>-s<S1>-t<T>/ needs {run} and steps)", "out", "run")
         out = default_output(run, base, second, target, alpha, the_task.name)
+    else:
+        if Path(out).is_file():
+            raise UsageError(f"--out is a directory (it receives <task>.jsonl); {out} is a file")
+        out = Path(out) / f"{the_task.name}.jsonl"
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise ParameterError("{path} already exists; pass {overwrite} to replace it", "overwrite=True", path=out)

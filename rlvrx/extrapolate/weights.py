@@ -39,6 +39,7 @@ import numpy as np
 
 from rlvrx import kernels
 from rlvrx.errors import ParameterError, UsageError
+from rlvrx.hub import model_dir
 from rlvrx.extrapolate.arithmetic import check_finite, combine_into, compute_dtype, native_kind, raise_non_finite, torch_dtype, torch_threads
 from rlvrx.extrapolate.inputs import (
     check_output,
@@ -289,7 +290,7 @@ def extrapolate_weights(
                 raise ParameterError("give {run} with {base:S0} {second:S1} (steps in its trajectory), or {base_path}/{second_path} with {alpha}", "run", "base", "second", "base_path", "second_path", "alpha")
             src_base, src_second = sources_from_run(run, [base, second])
         else:
-            src_base, src_second = Source(Path(base_path), base), Source(Path(second_path), second)
+            src_base, src_second = Source(model_dir(base_path), base), Source(model_dir(second_path), second)
         alpha, target = resolve_alpha(base, second, target, alpha)
         if out is None:
             if run is None or target is None:

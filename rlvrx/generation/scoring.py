@@ -16,7 +16,14 @@ import torch
 
 from rlvrx.errors import UsageError
 from rlvrx.generation.decode import left_pad
-from rlvrx.generation.sources import eval_mode, keep_logits_kwargs, model_max_positions, model_vocab_size
+from rlvrx.generation.sources import (
+    cache_kwargs,
+    eval_mode,
+    keep_logits_kwargs,
+    model_max_positions,
+    model_vocab_size,
+    output_cache,
+)
 
 
 @dataclass
@@ -226,14 +233,14 @@ def shared_prompt_token_logprobs(
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **keep_logits_kwargs(model, 1))
     logits = out.logits[:, -1:, :][prompt_index]
     if width > 1:
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_select_indices(prompt_index)
         mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], dim=1)[:, :-1]
         steps = torch.arange(width - 1, device=positions.device)
         response_positions = positions[prompt_index, -1:] + 1 + steps
         rest = model(
             input_ids=response_ids[:, :-1], attention_mask=mask, position_ids=response_positions,
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **cache_kwargs(model, cache),
         ).logits
         logits = torch.cat([logits, rest], dim=1)
     return _target_logprobs(logits, response_ids, temperature, with_entropy)

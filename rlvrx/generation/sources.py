@@ -68,6 +68,22 @@ def keep_logits_kwargs(model: torch.nn.Module, keep: int) -> dict:
     return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache under: `cache` in recent transformers 5 releases
+    (where `past_key_values` is deprecated), `past_key_values` before (transformers 4.51+)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """{name: cache} for the model's forward (see cache_argument)."""
+    return {cache_argument(model): cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned: the `cache` field where the output class has one, else `past_key_values`."""
+    return out.cache if "cache" in getattr(type(out), "__dataclass_fields__", {}) else out.past_key_values
+
+
 def _text_config(model: torch.nn.Module):
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -100,6 +116,7 @@ class ModelSource:
         self.max_positions = model_max_positions(model)
         self.eos_token_ids = _model_eos_ids(model)
         self._keep_last = keep_logits_kwargs(model, 1)
+        self._cache_name = cache_argument(model)
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
@@ -109,12 +126,12 @@ class ModelSource:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_name: cache},
             **self._keep_last,
         )
         out = self.model(**kwargs)
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits[:, -1, :].float(), output_cache(out)
 
     def prefill(self, input_ids, attention_mask, row_map=None):
         input_ids = input_ids.to(self.device)

@@ -21,6 +21,8 @@ from rlvrx.io.atomic import atomic_write_text
 from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx import models
 from rlvrx.errors import ParameterError, RlvrxError, UsageError
+from rlvrx.hub import model_dir
+from rlvrx.train.tracking import Tracker
 from rlvrx.generation import SamplingParams, generate
 from rlvrx.generation.decode import NonFiniteLogits
 from rlvrx.io.locks import run_locked
@@ -38,6 +40,16 @@ def resolve_device(name: str) -> torch.device:
     return models.resolve_device(name, "model.device")
 
 
+def _without_logger(recipe_text: str):
+    """The recipe minus its `logger` key: trackers may change between the runs of one run directory."""
+    import yaml
+
+    data = yaml.safe_load(recipe_text)
+    if isinstance(data, dict):
+        data.pop("logger", None)
+    return data
+
+
 def load_model(recipe: Recipe, device: torch.device):
     """(model, tokenizer) from model.path or a freshly built model.tiny."""
     cfg = recipe.model
@@ -47,7 +59,7 @@ def load_model(recipe: Recipe, device: torch.device):
 
         model, tokenizer = build_tiny_model(**cfg.tiny.model_dump())
         return model.to(device=device, dtype=dtype), tokenizer
-    return load_pretrained(cfg.path, device, dtype)
+    return load_pretrained(model_dir(cfg.path), device, dtype)
 
 
 def build_task(recipe: Recipe):
@@ -138,7 +150,7 @@ class Trainer:
         text = recipe_to_yaml(self.recipe)
         if saved.is_file() and not self.force:
             try:
-                same = saved.read_bytes() == text.encode()
+                same = saved.read_bytes() == text.encode() or _without_logger(saved.read_text()) == _without_logger(text)
             except OSError as exc:
                 raise UsageError(f"{saved}: cannot read: {exc.strerror or exc}") from None
             if not same:
@@ -168,6 +180,10 @@ class Trainer:
         self.elapsed = 0.0
         self.eval_seconds = 0.0
         self._pool = None
+        self.tracker: Tracker | None = Tracker(
+            self.recipe.logger, self.run_dir, project="rlvrx", run_name=self.run_dir.resolve().name, task=self.recipe.task.name,
+            config={"recipe": recipe_text},
+        )
 
     # -- checkpoints (rlvrx.train.state) and the metrics log (rlvrx.rundir) ---------------------
 
@@ -186,6 +202,8 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         self.rundir.append_metrics(record)
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -213,6 +231,9 @@ class Trainer:
         return self._pool
 
     def close(self) -> None:
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
+            self.tracker = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None

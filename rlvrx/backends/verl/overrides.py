@@ -233,7 +233,7 @@ def build_overrides(
         ("trainer.resume_mode", "auto"),
         ("trainer.project_name", v.project_name),
         ("trainer.experiment_name", paths["run_dir"].name),
-        ("trainer.logger", list(v.logger)),
+        ("trainer.logger", list(dict.fromkeys([*recipe.logger, *v.logger]))),  # rlvrx's `logger` + verl.logger, console by default
         ("trainer.max_actor_ckpt_to_keep", v.max_ckpt_to_keep),
         ("trainer.checkpoint_callback_class", CALLBACK_CLASS),
     ]

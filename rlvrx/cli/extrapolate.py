@@ -46,8 +46,13 @@ def weights(
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Explicit alpha instead of --target (needed for two bare model dirs)."),
     base_path: Optional[Path] = typer.Option(None, "--base-path", help="Base model directory (instead of a step of RUN)."),
     second_path: Optional[Path] = typer.Option(None, "--second-path", help="Second model directory (instead of a step of RUN)."),
-    fit: str = typer.Option("two-point", "--fit", help="two-point, or lstsq: each parameter's least-squares line through every checkpoint in --window."),
-    window: Optional[str] = typer.Option(None, "--window", help="A:B, the steps --fit lstsq uses (inclusive; either side may be empty)."),
+    fit: str = typer.Option(
+        "two-point", "--fit",
+        help="two-point; lstsq: each parameter's least-squares line through every checkpoint in --window; rank1: per tensor, "
+        "the top singular direction in time of the drifts from --base over --window, its coefficient extrapolated along a line (RELEX).",
+    ),
+    window: Optional[str] = typer.Option(None, "--window", help="A:B, the steps --fit lstsq/rank1 uses (inclusive; either side may be empty)."),
+    rank: int = typer.Option(1, "--rank", help="--fit rank1: number of temporal components, each with its own line.", min=1),
     out: Optional[Path] = typer.Option(None, "--out", help="Output checkpoint dir (default: RUN/extrapolated/step_T)."),
     copy_pattern: Optional[List[str]] = typer.Option(
         None, "--copy-pattern", help="Name substring of tensors copied from the latest checkpoint (repeatable; default: norm, layernorm, rmsnorm, ln_)."
@@ -67,7 +72,11 @@ def weights(
     ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write a machine-readable summary here."),
 ) -> None:
-    """Predict the checkpoint at step T: W = W_S0 + alpha (W_S1 - W_S0), or a per-parameter least-squares line.
+    """Predict the checkpoint at step T: W = W_S0 + alpha (W_S1 - W_S0), a per-parameter least-squares line, or a rank-1 fit.
+
+    --fit rank1 --base B --window A:C --target T [--rank r]: per tensor, M[t] = W_t - W_B over the window's checkpoints,
+    its top singular pair (Gram matrix in float64), c_t = sigma u[t] fitted by a line in the step and evaluated at T;
+    extrapolation.json records each tensor's explained variance and R² (a window of one checkpoint is two-point from B).
 
     Streams each tensor in chunks through a few reused buffers (peak memory tens of MB) into an atomically written, sharded HF
     checkpoint with extrapolation.json provenance; norm and non-floating tensors come from the latest input.
@@ -104,6 +113,7 @@ def weights(
             second_path=second_path,
             fit=fit,
             window=parse_window(window) if window is not None else None,
+            rank=rank,
             out=out,
             register=register,
             options=options,
@@ -119,9 +129,14 @@ def weights(
         table.add_row("target step", str(result.target_step))
     if result.alpha is not None:
         table.add_row("alpha", f"{result.alpha:g}")
-    for info, coef in zip(result.inputs, result.coefficients):
+    for info, coef in zip(result.inputs, result.coefficients or [None] * len(result.inputs)):
         label = info["role"] if info["step"] is None else f"{info['role']} (step {info['step']})"
-        table.add_row(label, f"c={coef:+.4g}  {info['path']}")
+        table.add_row(label, info["path"] if coef is None else f"c={coef:+.4g}  {info['path']}")
+    if result.method == "rank1":
+        medians = result.medians()
+        table.add_row("rank", str(result.rank))
+        for key, label in (("median_explained_variance", "median explained var."), ("median_r2", "median R² of c_t")):
+            table.add_row(label, "-" if medians[key] is None else f"{medians[key]:.4f}")
     table.add_row("tensors", f"{len(result.extrapolated)} extrapolated, {len(result.copied)} copied from the latest")
     table.add_row("arithmetic", f"{result.compute_dtype} -> {', '.join(result.output_dtypes)}")
     table.add_row("written", f"{_human(result.bytes_written)} in {result.seconds:.1f} s")

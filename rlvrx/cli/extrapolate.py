@@ -10,6 +10,7 @@ from rich.table import Table
 
 from rlvrx.cli.args import parse_k_list, parse_size, parse_window
 from rlvrx.cli.common import console, task_options, warn, write_json
+from rlvrx.errors import UsageError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -235,3 +236,46 @@ def logits(
         table.add_row("problems", str(m.get("problems")))
         console.print(table)
     write_json(json_path, result.summary())
+
+
+@app.command()
+def compare(
+    run: Path = typer.Argument(..., help="Run directory with trajectory.json; --target must be one of its real checkpoints."),
+    target: int = typer.Option(..., "--target", help="Step T to predict (a real checkpoint, held out: the window must end before it)."),
+    window: Optional[str] = typer.Option(None, "--window", help="A:C, the checkpoints the predictors see (those before T; default: all before T)."),
+    rank: int = typer.Option(1, "--rank", help="Components of the rank1 predictor.", min=1),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Also score every model's eval accuracy on this task (e.g. arithmetic); default: weight error only."),
+    task_option: List[str] = typer.Option([], "--task-option", help="KEY=VALUE task option (repeat), e.g. digits=2."),
+    samples: Optional[int] = typer.Option(None, "-k", "--samples", help="Samples per problem for the eval (default: the eval's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of the eval."),
+    device: str = typer.Option("auto", "--device", help="Torch device for the eval."),
+    seed: int = typer.Option(0, "--seed", help="Eval sampling seed."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory of the predictions (default: RUN/extrapolated/compare-t<T>-w<A>-<C>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier shoot-out's predictions in --out."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the shoot-out's numbers here."),
+) -> None:
+    """Which predictor to trust on this run: predict a held-out real step with two-point (window ends), lstsq, rank1 (RELEX)
+    and AlphaRL's rank-1 update, and compare each with the real checkpoint.
+
+    Weight error: ||pred - real||_F / ||real - W_C||_F over the floating tensors (< 1: better than not moving from the window's
+    end). With --task, eval accuracy of every prediction next to the real checkpoint's and the window end's.
+    """
+    from rlvrx.cli.shootout import ShootoutOptions, default_output, evaluate_all, predict_all
+    from rlvrx.models import check_device
+    from rlvrx.render.shootout import shootout_table
+
+    if device != "auto":
+        check_device(device, "--device")
+    if samples is not None and samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    bounds = parse_window(window) if window is not None else (0, target - 1)
+    options = ShootoutOptions(rank=rank, task=task, task_options=task_options(task_option), samples=samples, limit=limit,
+                              device=device, seed=seed, overwrite=overwrite)
+    with console.status("predicting with two-point, lstsq, rank1, alpharl"):
+        result = predict_all(run, target, bounds, out or default_output(run, target, bounds), options)
+    if task is not None:
+        evaluate_all(result, options, note=lambda m: console.print(m, highlight=False))
+    console.print(shootout_table(result))
+    write_json(json_path, result)

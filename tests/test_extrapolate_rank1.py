@@ -10,7 +10,7 @@ import pytest
 import torch
 from clirun import run_cli
 
-from rlvrx.errors import UsageError
+from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.extrapolate import PROVENANCE, Source, WeightsOptions, extrapolate_two_point
 from rlvrx.extrapolate import extrapolate_rank1
 from rlvrx.formulas import gram_top_components, ols_line, rank1_coefficients
@@ -151,6 +151,17 @@ def test_interrupt_leaves_nothing(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         extrapolate_rank1(Source(paths[0], 0), [Source(paths[t], t) for t in (10, 20, 30)], 60, tmp_path / "out", progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_non_finite_input_names_the_tensor_and_leaves_nothing(tmp_path):
+    paths, states, _ = trajectory(tmp_path / "in", [10, 20], noise=1e-3)
+    bad = dict(states[20])
+    bad["d.weight"] = bad["d.weight"].clone()
+    bad["d.weight"][1, 2, 0] = float("nan")
+    save(tmp_path / "in" / "bad", bad)
+    with pytest.raises(RlvrxError, match="tensor d.weight: its drifts hold inf/nan"):
+        extrapolate_rank1(Source(paths[0], 0), [Source(paths[10], 10), Source(tmp_path / "in" / "bad", 20)], 60, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
+
+from rlvrx.errors import RlvrxError
 from rlvrx.formulas import rank1_coefficients
 
 if TYPE_CHECKING:
@@ -35,11 +38,13 @@ def drift_gram(flats: Sequence[torch.Tensor], chunk_elements: int) -> torch.Tens
     return gram
 
 
-def rank1_weights(flats: Sequence[torch.Tensor], steps: Sequence[int], target_step: int, rank: int,
+def rank1_weights(name: str, flats: Sequence[torch.Tensor], steps: Sequence[int], target_step: int, rank: int,
                   chunk_elements: int) -> tuple[list[float], dict]:
     """(c_k for flats [theta_B, theta_1, ...] with sum c_k = 1, the tensor's provenance entry)."""
     base_step = steps[0]
     gram = drift_gram(flats, chunk_elements).numpy()
+    if not np.isfinite(gram).all():
+        raise RlvrxError(f"tensor {name}: its drifts hold inf/nan (or overflow float64); an input checkpoint is damaged there")
     w, stats = rank1_coefficients(gram, [s - base_step for s in steps[1:]], target_step - base_step, rank)
     coefficients = [1.0 - sum(w), *w]
     entry = {

@@ -80,7 +80,7 @@ def _extrapolate_tensor(name: str, in_name: str, out_name: str, ckpts: Sequence[
         if method == "rank1":
             flats = [mapped_tensor(ckpt.raw(name)) for ckpt in ckpts]
             steps = [s.step for s in sources]
-            coefficients, entry = rank1_weights(flats, steps, target_step, rank, options.chunk_elements)  # type: ignore[arg-type]
+            coefficients, entry = rank1_weights(name, flats, steps, target_step, rank, options.chunk_elements)  # type: ignore[arg-type]
         else:
             flats = [ckpt.get(name).reshape(-1) for ckpt in ckpts]
     numel = len(flats[0])

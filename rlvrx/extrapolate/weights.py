@@ -6,6 +6,10 @@ fitted value at T is a fixed linear combination of the K values, sum_k c_k W_k w
 c_k = 1/K + (T - t_mean)(t_k - t_mean) / S_tt, so it streams like the two-point case; it is
 computed as W_ref + sum_k c_k (W_k - W_ref) (ref = latest checkpoint, sum c_k = 1), which keeps
 float32 accurate when checkpoints are close together.
+Rank-1 (RELEX, rlvrx.extrapolate.rank1): per tensor, a first pass over the window's drifts from the
+base gives that tensor's combination weights (top singular direction in time, its coefficient's line
+at T); the second pass streams the combination like least squares. A window of one checkpoint is the
+two-point jump from the base, bit for bit.
 
 Inputs are read through memory maps (no copies). The two-point case is torch.lerp's arithmetic:
 float32 inside for 16-bit types, one fused multiply-add per value; the result equals the float64

@@ -133,7 +133,8 @@ class RLExtraConfig(Strict):
 
 
 # The kinds of `stages:` entries, in the order a workflow meets them (rlvrx.cli.pipeline maps each to its command).
-STAGE_KINDS = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval")
+STAGE_KINDS = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval",
+               "linearity-rank", "extrapolate-compare")
 
 
 class StageConfig(Strict):

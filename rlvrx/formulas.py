@@ -132,3 +132,82 @@ def is_copied(name: str, dtype: torch.dtype | str, patterns: Iterable[str], extr
         return False
     lowered = name.lower()
     return any(p.lower() in lowered for p in patterns)
+
+
+def gram_top_components(gram, rank: int, steps: Sequence[float] | None = None):
+    """The top `rank` left singular pairs of M from its T x T Gram matrix G = M M^T (float64):
+    (sigmas, U) with sigma_r = sqrt(lambda_r) and U[:, r] the unit eigenvector, largest first.
+    Components whose eigenvalue is not above rounding level (an unchanged tensor) get sigma 0.
+    The sign is fixed so that the coefficients c_t = sigma u[t] grow along the rows (or, without
+    `steps`, so that the largest |u[t]| is positive): only sigma u v^T is defined, this makes the
+    reported lines reproducible."""
+    import numpy as np
+
+    g = np.asarray(gram, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise UsageError(f"gram must be a square matrix, got shape {g.shape}")
+    if not 1 <= rank <= g.shape[0]:
+        raise UsageError(f"rank must be between 1 and the number of rows ({g.shape[0]}), got {rank}")
+    values, vectors = np.linalg.eigh((g + g.T) / 2)
+    order = np.argsort(values)[::-1][:rank]
+    values, vectors = values[order], vectors[:, order]
+    floor = max(float(np.trace(g)), 0.0) * g.shape[0] * 1e-15
+    sigmas = np.sqrt(np.where(values > floor, values, 0.0))
+    for r in range(rank):
+        u = vectors[:, r]
+        key = (np.asarray(steps, dtype=np.float64) - np.mean(steps)) @ u if steps is not None and len(steps) > 1 else 0.0
+        if key == 0.0:
+            key = u[np.argmax(np.abs(u))]
+        if key < 0:
+            vectors[:, r] = -u
+    return sigmas, vectors
+
+
+def ols_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """(a, b, R^2) of the least-squares line y = a + b x. R^2 = 1 - SS_res / SS_tot; a flat exact
+    fit (SS_tot = 0) has R^2 1.0. Needs two distinct x."""
+    if len(xs) != len(ys):
+        raise UsageError(f"xs and ys differ in length ({len(xs)} vs {len(ys)})")
+    if len(set(xs)) < 2:
+        raise UsageError(f"a line needs at least 2 distinct x values, got {list(xs)}")
+    n = len(xs)
+    mx, my = math.fsum(xs) / n, math.fsum(ys) / n
+    sxx = math.fsum((x - mx) ** 2 for x in xs)
+    b = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    ss_tot = math.fsum((y - my) ** 2 for y in ys)
+    ss_res = math.fsum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    if ss_tot == 0:
+        return a, b, 1.0 if ss_res == 0 else float("nan")
+    return a, b, 1.0 - ss_res / ss_tot
+
+
+def rank1_coefficients(gram, steps: Sequence[float], target_step: float, rank: int = 1) -> tuple[list[float], list[dict]]:
+    """The temporal rank-r extrapolation as weights of the rows of M (M[t] = theta_t - theta_B, one
+    row per step): theta_B + sum_r (a_r + b_r T) v_r = theta_B + sum_t w_t M[t], since
+    v_r = M^T u_r / sigma_r. Each component's coefficients c_t = sigma_r u_r[t] get an OLS line on
+    `steps`; one row (a single checkpoint) is the line through (base, 0), i.e. given as steps
+    relative to the base it is two-point extrapolation. Returns (w, per-component stats:
+    sigma, explained_variance sigma_r^2 / sum sigma_i^2, r2 of the line, a, b)."""
+    import numpy as np
+
+    g = np.asarray(gram, dtype=np.float64)
+    if len(steps) != g.shape[0]:
+        raise UsageError(f"steps has {len(steps)} entries for a {g.shape[0]} x {g.shape[0]} gram matrix")
+    sigmas, vectors = gram_top_components(g, rank, steps)
+    total = float(np.trace(g))
+    weights = np.zeros(g.shape[0])
+    stats = []
+    for r in range(rank):
+        sigma, u = float(sigmas[r]), vectors[:, r]
+        if sigma == 0.0:
+            stats.append({"sigma": 0.0, "explained_variance": None, "r2": None, "a": 0.0, "b": 0.0})
+            continue
+        c = [sigma * float(x) for x in u]
+        if len(steps) == 1:
+            a, b, r2 = 0.0, c[0] / steps[0], 1.0
+        else:
+            a, b, r2 = ols_line(list(steps), c)
+        weights += (a + b * target_step) / sigma * u
+        stats.append({"sigma": sigma, "explained_variance": sigma**2 / total, "r2": r2, "a": a, "b": b})
+    return [float(w) for w in weights], stats

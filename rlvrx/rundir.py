@@ -29,6 +29,7 @@ RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
 COMPARE_PNG = "compare.png"
 LINEARITY_KINDS = ("weights", "logprobs")
+RANK_KIND = "rank"  # RUN/linearity/rank: the rank-1 diagnostics (not an R² analysis like the kinds above)
 # Fields the metrics readers compute with: when present they must be numbers (test_accuracy may be NaN/null).
 NUMERIC = ("step", "grad_step", "elapsed", "test_accuracy", "reward_mean", "accuracy", "loss", "kl", "entropy", "grad_norm", "lr")
 
@@ -74,9 +75,9 @@ class RunDir:
         return self.stages / f"{name}.done"
 
     def linearity(self, kind: str) -> Path:
-        """RUN/linearity/KIND (weights or logprobs)."""
-        if kind not in LINEARITY_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(LINEARITY_KINDS)}, got {kind!r}")
+        """RUN/linearity/KIND (weights, logprobs or rank)."""
+        if kind not in (*LINEARITY_KINDS, RANK_KIND):
+            raise ValueError(f"kind must be one of {', '.join((*LINEARITY_KINDS, RANK_KIND))}, got {kind!r}")
         return self.root / "linearity" / kind
 
     def linearity_summary(self, kind: str) -> Path:

@@ -35,7 +35,8 @@ def run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.CompletedP
 
 
 def test_every_benchmark_is_covered():
-    assert set(SCRIPTS) == {"extrapolate_weights.py", "linearity_weights.py", "logits_extrapolation.py", "grpo_step.py", "grading.py"}
+    assert set(SCRIPTS) == {"extrapolate_weights.py", "linearity_weights.py", "logits_extrapolation.py", "grpo_step.py", "grading.py",
+                                "rank1_extrapolation.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -51,6 +52,11 @@ def test_quick_run_ends_with_a_ratio(script, tmp_path):
         match = re.search(r"rlvrx --all vs naive \(every tensor\): (\d+)/(\d+) tensors bit-identical", out)
         assert match and match.group(1) == match.group(2) and int(match.group(2)) == 26, out[-2000:]
         assert "skipped: no virtual environment" in out
+    if script == "rank1_extrapolation.py":
+        # RELEX absent: skipped with a message; rlvrx agrees with the float64 numpy SVD reference to 1 bf16 ulp
+        assert "relex: skipped: no RELEX checkout" in out
+        match = re.search(r"rlvrx vs numpy float64 SVD reference: (\d+)/(\d+) tensors bit-identical, max (\d+) ulp", out)
+        assert match and int(match.group(2)) == 26 and int(match.group(3)) <= 1, out[-2000:]
     if script == "grading.py":
         assert "lost_to_timeout=0" in lines[-1] and "disagreements=0" in lines[-1]
     if script == "linearity_weights.py":

@@ -43,6 +43,8 @@ SMALL = [
     f"{stage('eval')}.options.limit=20",
     f"{stage('eval')}.options.samples=2",
     f"{stage('eval')}.options.name=[base, second, real, weights, logits]",
+    f"{stage('linearity-rank')}.options.window=0:12",
+    f"{stage('extrapolate-compare')}.options={{target: 12, window: '6:10', task: arithmetic, samples: 2, limit: 10}}",
 ]
 
 
@@ -57,9 +59,14 @@ def quickstart_run(tmp_path_factory):
 @pytest.mark.slow
 def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
     run, _, results = quickstart_run
-    assert [r["status"] for r in results] == ["done"] * 6
+    assert [r["status"] for r in results] == ["done"] * 8
     stages = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json")}
-    assert set(stages) == {"train", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval"}
+    assert set(stages) == {"train", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval",
+                           "linearity-rank", "extrapolate-compare"}
+    assert 0 < stages["linearity-rank"]["median_rank1_energy"] <= 1
+    shootout = stages["extrapolate-compare"]
+    assert shootout["window_steps"] == [6, 8, 10] and set(shootout["accuracy"]) == {"real", "window-end", "two-point", "lstsq", "rank1", "alpharl"}
+    assert all(row["relative"] > 0 for row in shootout["predictors"].values())
     train = stages["train"]
     assert train["steps"] == 12 and train["checkpoints"] == 7
     assert 0 <= train["test_accuracy_end"] <= 1
@@ -86,7 +93,7 @@ def test_rerun_does_no_work(quickstart_run):
     run, overrides, _ = quickstart_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     results = run_pipeline(QUICKSTART, overrides, echo=lambda line: None)
-    assert [r["status"] for r in results] == ["skipped"] * 6
+    assert [r["status"] for r in results] == ["skipped"] * 8
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     assert after == before
 
@@ -101,6 +108,7 @@ def test_report_html_and_pngs(quickstart_run):
     assert page.count("data:image/png;base64,") >= 4
     assert "Resolved recipe" in page and "grpo:" in page
     assert "pass@2 ± stderr" in page and "± one standard error over problems" in page
+    assert "Rank-1 structure and predictors" in page and "predictor shoot-out: step 12 from 6..10" in page
     assert (run / "report/training.png").is_file() and (run / "report/trajectories.png").is_file()
 
 

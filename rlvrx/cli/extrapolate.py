@@ -10,6 +10,7 @@ from rich.table import Table
 
 from rlvrx.cli.args import parse_k_list, parse_size, parse_window
 from rlvrx.cli.common import console, task_options, warn, write_json
+from rlvrx.errors import UsageError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -46,8 +47,13 @@ def weights(
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Explicit alpha instead of --target (needed for two bare model dirs)."),
     base_path: Optional[Path] = typer.Option(None, "--base-path", help="Base model directory or hub id org/name[@revision] (instead of a step of RUN)."),
     second_path: Optional[Path] = typer.Option(None, "--second-path", help="Second model directory or hub id org/name[@revision] (instead of a step of RUN)."),
-    fit: str = typer.Option("two-point", "--fit", help="two-point, or lstsq: each parameter's least-squares line through every checkpoint in --window."),
-    window: Optional[str] = typer.Option(None, "--window", help="A:B, the steps --fit lstsq uses (inclusive; either side may be empty)."),
+    fit: str = typer.Option(
+        "two-point", "--fit",
+        help="two-point; lstsq: each parameter's least-squares line through every checkpoint in --window; rank1: per tensor, "
+        "the top singular direction in time of the drifts from --base over --window, its coefficient extrapolated along a line (RELEX).",
+    ),
+    window: Optional[str] = typer.Option(None, "--window", help="A:B, the steps --fit lstsq/rank1 uses (inclusive; either side may be empty)."),
+    rank: int = typer.Option(1, "--rank", help="--fit rank1: number of temporal components, each with its own line.", min=1),
     out: Optional[Path] = typer.Option(None, "--out", help="Output checkpoint directory (default: RUN/extrapolated/step_T; --alpha without --target needs --out)."),
     copy_pattern: Optional[List[str]] = typer.Option(
         None, "--copy-pattern", help="Name substring of tensors copied from the latest checkpoint (repeatable; default: norm, layernorm, rmsnorm, ln_)."
@@ -67,7 +73,11 @@ def weights(
     ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write a machine-readable summary here."),
 ) -> None:
-    """Predict the checkpoint at step T: W = W_S0 + alpha (W_S1 - W_S0), or a per-parameter least-squares line.
+    """Predict the checkpoint at step T: W = W_S0 + alpha (W_S1 - W_S0), a per-parameter least-squares line, or a rank-1 fit.
+
+    --fit rank1 --base B --window A:C --target T [--rank r]: per tensor, M[t] = W_t - W_B over the window's checkpoints,
+    its top singular pair (Gram matrix in float64), c_t = sigma u[t] fitted by a line in the step and evaluated at T;
+    extrapolation.json records each tensor's explained variance and R² (a window of one checkpoint is two-point from B).
 
     Streams each tensor in chunks through a few reused buffers (peak memory tens of MB) into an atomically written, sharded HF
     checkpoint with extrapolation.json provenance; norm and non-floating tensors come from the latest input.
@@ -104,6 +114,7 @@ def weights(
             second_path=second_path,
             fit=fit,
             window=parse_window(window) if window is not None else None,
+            rank=rank,
             out=out,
             register=register,
             options=options,
@@ -119,9 +130,14 @@ def weights(
         table.add_row("target step", str(result.target_step))
     if result.alpha is not None:
         table.add_row("alpha", f"{result.alpha:g}")
-    for info, coef in zip(result.inputs, result.coefficients):
+    for info, coef in zip(result.inputs, result.coefficients or [None] * len(result.inputs)):
         label = info["role"] if info["step"] is None else f"{info['role']} (step {info['step']})"
-        table.add_row(label, f"c={coef:+.4g}  {info['path']}")
+        table.add_row(label, info["path"] if coef is None else f"c={coef:+.4g}  {info['path']}")
+    if result.method == "rank1":
+        medians = result.medians()
+        table.add_row("rank", str(result.rank))
+        for key, label in (("median_explained_variance", "median explained var."), ("median_r2", "median R² of c_t")):
+            table.add_row(label, "-" if medians[key] is None else f"{medians[key]:.4f}")
     table.add_row("tensors", f"{len(result.extrapolated)} extrapolated, {len(result.copied)} copied from the latest")
     table.add_row("arithmetic", f"{result.compute_dtype} -> {', '.join(result.output_dtypes)}")
     table.add_row("written", f"{_human(result.bytes_written)} in {result.seconds:.1f} s")
@@ -221,3 +237,46 @@ def logits(
         table.add_row("problems", str(m.get("problems")))
         console.print(table)
     write_json(json_path, result.summary())
+
+
+@app.command()
+def compare(
+    run: Path = typer.Argument(..., help="Run directory with trajectory.json; --target must be one of its real checkpoints."),
+    target: int = typer.Option(..., "--target", help="Step T to predict (a real checkpoint, held out: the window must end before it)."),
+    window: Optional[str] = typer.Option(None, "--window", help="A:C, the checkpoints the predictors see (those before T; default: all before T)."),
+    rank: int = typer.Option(1, "--rank", help="Components of the rank1 predictor.", min=1),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Also score every model's eval accuracy on this task (e.g. arithmetic); default: weight error only."),
+    task_option: List[str] = typer.Option([], "--task-option", help="KEY=VALUE task option (repeat), e.g. digits=2."),
+    samples: Optional[int] = typer.Option(None, "-k", "--samples", help="Samples per problem for the eval (default: the eval's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of the eval."),
+    device: str = typer.Option("auto", "--device", help="Torch device for the eval."),
+    seed: int = typer.Option(0, "--seed", help="Eval sampling seed."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory of the predictions (default: RUN/extrapolated/compare-t<T>-w<A>-<C>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier shoot-out's predictions in --out."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the shoot-out's numbers here."),
+) -> None:
+    """Which predictor to trust on this run: predict a held-out real step with two-point (window ends), lstsq, rank1 (RELEX)
+    and AlphaRL's rank-1 update, and compare each with the real checkpoint.
+
+    Weight error: ||pred - real||_F / ||real - W_C||_F over the floating tensors (< 1: better than not moving from the window's
+    end). With --task, eval accuracy of every prediction next to the real checkpoint's and the window end's.
+    """
+    from rlvrx.cli.shootout import ShootoutOptions, default_output, evaluate_all, predict_all
+    from rlvrx.models import check_device
+    from rlvrx.render.shootout import shootout_table
+
+    if device != "auto":
+        check_device(device, "--device")
+    if samples is not None and samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    bounds = parse_window(window) if window is not None else (0, target - 1)
+    options = ShootoutOptions(rank=rank, task=task, task_options=task_options(task_option), samples=samples, limit=limit,
+                              device=device, seed=seed, overwrite=overwrite)
+    with console.status("predicting with two-point, lstsq, rank1, alpharl"):
+        result = predict_all(run, target, bounds, out or default_output(run, target, bounds), options)
+    if task is not None:
+        evaluate_all(result, options, note=lambda m: console.print(m, highlight=False))
+    console.print(shootout_table(result))
+    write_json(json_path, result)

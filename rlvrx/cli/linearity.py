@@ -1,4 +1,4 @@
-"""`rlvrx linearity weights|logprobs|merge`: how linearly weights and log-probs move with the step."""
+"""`rlvrx linearity weights|logprobs|merge|rank`: how linearly weights and log-probs move with the step; the rank-1 structure of the updates."""
 
 from __future__ import annotations
 
@@ -306,3 +306,63 @@ def logprobs(
         logprob_tables(summary), logprob_global_line(summary), summary["histogram"] if summary["n_tokens"] else None,
         f"every token was filtered out (log-prob change within {min_logprob_change:g}); lower --min-logprob-change?", written,
     )
+
+
+@app.command()
+def rank(
+    run: Optional[Path] = RUN_ARG,
+    checkpoint: List[str] = CHECKPOINT_OPT,
+    window: Optional[str] = WINDOW_OPT,
+    include_extrapolated: bool = EXTRAPOLATED_OPT,
+    write_rank1: Optional[int] = typer.Option(
+        None, "--write-rank1",
+        help="STEP: instead of the diagnostics, write AlphaRL's rank-1 model of STEP to --out: W_base + ||Delta||_F u1 v1^T for "
+        "every 2-D weight (base = the first checkpoint of the window), every other tensor as at STEP; `rlvrx eval` scores it.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --write-rank1: replace an existing --out (once the new one is complete)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/linearity/rank); with --write-rank1 the checkpoint directory (required)."),
+    json_path: Optional[Path] = JSON_OPT,
+    no_plots: bool = NO_PLOTS_OPT,
+) -> None:
+    """Rank-1 structure of the updates W_t - W_base of every 2-D weight (the first checkpoint of the window is the base).
+
+    For each checkpoint after the base: the top singular triplet (subspace iteration), the rank-1 energy
+    sigma1² / ||Delta||_F², the |cos| of u1 and v1 against the last checkpoint's, and the R² of sigma1 against step;
+    medians by module type and by layer, a plot, summary.json and tensors.csv. One tensor's Delta in memory at a time.
+    """
+    from rlvrx.linearity.rank import analyze_rank, public_json, write_rank1 as write_rank1_model
+    from rlvrx.render.linearity import rank_global_line, rank_tables, write_rank_outputs
+    from rlvrx.render.tables import progress_bar
+
+    checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
+    if write_rank1 is not None:
+        if out is None:
+            raise UsageError("--write-rank1 STEP needs --out DIR, the checkpoint directory to write")
+        steps = [s for s, _ in checkpoints]
+        if write_rank1 not in steps[1:]:
+            raise UsageError(f"--write-rank1 {write_rank1}: not a checkpoint after the base step {steps[0]} (steps: {steps})")
+        with progress_bar(console) as bar:
+            task = bar.add_task(f"rank-1 model of step {write_rank1}", total=None)
+            path = write_rank1_model(
+                checkpoints[0][1], dict(checkpoints)[write_rank1], out, overwrite=overwrite,
+                progress=lambda name, done, total: bar.update(task, completed=done, total=total),
+            )
+        console.print(f"[green]wrote[/] {path}: rank-1 model of step {write_rank1} against base step {steps[0]}", highlight=False)
+        return
+    if overwrite:
+        raise UsageError("--overwrite is for --write-rank1")
+    out = out or _default_out(run, "rank")
+    with progress_bar(console) as bar:
+        task = bar.add_task("rank-1", total=None)
+        summary = analyze_rank(checkpoints, lambda name, done, total: bar.update(task, completed=done, total=total, description=name))
+    if not summary["n_tensors"]:
+        raise UsageError("the checkpoints hold no 2-D floating weights; nothing to decompose")
+    written = write_rank_outputs(summary, out, plots=not no_plots)
+    if json_path is not None:
+        write_json(json_path, public_json(summary))
+        written.append(json_path)
+    for tbl in rank_tables(summary):
+        console.print(tbl)
+    console.print(rank_global_line(summary), highlight=False)
+    for path in written:
+        console.print(f"[green]wrote[/] {path}", highlight=False)

@@ -32,6 +32,8 @@ COMMANDS = {
     "extrapolate-weights": ("extrapolate", "weights"),
     "extrapolate-logits": ("extrapolate", "logits"),
     "eval": ("eval",),
+    "linearity-rank": ("linearity", "rank"),
+    "extrapolate-compare": ("extrapolate", "compare"),
 }
 # Positional arguments when a stage gives none.
 DEFAULT_ARGS = {
@@ -42,6 +44,8 @@ DEFAULT_ARGS = {
     "extrapolate-weights": ["{run}"],
     "extrapolate-logits": ["{run}"],
     "eval": ["{run}:last"],
+    "linearity-rank": ["{run}"],
+    "extrapolate-compare": ["{run}"],
 }
 
 

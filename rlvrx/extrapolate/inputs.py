@@ -113,16 +113,18 @@ def sources_from_run(run: str | os.PathLike, steps: Sequence[int]) -> list[Sourc
     return [Source(traj.path_of(step), step, traj.get(step).sha256) for step in steps]
 
 
-def window_sources(run: str | os.PathLike, window: tuple[int, int] | None) -> list[Source]:
-    """The run's base/rl checkpoints (extrapolated ones are never fitted) inside the window."""
+def window_sources(run: str | os.PathLike, window: tuple[int, int] | None, minimum: int = 2, exclude: int | None = None) -> list[Source]:
+    """The run's base/rl checkpoints (extrapolated ones are never fitted) inside the window, but the
+    step `exclude` (rank1's base); fewer than `minimum` is a UsageError."""
     from rlvrx.trajectory import Trajectory
 
     traj = Trajectory.load(run)
-    entries = traj.select(kinds=("base", "rl"), window=window)
-    if len(entries) < 2:
+    entries = [e for e in traj.select(kinds=("base", "rl"), window=window) if e.step != exclude]
+    if len(entries) < minimum:
         where = f"in window {window[0]}:{window[1]}" if window else ""
+        fit = "least squares" if exclude is None else f"a rank-1 fit (base {exclude} excluded)"
         raise UsageError(
-            f"{traj.manifest}: least squares needs at least 2 base/rl checkpoints {where}, found "
+            f"{traj.manifest}: {fit} needs at least {minimum} base/rl checkpoints {where}, found "
             f"{[e.step for e in entries]} (steps: {traj.steps})"
         )
     return [Source(traj.resolve(e), e.step, e.sha256) for e in entries]

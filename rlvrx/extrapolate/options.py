@@ -15,7 +15,17 @@ if TYPE_CHECKING:
 
 PROVENANCE = "extrapolation.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-METHODS = ("two-point", "lstsq")
+METHODS = ("two-point", "lstsq", "rank1")
+
+FORMULAS = {
+    "two-point": "W = W_base + alpha * (W_second - W_base)",
+    "lstsq": "W = sum_k c_k W_k (per-parameter least-squares line through the inputs, evaluated at target_step)",
+    "rank1": (
+        "per tensor, M[t] = W_t - W_base for the window's checkpoints; top-r singular pairs of M (Gram matrix in float64), "
+        "c_t = sigma_r u_r[t], OLS line c_t = a_r + b_r (t - base) on the steps; W = W_base + sum_r (a_r + b_r (T - base)) v_r "
+        "= W_base + sum_t weights[t] M[t] (tensors[name].weights); one window checkpoint: the line through (base, 0)"
+    ),
+}
 
 Progress = Callable[[str, int, int], None]  # (tensor just written, output bytes done, output bytes in all)
 Warn = Callable[[str], None]
@@ -65,17 +75,27 @@ class WeightsExtrapolation:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     registered: bool = False
+    rank: int | None = None  # rank1: the number of components
+    tensor_fits: dict[str, dict] = field(default_factory=dict)  # rank1: each tensor's explained variance, R^2, weights
+
+    def medians(self) -> dict:
+        """rank1: the median over tensors of the top component's explained variance and R^2 (None
+        without fitted tensors, or for tensors that did not move)."""
+        import statistics
+
+        out: dict = {}
+        for key in ("explained_variance", "r2"):
+            values = [fit[key][0] for fit in self.tensor_fits.values() if fit[key][0] is not None]
+            out[f"median_{key}"] = statistics.median(values) if values else None
+        return out
 
     def provenance(self) -> dict:
+        extra = {"rank": self.rank, **self.medians(), "tensors": self.tensor_fits} if self.method == "rank1" else {}
         return {
             "rlvrx_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "method": self.method,
-            "formula": (
-                "W = W_base + alpha * (W_second - W_base)"
-                if self.method == "two-point"
-                else "W = sum_k c_k W_k (per-parameter least-squares line through the inputs, evaluated at target_step)"
-            ),
+            "formula": FORMULAS[self.method],
             "target_step": self.target_step,
             "alpha": self.alpha,
             "coefficients": self.coefficients,
@@ -90,6 +110,7 @@ class WeightsExtrapolation:
             "extrapolated_tensors": len(self.extrapolated),
             "copied_from": self.inputs[-1]["path"] if self.inputs else None,
             "copied": self.copied,
+            **extra,
         }
 
     def summary(self) -> dict:
@@ -109,4 +130,5 @@ class WeightsExtrapolation:
             "seconds": round(self.seconds, 3),
             "warnings": self.warnings,
             "registered": self.registered,
+            **({"rank": self.rank, **self.medians()} if self.method == "rank1" else {}),
         }

@@ -6,6 +6,10 @@ fitted value at T is a fixed linear combination of the K values, sum_k c_k W_k w
 c_k = 1/K + (T - t_mean)(t_k - t_mean) / S_tt, so it streams like the two-point case; it is
 computed as W_ref + sum_k c_k (W_k - W_ref) (ref = latest checkpoint, sum c_k = 1), which keeps
 float32 accurate when checkpoints are close together.
+Rank-1 (RELEX, rlvrx.extrapolate.rank1): per tensor, a first pass over the window's drifts from the
+base gives that tensor's combination weights (top singular direction in time, its coefficient's line
+at T); the second pass streams the combination like least squares. A window of one checkpoint is the
+two-point jump from the base, bit for bit.
 
 Inputs are read through memory maps (no copies). The two-point case is torch.lerp's arithmetic:
 float32 inside for 16-bit types, one fused multiply-add per value; the result equals the float64
@@ -51,8 +55,9 @@ from rlvrx.extrapolate.inputs import (
     sources_from_run,
     window_sources,
 )
+from rlvrx.extrapolate.rank1 import mapped_tensor, rank1_weights
 from rlvrx.extrapolate.options import METHODS, PROVENANCE, Progress, Source, Warn, WeightsExtrapolation, WeightsOptions
-from rlvrx.formulas import interpolation_warning, is_copied, jump, lstsq_coefficients
+from rlvrx.formulas import interpolation_warning, is_copied, jump, lstsq_coefficients, two_point_alpha
 from rlvrx.io.atomic import atomic_dir
 from rlvrx.io.background_writer import BackgroundWriter
 from rlvrx.io.dtypes import DTYPE_INFO, RawValues, dtype_name, element_size
@@ -63,10 +68,12 @@ from rlvrx.io.writer import ShardedWriter, copy_aux_files
 
 def _extrapolate_tensor(name: str, in_name: str, out_name: str, ckpts: Sequence[Checkpoint], sources: Sequence[Source],
                         method: str, coefficients: list[float], alpha: float | None, options: WeightsOptions,
-                        background: BackgroundWriter) -> None:
+                        background: BackgroundWriter, target_step: int | None = None, rank: int = 1) -> dict | None:
     """Compute one tensor chunk by chunk into the writer's ring of buffers: the compiled kernel on the
-    inputs' memory maps where it applies, torch otherwise."""
+    inputs' memory maps where it applies, torch otherwise. rank1: a first pass fits this tensor's
+    coefficients (returned as its provenance entry), the second combines like least squares."""
     kind = native_kind(method, options.precise, in_name, out_name)
+    entry = None
     size = element_size(out_name)
     if kind is not None:
         flats = [ckpt.raw(name).data for ckpt in ckpts]
@@ -74,8 +81,13 @@ def _extrapolate_tensor(name: str, in_name: str, out_name: str, ckpts: Sequence[
     else:
         import torch
 
-        flats = [ckpt.get(name).reshape(-1) for ckpt in ckpts]
         compute = compute_dtype(torch_dtype(in_name), options.precise)
+        if method == "rank1":
+            flats = [mapped_tensor(ckpt.raw(name)) for ckpt in ckpts]
+            steps = [s.step for s in sources]
+            coefficients, entry = rank1_weights(name, flats, steps, target_step, rank, options.chunk_elements)  # type: ignore[arg-type]
+        else:
+            flats = [ckpt.get(name).reshape(-1) for ckpt in ckpts]
     numel = len(flats[0])
     elements = max(1, options.chunk_elements)
     for i in range(0, numel, elements):
@@ -99,6 +111,7 @@ def _extrapolate_tensor(name: str, in_name: str, out_name: str, ckpts: Sequence[
         del buffer, out_part, check
     if numel == 0:
         background.put(name, RawValues(out_name, np.zeros(0, dtype=np.uint8)))
+    return entry
 
 
 def _run(
@@ -113,6 +126,7 @@ def _run(
     progress: Progress | None,
     warn: Warn | None,
     warnings: list[str],
+    rank: int = 1,
 ) -> WeightsExtrapolation:
     start = time.perf_counter()
     out = Path(out)
@@ -128,8 +142,10 @@ def _run(
         specs.append((name, info.shape, out_name))
         plan.append((name, info.dtype_name, out_name, copy))
     # torch is imported only for what the compiled kernel does not do (--precise, --dtype, lstsq, fp16...)
+    # rank1 on a window of one checkpoint is the two-point jump from the base: the same arithmetic, the same bits
+    arith = "two-point" if method == "rank1" and len(sources) == 2 else method
     needs_torch = any(
-        in_name != out_name if copy else native_kind(method, options.precise, in_name, out_name) is None
+        in_name != out_name if copy else native_kind(arith, options.precise, in_name, out_name) is None
         for _, in_name, out_name, copy in plan
     )
 
@@ -143,6 +159,7 @@ def _run(
         compute_dtype="float64" if options.precise else "float32",
         output_dtypes=sorted({DTYPE_INFO[d][1] for _, _, d, _ in plan}),
         warnings=warnings,
+        rank=rank if method == "rank1" else None,
     )
     for msg in warnings:
         if warn is not None:
@@ -164,7 +181,12 @@ def _run(
                         background.put(name, tensor)
                         del tensor
                     else:
-                        _extrapolate_tensor(name, in_name, out_name, ckpts, sources, method, coefficients, alpha, options, background)
+                        entry = _extrapolate_tensor(name, in_name, out_name, ckpts, sources, arith, coefficients, alpha, options,
+                                                    background, target_step, rank)
+                        if method == "rank1" and entry is None:
+                            entry = {"explained_variance": [1.0], "r2": [1.0], "sigma": [None], "weights": [alpha]}
+                        if entry is not None:
+                            result.tensor_fits[name] = entry
                         result.extrapolated.append(name)
                     result.bytes_written += math.prod(infos[name].shape) * element_size(out_name)
                     if progress is not None:
@@ -242,6 +264,41 @@ def extrapolate_lstsq(
     )
 
 
+def extrapolate_rank1(
+    base: Source,
+    window: Sequence[Source],
+    target_step: int,
+    out: str | os.PathLike,
+    *,
+    rank: int = 1,
+    options: WeightsOptions | None = None,
+    progress: Progress | None = None,
+    warn: Warn | None = None,
+) -> WeightsExtrapolation:
+    """RELEX's temporal rank-r extrapolation (rlvrx.extrapolate.rank1): per tensor, the top-r
+    singular components of the drifts theta_t - theta_base over `window` (each with a step, the base
+    excluded), each coefficient extrapolated along its least-squares line to target_step. One window
+    checkpoint gives the two-point jump from the base. Norm and non-floating tensors come from the
+    latest window checkpoint."""
+    window = sorted(window, key=lambda s: (s.step is None, s.step))
+    if base.step is None or any(s.step is None for s in window):
+        raise UsageError("a rank-1 fit needs the step of the base and of every window checkpoint")
+    if not window:
+        raise UsageError("a rank-1 fit needs at least 1 checkpoint in the window besides the base")
+    steps = [s.step for s in window]
+    if base.step in steps or len(set(steps)) != len(steps):
+        raise UsageError(f"the window's steps {steps} must be distinct and exclude the base step {base.step}")
+    if not 1 <= rank <= len(window):
+        raise UsageError(f"--rank {rank}: must be between 1 and the number of window checkpoints ({len(window)})")
+    alpha = two_point_alpha(base.step, steps[0], target_step) if len(window) == 1 else None
+    note = interpolation_warning("lstsq", [base.step, *steps], target_step, None)
+    roles = ["base", *(f"window[{i}]" for i in range(len(window)))]
+    return _run(
+        [base, *window], Path(out), "rank1", [], alpha, target_step, roles,
+        options or WeightsOptions(), progress, warn, [note] if note else [], rank=rank,
+    )
+
+
 def extrapolate_weights(
     run: str | os.PathLike | None = None,
     *,
@@ -253,6 +310,7 @@ def extrapolate_weights(
     second_path: str | os.PathLike | None = None,
     fit: str = "two-point",
     window: tuple[int, int] | None = None,
+    rank: int = 1,
     out: str | os.PathLike | None = None,
     register: bool = False,
     options: WeightsOptions | None = None,
@@ -266,10 +324,24 @@ def extrapolate_weights(
         raise ParameterError("{copy_patterns} '': an empty pattern matches every tensor name (nothing would be extrapolated); give a name substring such as norm", "copy_patterns")
     if fit not in METHODS:
         raise ParameterError("{fit} {value!r}: use one of {methods}", "fit", value=fit, methods=", ".join(METHODS))
+    if rank != 1 and fit != "rank1":
+        raise ParameterError("{rank} {value} is for {fit:rank1}", "rank", "fit", value=rank)
     if register and run is None:
         raise ParameterError("{register} needs the {run} directory whose trajectory.json should record the result", "register", "run")
 
-    if fit == "lstsq":
+    if fit == "rank1":
+        given = [name for name, value in (("second", second), ("alpha", alpha), ("base_path", base_path), ("second_path", second_path)) if value is not None]
+        if given:
+            raise ParameterError("{0} is not used by {fit:rank1}; it takes {run}, {base:B}, {window:A:C} and {target:T}", given[0], "fit", "run", "base", "window", "target")
+        if run is None or base is None or target is None:
+            raise ParameterError("{fit:rank1} needs {run}, {base:B} (the anchor step), {target:T} and usually {window:A:C}", "fit", "run", "base", "target", "window")
+        src_base = sources_from_run(run, [base])[0]
+        fitted = window_sources(run, window, minimum=1, exclude=base)
+        out = Path(out) if out is not None else default_output(run, target)
+        if register:
+            check_registrable(run, target, options.overwrite)
+        result = extrapolate_rank1(src_base, fitted, target, out, rank=rank, options=options, progress=progress, warn=warn)
+    elif fit == "lstsq":
         given = [name for name, value in (("base", base), ("second", second), ("alpha", alpha), ("base_path", base_path), ("second_path", second_path)) if value is not None]
         if given:
             raise ParameterError("{0} is for the two-point method; {fit:lstsq} takes {run}, {window:A:B} and {target}", given[0], "fit", "run", "window", "target")
@@ -282,7 +354,7 @@ def extrapolate_weights(
         result = extrapolate_lstsq(sources, target, out, options=options, progress=progress, warn=warn)
     else:
         if window is not None:
-            raise ParameterError("{window} is for {fit:lstsq}; the two-point method uses {base} and {second}", "window", "fit", "base", "second")
+            raise ParameterError("{window} is for {fit:lstsq} or rank1; the two-point method uses {base} and {second}", "window", "fit", "base", "second")
         if (base_path is None) != (second_path is None):
             raise ParameterError("give both {base_path} and {second_path} (two model directories), or neither", "base_path", "second_path")
         if base_path is None:

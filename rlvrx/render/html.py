@@ -45,6 +45,9 @@ def gather(run_dir: str | Path) -> dict:
     for kind in LINEARITY_KINDS:
         for png in sorted(rd.linearity(kind).glob("*.png")):
             images[f"linearity/{kind}/{png.name}"] = png
+    rank_png = rd.linearity("rank") / "rank1_energy.png"
+    if rank_png.is_file():
+        images["linearity/rank/rank1_energy.png"] = rank_png
     if rd.compare_png.is_file():
         images[rd.compare_png.name] = rd.compare_png
     recipe = rd.recipe.read_text() if rd.recipe.is_file() else None
@@ -140,6 +143,7 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             rows.append([key.split("-")[1], s.get("method", "-"), inputs, _cell(s.get("target_step")), _cell(s.get("alpha")), str(s.get("out", "-"))])
     if rows:
         tables.append(("extrapolation", ["kind", "method", "inputs", "target", "alpha", "output"], rows))
+    tables.extend(_rank_tables(stages))
     ev = stages.get("eval")
     if isinstance(ev, dict) and ev:
         models = list(ev)
@@ -158,6 +162,28 @@ def _with_stderr(metrics: dict, key: str) -> str:
     value = _cell(metrics.get(key))
     error = (metrics.get("stderr") or {}).get(key) if isinstance(metrics.get("stderr"), dict) else None
     return value if error is None or key == "n" else f"{value} ± {_cell(error)}"
+
+
+def _rank_tables(stages: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The rank-1 diagnostics (linearity-rank) and the predictor shoot-out (extrapolate-compare), when present."""
+    tables = []
+    s = stages.get("linearity-rank")
+    if isinstance(s, dict):
+        rows = [[label, _cell(s.get(k))] for k, label in (
+            ("median_rank1_energy", "median rank-1 energy"), ("median_u_stability", "median u1 stability"),
+            ("median_v_stability", "median v1 stability"), ("median_sigma1_r2", "median R² of sigma1 vs step"), ("n_tensors", "2-D weights"),
+        )]
+        tables.append(("rank-1 structure of the updates", ["", "value"], rows))
+    s = stages.get("extrapolate-compare")
+    if isinstance(s, dict) and isinstance(s.get("predictors"), dict):
+        acc = s.get("accuracy") if isinstance(s.get("accuracy"), dict) else {}
+        rows = [[name, _cell(row.get("relative")), _cell((acc.get(name) or {}).get("avg"))] for name, row in s["predictors"].items() if isinstance(row, dict)]
+        if acc:
+            rows += [[name, "-", _cell((acc.get(name) or {}).get("avg"))] for name in ("window-end", "real")]
+        steps = s.get("window_steps") or []
+        title = f"predictor shoot-out: step {s.get('target')} from {steps[0]}..{steps[-1]}" if steps else "predictor shoot-out"
+        tables.append((title, ["predictor", "weight error / drift", "accuracy"], rows))
+    return tables
 
 
 def print_summary(data: dict, console) -> None:
@@ -201,6 +227,11 @@ def render_html(data: dict, plots: dict[str, Path]) -> str:
         for t in section_tables:
             parts.append(_html_table(*t))
         parts += [_img(plots[k]) for k in present]
+    predictors = [t for t in tables if t[0].startswith(("rank-1", "predictor"))]
+    if predictors or "linearity/rank/rank1_energy.png" in plots:
+        parts.append("<h2>Rank-1 structure and predictors</h2>")
+        parts += [_html_table(*t) for t in predictors]
+        parts += [_img(plots[k]) for k in ("linearity/rank/rank1_energy.png",) if k in plots]
     rest = [t for t in tables if t[0].startswith(("extrapolation", "eval"))]
     if rest:
         parts.append("<h2>Extrapolation and evaluation</h2>")

@@ -177,3 +177,65 @@ def write_logprob_outputs(summary: dict, out_dir, plots: bool = True, max_lines:
             xlabel="step", ylabel="mean token log-prob",
         ))
     return written
+
+# ----------------------------------------------------------------------------------------------
+# Rank-1 diagnostics (rlvrx.linearity.rank)
+
+RANK_COLUMNS = ("tensors", "rank-1 energy", "u stability", "v stability", "R² σ1")
+
+
+def _rank_row(label: str, group: dict) -> list:
+    return [label, group["n_tensors"], fmt(group["median_rank1_energy"]), fmt(group["median_u_stability"]),
+            fmt(group["median_v_stability"]), fmt(group["median_sigma1_r2"])]
+
+
+def rank_tables(summary: dict) -> list:
+    """Rich tables of the medians over 2-D weights: by module type (with the global line) and by layer."""
+    steps = summary["steps"]
+    span = f"base {summary['base_step']}, steps {steps[0]}..{steps[-1]}"
+    modules = [_rank_row(g["module"], g) for g in summary["by_module"]] + [_rank_row("all", summary)]
+    layers = [_rank_row("-" if g["layer"] is None else str(g["layer"]), g) for g in summary["by_layer"]]
+    return [
+        table(f"rank-1 structure of W_t - W_base by module type (medians; {span})", ("module", *RANK_COLUMNS), modules),
+        table("rank-1 structure by layer (- = outside the layers)", ("layer", *RANK_COLUMNS), layers),
+    ]
+
+
+def rank_global_line(summary: dict) -> str:
+    return (
+        f"over {summary['n_tensors']} 2-D weights: median rank-1 energy {fmt(summary['median_rank1_energy'])} "
+        f"(sigma1² / ||Delta||_F² at step {summary['steps'][-1]}), top singular vectors' |cos| against the last step's: "
+        f"u {fmt(summary['median_u_stability'])}, v {fmt(summary['median_v_stability'])}; R² of sigma1 vs step "
+        f"{fmt(summary['median_sigma1_r2'])}"
+    )
+
+
+RANK_CSV_HEADER = ("name", "module", "layer", "rank1_energy", "u_stability", "v_stability", "sigma1_r2", "sigma1_last", "frobenius_last")
+
+
+def write_rank_outputs(summary: dict, out_dir, plots: bool = True) -> list:
+    """summary.json, tensors.csv and (with plots) rank1_energy.png (median energy per module vs step)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "summary.json"
+    atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    written = [path]
+    rows = [
+        [t["name"], t["module"], t["layer"], t["rank1_energy"], t["u_stability"], t["v_stability"], t["sigma1_r2"],
+         t["sigma1"][-1], t["frobenius"][-1]]
+        for t in summary["tensors"]
+    ]
+    written.append(write_csv(out_dir / "tensors.csv", RANK_CSV_HEADER, rows))
+    if plots and summary["tensors"]:
+        series = {}
+        for module in sorted({t["module"] for t in summary["tensors"]}):
+            group = [t for t in summary["tensors"] if t["module"] == module]
+            series[module] = [
+                float(np.median(known)) if (known := [t["energy"][i] for t in group if t["energy"][i] is not None]) else np.nan
+                for i in range(len(summary["steps"]))
+            ]
+        written.append(save_lines_png(
+            out_dir / "rank1_energy.png", summary["steps"], series, title=f"rank-1 energy of W_t - W_{summary['base_step']} (median per module)",
+            xlabel="step", ylabel="sigma1² / ||Delta||_F²",
+        ))
+    return written

@@ -55,21 +55,44 @@ def recipe(args) -> None:
         "model": {"path": str(Path(args.model).resolve())},
         "task": {"name": "arithmetic", "digits": 1, "operators": ["+"], "n_train": 64, "n_test": 16, "seed": 0},
         "sft": {"enabled": False},
-        "grpo": {"num_generations": 4, "batch_size": 8, "lr": 5e-3, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                 "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0, "loss_agg": "token-mean", "scale_rewards": "group",
-                 "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "steps": args.steps, "save_every": 2,
-                 "eval_every": 2, "seed": 0},
-        "verl": {"nnodes": 1, "n_gpus_per_node": 1, "rollout": "vllm", "rollout_tp": 1, "gpu_memory_utilization": 0.3,
-                 "max_prompt_length": 16, "micro_batch_size_per_gpu": 8,
-                 "save_contents": ["model", "optimizer", "extra", "hf_model"], "checkpoint_dtype": "float32",
-                 "project_name": "rlvrx-gpu-check", "logger": ["console", "file"],
-                 "overrides": [*GPU_OVERRIDES, *args.override]},
+        "grpo": {
+            "num_generations": 4,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "epsilon": 0.2,
+            "epsilon_high": 0.28,
+            "beta": 0.0,
+            "loss_agg": "token-mean",
+            "scale_rewards": "group",
+            "max_new_tokens": 8,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "steps": args.steps,
+            "save_every": 2,
+            "eval_every": 2,
+            "seed": 0,
+        },
+        "verl": {
+            "nnodes": 1,
+            "n_gpus_per_node": 1,
+            "rollout": "vllm",
+            "rollout_tp": 1,
+            "gpu_memory_utilization": 0.3,
+            "max_prompt_length": 16,
+            "micro_batch_size_per_gpu": 8,
+            "save_contents": ["model", "optimizer", "extra", "hf_model"],
+            "checkpoint_dtype": "float32",
+            "project_name": "rlvrx-gpu-check",
+            "logger": ["console", "file"],
+            "overrides": [*GPU_OVERRIDES, *args.override],
+        },
         "output": {"dir": str(Path(args.run).resolve())},
     }
     if args.rl_extra:
         m, n = args.rl_extra
-        body["rl_extra"] = {"m": m, "n": n, "iterations": 1, "anchor": "cycle_start", "fit": "two_point",
-                            "optimizer_state": "keep", "norms": "copy"}
+        body["rl_extra"] = {"m": m, "n": n, "iterations": 1, "anchor": "cycle_start", "fit": "two_point", "optimizer_state": "keep", "norms": "copy"}
         body["grpo"]["save_every"] = m
     Path(args.out).write_text(json.dumps(body, indent=2) + "\n")
 
@@ -106,8 +129,13 @@ def jump(args) -> int:
             result["max_abs_err"] = max(result["max_abs_err"], (tj - expect).abs().max().item())
             result["max_move"] = max(result["max_move"], (tb - ta).abs().max().item())
     # float32 storage: the jump is computed in float32, so allow a few ulps of the values involved
-    result["ok"] = bool(result["jumped"] and result["max_move"] > 0 and result["max_abs_err"] < 1e-5
-                        and result["kept_max_abs_err"] == 0.0 and not math.isnan(result["max_abs_err"]))
+    result["ok"] = bool(
+        result["jumped"]
+        and result["max_move"] > 0
+        and result["max_abs_err"] < 1e-5
+        and result["kept_max_abs_err"] == 0.0
+        and not math.isnan(result["max_abs_err"])
+    )
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0 if result["ok"] else 1
@@ -141,8 +169,15 @@ def _fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ("-" if value is None else str(value))
 
 
-STEP_KEYS = ("timing_s/step", "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights", "timing_s/save_checkpoint",
-             "critic/score/mean", "rlvrx/jump_max_abs_change")
+STEP_KEYS = (
+    "timing_s/step",
+    "timing_s/gen",
+    "timing_s/update_actor",
+    "timing_s/update_weights",
+    "timing_s/save_checkpoint",
+    "critic/score/mean",
+    "rlvrx/jump_max_abs_change",
+)
 
 
 def summary(args) -> int:
@@ -168,16 +203,24 @@ def summary(args) -> int:
         for model, tasks in results.items():
             for task, numbers in tasks.items():
                 if isinstance(numbers, dict):
-                    rows.append([model, task, _fmt(numbers.get("problems")), _fmt(numbers.get("n")), _fmt(numbers.get("avg")),
-                                 _fmt(numbers.get("pass@1")), _fmt(numbers.get("pass@4"))])
+                    rows.append(
+                        [
+                            model,
+                            task,
+                            _fmt(numbers.get("problems")),
+                            _fmt(numbers.get("n")),
+                            _fmt(numbers.get("avg")),
+                            _fmt(numbers.get("pass@1")),
+                            _fmt(numbers.get("pass@4")),
+                        ]
+                    )
         out.append(_table("\neval (vllm engine)", ["model", "task", "problems", "n", "avg", "pass@1", "pass@4"], rows))
         report["eval"] = results
 
     jump_file = work / "jump.json"
     if jump_file.is_file():
         j = json.loads(jump_file.read_text())
-        out.append(_table("\nRL-Extra jump check: J = A + factor (B - A), norms J = B", ["check", "value"],
-                          [[k, _fmt(v)] for k, v in j.items()]))
+        out.append(_table("\nRL-Extra jump check: J = A + factor (B - A), norms J = B", ["check", "value"], [[k, _fmt(v)] for k, v in j.items()]))
         report["jump"] = j
 
     failed = [s[0] for s in stages if s[1] not in ("ok", "dry-run")]

@@ -93,8 +93,22 @@ def main() -> None:
         cli = h.rlvrx_cli()
 
         def rlvrx_cmd(out: Path, *extra: str) -> list[str]:
-            return [*cli, "extrapolate", "weights", "--base-path", base, "--second-path", second, "--alpha", ALPHA,
-                    "--out", out, "--json", out.with_suffix(".json"), *extra]
+            return [
+                *cli,
+                "extrapolate",
+                "weights",
+                "--base-path",
+                base,
+                "--second-path",
+                second,
+                "--alpha",
+                ALPHA,
+                "--out",
+                out,
+                "--json",
+                out.with_suffix(".json"),
+                *extra,
+            ]
 
         contestants["rlvrx"] = lambda out: rlvrx_cmd(out)
         if not args.quick:
@@ -112,7 +126,9 @@ def main() -> None:
         contestants["naive"] = lambda out: [sys.executable, naive_script, base, second, out, ALPHA]
         floor_src = base / "model.safetensors"
         contestants["io-floor"] = lambda out: [
-            "sh", "-c", f'cat "{base}"/*.safetensors "{second}"/*.safetensors > /dev/null && mkdir -p "{out}" && cp "{floor_src}" "{out}/"'
+            "sh",
+            "-c",
+            f'cat "{base}"/*.safetensors "{second}"/*.safetensors > /dev/null && mkdir -p "{out}" && cp "{floor_src}" "{out}/"',
         ]
 
         runs: list[h.Run] = []
@@ -153,8 +169,14 @@ def main() -> None:
         else:
             checks["rlvrx --all vs naive (every tensor)"] = h.compare_checkpoints(all_out, outs / "naive")
 
-        results: dict = {"machine": info, "shape": shape, "alpha": ALPHA, "input_bytes": in_bytes, "notes": notes,
-                         "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise"}
+        results: dict = {
+            "machine": info,
+            "shape": shape,
+            "alpha": ALPHA,
+            "input_bytes": in_bytes,
+            "notes": notes,
+            "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise",
+        }
         results["modes"], rows = h.summarize_cache_modes(runs, contestants, modes)
         for cold in modes:
             for name, block in results["modes"]["cold" if cold else "warm"].items():
@@ -162,11 +184,12 @@ def main() -> None:
                     block["inner_seconds"] = [round(r.inner.get("seconds", float("nan")), 3) for r in runs if r.contestant == name and r.cold == cold]
         results["checks"] = checks
         results["loadavg_end"] = h.loadavg()
-        h.print_table(f"weight extrapolation, alpha {ALPHA:g}, {in_bytes / 1e9:.2f} GB of inputs, median of {repeats}",
-                      rows, h.CACHE_TABLE_HEADER)
+        h.print_table(f"weight extrapolation, alpha {ALPHA:g}, {in_bytes / 1e9:.2f} GB of inputs, median of {repeats}", rows, h.CACHE_TABLE_HEADER)
         for what, check in checks.items():
-            print(f"{what}: {check['identical']}/{check['compared']} tensors bit-identical"
-                  + (f"; differing: {check['differing'][:3]} (max {check['max_ulps_16bit']} ulp)" if check["n_differing"] else ""))
+            print(
+                f"{what}: {check['identical']}/{check['compared']} tensors bit-identical"
+                + (f"; differing: {check['differing'][:3]} (max {check['max_ulps_16bit']} ulp)" if check["n_differing"] else "")
+            )
 
         ratios = {}
         for label, block in results["modes"].items():

@@ -74,7 +74,7 @@ def perturb(gold: str) -> str:
     numbers = list(re.finditer(r"\d+", gold))
     if numbers:
         m = numbers[-1]
-        return gold[: m.start()] + str(int(m.group()) + 1) + gold[m.end():]
+        return gold[: m.start()] + str(int(m.group()) + 1) + gold[m.end() :]
     return gold + "+1"
 
 
@@ -125,8 +125,11 @@ def main() -> None:
         for _ in range(repeats):
             for name, cmd in contestants.items():
                 run = h.check_ok(h.run_child(name, cmd))
-                print(f"  {name:6s} {run.inner['seconds']:8.2f} s  ({len(items) / run.inner['seconds']:6.1f} items/s)  process {run.wall_s:7.2f} s  "
-                      f"cpu {run.cpu_s:7.2f} s  load {run.load}", flush=True)
+                print(
+                    f"  {name:6s} {run.inner['seconds']:8.2f} s  ({len(items) / run.inner['seconds']:6.1f} items/s)  process {run.wall_s:7.2f} s  "
+                    f"cpu {run.cpu_s:7.2f} s  load {run.load}",
+                    flush=True,
+                )
                 runs.append(run)
 
         results: dict = {"machine": info, "items": len(items), "samples": samples, "problems": problems, "contestants": {}}
@@ -135,9 +138,22 @@ def main() -> None:
             sel = [r for r in runs if r.contestant == name]
             s = h.summarize_runs(sel, key=lambda r: r.inner["seconds"])
             results["contestants"][name] = s
-            rows_out.append([name, f"{s['median']:.2f}", h.spread(s["values"]), f"{len(items) / s['median']:.1f}", f"{s['cpu_median']:.1f}", h.mib(s["peak_anon_max"]), " | ".join(s["loads"])])
-        h.print_table(f"grading {samples} samples x {problems} MATH-500 answers = {len(items)} items, median of {repeats}",
-                      rows_out, ["grader", "median s", "range s", "items/s", "cpu s (tree)", "peak anon", "load avg at start of each run"])
+            rows_out.append(
+                [
+                    name,
+                    f"{s['median']:.2f}",
+                    h.spread(s["values"]),
+                    f"{len(items) / s['median']:.1f}",
+                    f"{s['cpu_median']:.1f}",
+                    h.mib(s["peak_anon_max"]),
+                    " | ".join(s["loads"]),
+                ]
+            )
+        h.print_table(
+            f"grading {samples} samples x {problems} MATH-500 answers = {len(items)} items, median of {repeats}",
+            rows_out,
+            ["grader", "median s", "range s", "items/s", "cpu s (tree)", "peak anon", "load avg at start of each run"],
+        )
 
         # verdicts, item by item (last run of each)
         pool_run = [r for r in runs if r.contestant == "pool"][-1].inner
@@ -157,9 +173,11 @@ def main() -> None:
             "correct_single": sum(bool(v) for v in single_run["verdicts"]),
         }
         results["checks"] = checks
-        print(f"pool: {checks['pool_workers']} workers, {checks['pool_timeouts']} timeouts, {checks['pool_errors']} errors, {checks['pool_restarts']} restarts; "
-              f"lost to a timeout that the single process graded: {lost}; verdicts that differ: {disagree}; "
-              f"correct: pool {checks['correct_pool']}, single {checks['correct_single']} of {len(items)}")
+        print(
+            f"pool: {checks['pool_workers']} workers, {checks['pool_timeouts']} timeouts, {checks['pool_errors']} errors, {checks['pool_restarts']} restarts; "
+            f"lost to a timeout that the single process graded: {lost}; verdicts that differ: {disagree}; "
+            f"correct: pool {checks['correct_pool']}, single {checks['correct_single']} of {len(items)}"
+        )
         ratio = results["contestants"]["single"]["median"] / results["contestants"]["pool"]["median"]
         results["ratios"] = {"pool_speedup": ratio}
         results["loadavg_end"] = h.loadavg()

@@ -216,27 +216,45 @@ def main() -> None:
             for name, make in contestants.items():
                 run = h.check_ok(h.run_child(name, make(r), env={"PYTHONWARNINGS": "ignore"}))
                 counted = run.inner["step_times"][1:] or run.inner["step_times"]
-                print(f"  {name:7s} steps {', '.join(f'{t:.2f}' for t in run.inner['step_times'])} s  process {run.wall_s:6.1f} s  "
-                      f"anon {h.mib(run.peak_anon)}  load {run.load}", flush=True)
+                print(
+                    f"  {name:7s} steps {', '.join(f'{t:.2f}' for t in run.inner['step_times'])} s  process {run.wall_s:6.1f} s  "
+                    f"anon {h.mib(run.peak_anon)}  load {run.load}",
+                    flush=True,
+                )
                 run.inner["counted"] = counted
                 runs.append(run)
 
-        results: dict = {"machine": info, "batch_size": batch_size, "num_generations": 8, "max_new_tokens": 4,
-                         "steps_per_child": steps, "notes": notes, "contestants": {}}
+        results: dict = {
+            "machine": info,
+            "batch_size": batch_size,
+            "num_generations": 8,
+            "max_new_tokens": 4,
+            "steps_per_child": steps,
+            "notes": notes,
+            "contestants": {},
+        }
         rows = []
         for name in contestants:
             sel = [r for r in runs if r.contestant == name]
             times = [t for r in sel for t in r.inner["counted"]]
             cpu = [rec["cpu"] for r in sel for rec in r.inner["records"][1:]]
             results["contestants"][name] = {
-                "step_median": h.median(times), "step_min": min(times), "step_max": max(times), "step_times": [round(t, 3) for t in times],
-                "cpu_median": h.median(cpu), "peak_anon_max": max(r.peak_anon for r in sel), "loads": [r.load for r in sel],
+                "step_median": h.median(times),
+                "step_min": min(times),
+                "step_max": max(times),
+                "step_times": [round(t, 3) for t in times],
+                "cpu_median": h.median(cpu),
+                "peak_anon_max": max(r.peak_anon for r in sel),
+                "loads": [r.load for r in sel],
                 "records": [r.inner["records"] for r in sel],
             }
             s = results["contestants"][name]
             rows.append([name, f"{s['step_median']:.2f}", h.spread(times), f"{s['cpu_median']:.2f}", h.mib(s["peak_anon_max"]), " | ".join(s["loads"])])
-        h.print_table(f"GRPO step, {batch_size} prompts x 8 generations, <= 4 new tokens, CPU ({len(runs) // len(contestants)} children x {steps - 1} counted steps)",
-                      rows, ["trainer", "median s/step", "range s", "cpu s/step", "peak anon", "load avg at start of each child"])
+        h.print_table(
+            f"GRPO step, {batch_size} prompts x 8 generations, <= 4 new tokens, CPU ({len(runs) // len(contestants)} children x {steps - 1} counted steps)",
+            rows,
+            ["trainer", "median s/step", "range s", "cpu s/step", "peak anon", "load avg at start of each child"],
+        )
         c = results["contestants"]
         ratios = {}
         for peer in ("trl", "hf-loop"):

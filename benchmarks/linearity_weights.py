@@ -127,14 +127,18 @@ def main() -> None:
                     if r >= 0:
                         runs.append(run)
 
-        results: dict = {"machine": info, "shape": shape, "steps": steps, "input_bytes": in_bytes,
-                         "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise"}
+        results: dict = {
+            "machine": info,
+            "shape": shape,
+            "steps": steps,
+            "input_bytes": in_bytes,
+            "cold_cache_drop": "drop_caches" if cold_dropped else "posix_fadvise",
+        }
         results["modes"], rows = h.summarize_cache_modes(runs, contestants, modes)
         last = {r.contestant: r.inner for r in runs}
         results["answers"] = {name: {key: last[name].get(key) for key in ("median_r2", "frac_r2_gt_0_7", "n_params", "n")} for name in contestants}
         results["loadavg_end"] = h.loadavg()
-        h.print_table(f"weight linearity, {k} checkpoints, {in_bytes / 1e9:.2f} GB, median of the runs listed",
-                      rows, h.CACHE_TABLE_HEADER)
+        h.print_table(f"weight linearity, {k} checkpoints, {in_bytes / 1e9:.2f} GB, median of the runs listed", rows, h.CACHE_TABLE_HEADER)
         for name, answer in results["answers"].items():
             print(f"  {name:13s} median R² {answer['median_r2']}, R² > 0.7: {answer['frac_r2_gt_0_7']}, over {answer['n_params'] or answer['n']} parameters")
         ratios = {}

@@ -96,7 +96,9 @@ def child(contestant: str, size_name: str, n_prompts: int, k: int, new_tokens: i
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     tokens = sum(len(g.token_ids) for g in gens)
-    print(json.dumps({"times": times, "cpu": cpu, "tokens": tokens, "rows": len(gens), "threads": torch.get_num_threads(), "first_tokens": gens[0].token_ids[:8]}))
+    print(
+        json.dumps({"times": times, "cpu": cpu, "tokens": tokens, "rows": len(gens), "threads": torch.get_num_threads(), "first_tokens": gens[0].token_ids[:8]})
+    )
 
 
 def main() -> None:
@@ -124,7 +126,10 @@ def main() -> None:
                 cmd = [sys.executable, Path(__file__).resolve(), "--child", contestant, size, n_prompts, k, new_tokens, args.inner_repeats]
                 run = h.check_ok(h.run_child(contestant, cmd))
                 gen_s = min(run.inner["times"])
-                print(f"  {size:5s} {contestant:10s} generate {gen_s:7.2f} s  ({run.inner['tokens'] / gen_s:8.0f} tokens/s)  process {run.wall_s:6.2f} s  load {run.load}", flush=True)
+                print(
+                    f"  {size:5s} {contestant:10s} generate {gen_s:7.2f} s  ({run.inner['tokens'] / gen_s:8.0f} tokens/s)  process {run.wall_s:6.2f} s  load {run.load}",
+                    flush=True,
+                )
                 runs.append(run)
         block = {}
         for contestant in CONTESTANTS:
@@ -134,15 +139,29 @@ def main() -> None:
             s["gen_cpu_median"] = h.median([min(r.inner["cpu"]) for r in sel])
             s["tokens_per_s"] = s["tokens"] / s["median"]
             block[contestant] = s
-            rows.append([size, contestant, f"{s['median']:.2f}", h.spread(s["values"]), f"{s['gen_cpu_median']:.2f}", f"{s['tokens_per_s']:.0f}", f"{n_prompts / s['median']:.2f}", " | ".join(s["loads"])])
+            rows.append(
+                [
+                    size,
+                    contestant,
+                    f"{s['median']:.2f}",
+                    h.spread(s["values"]),
+                    f"{s['gen_cpu_median']:.2f}",
+                    f"{s['tokens_per_s']:.0f}",
+                    f"{n_prompts / s['median']:.2f}",
+                    " | ".join(s["loads"]),
+                ]
+            )
         results["sizes"][size] = {"prompts": n_prompts, "k": k, "new_tokens": new_tokens, **block}
         ratios[f"{size}:batched_over_per_prompt_throughput"] = block["per-prompt"]["median"] / block["batched"]["median"]
         ratios[f"{size}:batched_time_over_single"] = block["batched"]["median"] / block["single"]["median"]
         ratios[f"{size}-cpu:batched_over_per_prompt"] = block["per-prompt"]["gen_cpu_median"] / block["batched"]["gen_cpu_median"]
     results["ratios"] = ratios
     results["loadavg_end"] = h.loadavg()
-    h.print_table(f"logits extrapolation sampling, k = {k}, median of {repeats} (generation only)", rows,
-                  ["model", "contestant", "median s", "range s", "cpu s", "tokens/s", "prompts/s", "load avg at start of each run"])
+    h.print_table(
+        f"logits extrapolation sampling, k = {k}, median of {repeats} (generation only)",
+        rows,
+        ["model", "contestant", "median s", "range s", "cpu s", "tokens/s", "prompts/s", "load avg at start of each run"],
+    )
     h.write_json(args.json, results)
     print("RATIO " + " ".join(f"{key}={value:.2f}x" for key, value in ratios.items()))
 

@@ -89,7 +89,9 @@ def main() -> None:
     ref_max = args.ref_max_numel or (1 << 62 if args.quick else 1 << 24)
     info = h.machine_info()
     with h.Workdir(args.workdir, args.keep, "rlvrx-bench-rank1-") as work:
-        print(f"synthetic checkpoints ({'quick shape' if args.quick else 'Qwen2.5-0.5B shape'}, bf16, steps {STEPS[0]}..{STEPS[-1]}) under {work} ...", flush=True)
+        print(
+            f"synthetic checkpoints ({'quick shape' if args.quick else 'Qwen2.5-0.5B shape'}, bf16, steps {STEPS[0]}..{STEPS[-1]}) under {work} ...", flush=True
+        )
         ckpts = h.write_trajectory(work / "ckpts", STEPS, shape)
         in_bytes = sum(h.dir_bytes(c) for c in ckpts)
         from rlvrx.trajectory import Trajectory
@@ -104,13 +106,32 @@ def main() -> None:
         outs.mkdir(exist_ok=True)
         cli = h.rlvrx_cli()
         contestants = {
-            "rlvrx": lambda out: [*cli, "extrapolate", "weights", run, "--fit", "rank1", "--base", "0", "--window", "1:7",
-                                  "--target", TARGET, "--all", "--out", out, "--json", out.with_suffix(".json")],
+            "rlvrx": lambda out: [
+                *cli,
+                "extrapolate",
+                "weights",
+                run,
+                "--fit",
+                "rank1",
+                "--base",
+                "0",
+                "--window",
+                "1:7",
+                "--target",
+                TARGET,
+                "--all",
+                "--out",
+                out,
+                "--json",
+                out.with_suffix(".json"),
+            ],
         }
         notes = {}
         relex_scripts = Path(args.relex_dir) / "scripts" if args.relex_dir else None
         if relex_scripts is None or not (relex_scripts / "svd_extrapolation.py").is_file():
-            notes["relex"] = f"skipped: no RELEX checkout ({'--relex-dir not given' if args.relex_dir is None else f'{relex_scripts} has no svd_extrapolation.py'})"
+            notes["relex"] = (
+                f"skipped: no RELEX checkout ({'--relex-dir not given' if args.relex_dir is None else f'{relex_scripts} has no svd_extrapolation.py'})"
+            )
             print(f"relex: {notes['relex']}", flush=True)
         else:
             layout = work / "relex-ckpts"  # RELEX finds checkpoints as global_step_N/
@@ -127,13 +148,15 @@ def main() -> None:
                     f'--checkpoint_dir "{layout}" --output_dir "{deltas}" --num_workers 1 && '
                     f'"{args.relex_python}" "{relex_scripts}/svd_extrapolation.py" --delta_dir "{deltas}" --base_model "{ckpts[0]}" '
                     f'--output_dir "{out}" --history_steps {STEPS[-1]} --rank 1 --fit_method linear --mode extrapolate '
-                    f'--target_steps {TARGET} --target_step_scaling_factor 1.0 --num_workers 1'
+                    f"--target_steps {TARGET} --target_step_scaling_factor 1.0 --num_workers 1"
                 )
                 return ["sh", "-c", script]
 
             contestants["relex"] = relex_cmd
         contestants["io-floor"] = lambda out: [
-            "sh", "-c", " ".join(f'cat "{c}"/*.safetensors > /dev/null &&' for c in ckpts) + f' mkdir -p "{out}" && cp "{ckpts[0]}/model.safetensors" "{out}/"'
+            "sh",
+            "-c",
+            " ".join(f'cat "{c}"/*.safetensors > /dev/null &&' for c in ckpts) + f' mkdir -p "{out}" && cp "{ckpts[0]}/model.safetensors" "{out}/"',
         ]
 
         runs: list[h.Run] = []
@@ -152,8 +175,7 @@ def main() -> None:
         checks = {"rlvrx vs numpy float64 SVD reference": numpy_reference(ckpts, outs / "rlvrx", ref_max)}
         if "relex" in contestants:
             relex_out = outs / "relex" / f"step{TARGET}"
-            checks["rlvrx vs relex"] = {**h.compare_checkpoints(outs / "rlvrx", relex_out),
-                                        "relative_gap": relative_gap(outs / "rlvrx", relex_out, ckpts[-1])}
+            checks["rlvrx vs relex"] = {**h.compare_checkpoints(outs / "rlvrx", relex_out), "relative_gap": relative_gap(outs / "rlvrx", relex_out, ckpts[-1])}
         results: dict = {"machine": info, "shape": shape, "steps": list(STEPS), "target": TARGET, "input_bytes": in_bytes, "notes": notes}
         results["modes"], rows = h.summarize_cache_modes(runs, contestants, [False])
         block = results["modes"]["warm"]
@@ -161,16 +183,18 @@ def main() -> None:
         block["rlvrx"]["median_explained_variance"] = runs[-1].inner.get("median_explained_variance") if runs else None
         results["checks"] = checks
         results["loadavg_end"] = h.loadavg()
-        h.print_table(f"rank-1 extrapolation to step {TARGET}, {len(STEPS)} checkpoints, {in_bytes / 1e9:.2f} GB of inputs, median of {repeats}",
-                      rows, h.CACHE_TABLE_HEADER)
+        h.print_table(
+            f"rank-1 extrapolation to step {TARGET}, {len(STEPS)} checkpoints, {in_bytes / 1e9:.2f} GB of inputs, median of {repeats}",
+            rows,
+            h.CACHE_TABLE_HEADER,
+        )
         for what, check in checks.items():
             line = f"{what}: {check['identical']}/{check['compared']} tensors bit-identical, max {check['max_ulps_16bit']} ulp"
             if "relative_gap" in check:
                 line += f"; ||rlvrx - relex|| / ||rlvrx - W_{STEPS[-1]}|| = {check['relative_gap']:.3g}"
             print(line)
         ours = block["rlvrx"]
-        ratios = {"over_io_floor": ours["median"] / block["io-floor"]["median"],
-                  "anon_over_one_input": ours["peak_anon_max"] / max(1, h.dir_bytes(ckpts[0]))}
+        ratios = {"over_io_floor": ours["median"] / block["io-floor"]["median"], "anon_over_one_input": ours["peak_anon_max"] / max(1, h.dir_bytes(ckpts[0]))}
         if "relex" in block:
             ratios["relex_over_rlvrx"] = block["relex"]["median"] / ours["median"]
             ratios["anon_relex_over_rlvrx"] = block["relex"]["peak_anon_max"] / max(1, ours["peak_anon_max"])

@@ -133,8 +133,17 @@ class RLExtraConfig(Strict):
 
 
 # The kinds of `stages:` entries, in the order a workflow meets them (rlvrx.cli.pipeline maps each to its command).
-STAGE_KINDS = ("train", "rl-extra", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval",
-               "linearity-rank", "extrapolate-compare")
+STAGE_KINDS = (
+    "train",
+    "rl-extra",
+    "linearity-weights",
+    "linearity-logprobs",
+    "extrapolate-weights",
+    "extrapolate-logits",
+    "eval",
+    "linearity-rank",
+    "extrapolate-compare",
+)
 
 
 class StageConfig(Strict):
@@ -306,7 +315,7 @@ def format_errors(exc: ValidationError, schema: type[BaseModel] = Recipe) -> lis
         else:
             msg = err["msg"]
             if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+                msg = msg[len("Value error, ") :]
             got = err.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
             lines.append(f"{key}: {msg}{shown}")

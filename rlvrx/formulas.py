@@ -60,15 +60,11 @@ def two_point_alpha(base_step: int, second_step: int, target_step: float) -> flo
     if second_step == base_step:
         raise UsageError(f"base_step and second_step are both step {base_step}; extrapolation needs two different steps")
     if second_step < base_step:
-        raise UsageError(
-            f"second_step ({second_step}) is before base_step ({base_step}); the second checkpoint must be the later one (swap them)"
-        )
+        raise UsageError(f"second_step ({second_step}) is before base_step ({base_step}); the second checkpoint must be the later one (swap them)")
     return (target_step - base_step) / (second_step - base_step)
 
 
-def resolve_alpha(
-    base_step: int | None, second_step: int | None, target_step: int | None, alpha: float | None
-) -> tuple[float, int | None]:
+def resolve_alpha(base_step: int | None, second_step: int | None, target_step: int | None, alpha: float | None) -> tuple[float, int | None]:
     """(alpha, target_step) from target_step or alpha: alpha = (T - S0) / (S1 - S0); T is derived
     from alpha when integral. Without both steps, alpha is needed."""
     if alpha is not None and not math.isfinite(alpha):

@@ -123,7 +123,10 @@ class Trajectory:
                 if known is not None and not replace and (known.kind, self.resolve(known).resolve()) != (entry.kind, self.resolve(entry).resolve()):
                     raise ParameterError(
                         "step {step} was registered in {manifest} meanwhile ({path}); pass {replace} to replace it",
-                        "replace=True", step=entry.step, manifest=self.manifest, path=known.path,
+                        "replace=True",
+                        step=entry.step,
+                        manifest=self.manifest,
+                        path=known.path,
                     )
                 current[entry.step] = entry
             self.entries = sorted(current.values(), key=lambda e: e.step)
@@ -198,7 +201,13 @@ class Trajectory:
         if existing and not replace and existing[0].kind == kind and self.resolve(existing[0]).resolve() == path.resolve():
             return existing[0]  # already registered: adding it again (e.g. re-running a scan with --base) is a no-op
         if existing and not replace:
-            raise ParameterError("step {step} is already in {manifest} ({path}); pass {replace} to replace it", "replace=True", step=step, manifest=self.manifest, path=existing[0].path)
+            raise ParameterError(
+                "step {step} is already in {manifest} ({path}); pass {replace} to replace it",
+                "replace=True",
+                step=step,
+                manifest=self.manifest,
+                path=existing[0].path,
+            )
         entry = Entry(
             step=step,
             path=self._relative(path),
@@ -229,9 +238,7 @@ class Trajectory:
                     break
             else:
                 if (child / "actor").is_dir():
-                    raise CheckpointError(
-                        f"{child}: verl checkpoint without HF weights; run `rlvrx snapshot convert {child}` first"
-                    )
+                    raise CheckpointError(f"{child}: verl checkpoint without HF weights; run `rlvrx snapshot convert {child}` first")
         steps = [s for s, _ in found]
         dup = sorted({s for s in steps if steps.count(s) > 1})
         if dup:

@@ -30,13 +30,15 @@ def run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.CompletedP
     env["RLVRX_BENCH_TRL_VENV"] = str(tmp_path / "no-trl-venv")
     return subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--workdir", str(tmp_path / "work"), *extra],
-        capture_output=True, text=True, env=env, cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
 
 
 def test_every_benchmark_is_covered():
-    assert set(SCRIPTS) == {"extrapolate_weights.py", "linearity_weights.py", "logits_extrapolation.py", "grpo_step.py", "grading.py",
-                                "rank1_extrapolation.py"}
+    assert set(SCRIPTS) == {"extrapolate_weights.py", "linearity_weights.py", "logits_extrapolation.py", "grpo_step.py", "grading.py", "rank1_extrapolation.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -154,8 +154,11 @@ def test_empty_plan_writes_a_readable_checkpoint(tmp_path):
 
 def test_source_and_extra_files_are_copied(tmp_path, tiny_model_dir):
     out = write_checkpoint(
-        tmp_path / "out", [("x", (2,), torch.float32)], [("x", torch.ones(2))],
-        source_dir=tiny_model_dir, extra_files={"provenance.json": '{"a": 1}'},
+        tmp_path / "out",
+        [("x", (2,), torch.float32)],
+        [("x", torch.ones(2))],
+        source_dir=tiny_model_dir,
+        extra_files={"provenance.json": '{"a": 1}'},
     )
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (tiny_model_dir / name).read_bytes()
@@ -283,7 +286,11 @@ def test_broken_single_file_checkpoint(tmp_path, write_safetensors_checkpoint, c
 
 
 SHARD_BROKEN = {
-    "missing shard": (lambda d: (d / "model-00002-of-00003.safetensors").unlink(), "names shard model-00002-of-00003.safetensors, which is missing", INDEX_NAME),
+    "missing shard": (
+        lambda d: (d / "model-00002-of-00003.safetensors").unlink(),
+        "names shard model-00002-of-00003.safetensors, which is missing",
+        INDEX_NAME,
+    ),
     "truncated shard": (lambda d: _truncate(d / "model-00003-of-00003.safetensors", drop=1), "corrupt or truncated", "model-00003-of-00003.safetensors"),
     "index not JSON": (lambda d: (d / INDEX_NAME).write_text('{"weight_map": '), "not a valid safetensors index", INDEX_NAME),
     "index without weight_map": (lambda d: (d / INDEX_NAME).write_text("[1, 2]"), "not a valid safetensors index", INDEX_NAME),

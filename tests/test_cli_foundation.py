@@ -37,7 +37,7 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err
     assert lines[0].startswith("error: ")
-    return lines[0][len("error: "):]
+    return lines[0][len("error: ") :]
 
 
 # ---------------------------------------------------------------------------------------- top level
@@ -75,9 +75,7 @@ def recipes(tmp_path, monkeypatch):
     directory.mkdir()
     (directory / "alpha.yaml").write_text(MINIMAL)
     (directory / "beta.yaml").write_text("description: Second one, longer text.\nmodel:\n  path: /models/x\n")
-    (directory / "broken.yaml").write_text(
-        "model:\n  tiny: {layers: 0}\ngrpo:\n  lr_rate: 1\n  steps: many\ntask:\n  operators: ['+', '/']\n"
-    )
+    (directory / "broken.yaml").write_text("model:\n  tiny: {layers: 0}\ngrpo:\n  lr_rate: 1\n  steps: many\ntask:\n  operators: ['+', '/']\n")
     monkeypatch.setenv("RLVRX_RECIPES", str(directory))
     monkeypatch.setenv("COLUMNS", "200")
     return directory
@@ -106,12 +104,14 @@ def test_recipe_validate(recipes):
     assert code == 2 and out == ""
     lines = err.splitlines()
     assert lines[0] == f"{recipes / 'broken.yaml'}: 4 error(s)"
-    assert sorted(lines[1:]) == sorted([
-        "  - model.tiny.layers: Input should be greater than or equal to 1 (got 0)",
-        "  - task.operators.1: Input should be '+', '-' or '*' (got '/')",
-        "  - grpo.steps: Input should be a valid integer, unable to parse string as an integer (got 'many')",
-        "  - grpo.lr_rate: unknown key; did you mean grpo.lr?",
-    ])
+    assert sorted(lines[1:]) == sorted(
+        [
+            "  - model.tiny.layers: Input should be greater than or equal to 1 (got 0)",
+            "  - task.operators.1: Input should be '+', '-' or '*' (got '/')",
+            "  - grpo.steps: Input should be a valid integer, unable to parse string as an integer (got 'many')",
+            "  - grpo.lr_rate: unknown key; did you mean grpo.lr?",
+        ]
+    )
     code, _, err = cli("recipe", "validate", "alpha", "grpo.lr_rate=3")
     assert code == 2 and "grpo.lr_rate: unknown key; did you mean grpo.lr?" in err
 
@@ -140,19 +140,41 @@ def test_model_tiny_builds_a_loadable_hf_dir(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "m"
-    code, stdout, err = cli("model", "tiny", out, "--layers", "3", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
-                            "--intermediate", "48", "--max-position", "40", "--seed", "5")
+    code, stdout, err = cli(
+        "model",
+        "tiny",
+        out,
+        "--layers",
+        "3",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--intermediate",
+        "48",
+        "--max-position",
+        "40",
+        "--seed",
+        "5",
+    )
     assert code == 0, err
     assert stdout.strip() == f"wrote {out}"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dir left behind
     config = json.loads((out / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
-            config["intermediate_size"], config["max_position_embeddings"]) == (3, 32, 2, 1, 48, 40)
+    assert (
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+        config["max_position_embeddings"],
+    ) == (3, 32, 2, 1, 48, 40)
 
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == 3 + len(CHARACTERS) == config["vocab_size"]
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2) == (
-        config["pad_token_id"], config["bos_token_id"], config["eos_token_id"])
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2) == (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"])
     assert tok.padding_side == "left"
     text = "".join(CHARACTERS)
     ids = tok(text)["input_ids"]
@@ -271,8 +293,7 @@ def test_snapshot_errors(scanned, tmp_path, tiny_model_dir):
     entries = json.loads(manifest.read_text())
     manifest.write_text(json.dumps(entries[::-1]))
     code, _, err = cli("snapshot", "verify", run)
-    assert code == 2 and one_error_line(err) == (
-        f"{manifest}: steps are out of order ([300, 200, 150, 100, 0]); entries must be sorted by step")
+    assert code == 2 and one_error_line(err) == (f"{manifest}: steps are out of order ([300, 200, 150, 100, 0]); entries must be sorted by step")
     entries[1]["kind"] = "sft"
     manifest.write_text(json.dumps(entries))
     code, _, err = cli("snapshot", "list", run)
@@ -318,7 +339,11 @@ print(changed, loaded)
 
 
 def test_importing_the_library_sets_no_environment_and_loads_no_cli():
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENBLAS_NUM_THREADS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM")
+    }
     out = subprocess.run([sys.executable, "-c", SIDE_EFFECT_PROBE], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[] []"

@@ -26,8 +26,16 @@ def _out_helps() -> dict[str, str]:
 
 def test_every_out_option_is_a_directory_with_a_named_default():
     helps = _out_helps()
-    assert {"eval", "extrapolate weights", "extrapolate logits", "linearity weights", "linearity logprobs", "linearity merge",
-            "snapshot convert", "slurm"} <= set(helps)
+    assert {
+        "eval",
+        "extrapolate weights",
+        "extrapolate logits",
+        "linearity weights",
+        "linearity logprobs",
+        "linearity merge",
+        "snapshot convert",
+        "slurm",
+    } <= set(helps)
     for name, text in helps.items():
         assert "director" in text.lower(), (name, text)
         assert "default" in text.lower(), (name, text)

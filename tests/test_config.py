@@ -81,22 +81,19 @@ def test_suggest_key():
 
 
 def test_every_error_at_once_with_dotted_keys(tmp_path):
-    text = (
-        "model:\n  tiny: {layers: 0}\n"
-        "grpo:\n  steps: many\n  lr_rate: 1\n  top_p: 2\n"
-        "task:\n  operators: ['+', '/']\n"
-        "backend: torch\n"
-    )
+    text = "model:\n  tiny: {layers: 0}\ngrpo:\n  steps: many\n  lr_rate: 1\n  top_p: 2\ntask:\n  operators: ['+', '/']\nbackend: torch\n"
     path = write(tmp_path, text)
     errors = errors_of(path)
-    assert sorted(errors) == sorted([
-        "model.tiny.layers: Input should be greater than or equal to 1 (got 0)",
-        "task.operators.1: Input should be '+', '-' or '*' (got '/')",
-        "grpo.steps: Input should be a valid integer, unable to parse string as an integer (got 'many')",
-        "grpo.top_p: Input should be less than or equal to 1 (got 2)",
-        "grpo.lr_rate: unknown key; did you mean grpo.lr?",
-        "backend: Input should be 'native' or 'verl' (got 'torch')",
-    ])
+    assert sorted(errors) == sorted(
+        [
+            "model.tiny.layers: Input should be greater than or equal to 1 (got 0)",
+            "task.operators.1: Input should be '+', '-' or '*' (got '/')",
+            "grpo.steps: Input should be a valid integer, unable to parse string as an integer (got 'many')",
+            "grpo.top_p: Input should be less than or equal to 1 (got 2)",
+            "grpo.lr_rate: unknown key; did you mean grpo.lr?",
+            "backend: Input should be 'native' or 'verl' (got 'torch')",
+        ]
+    )
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     text = str(err.value)
@@ -122,10 +119,18 @@ def test_model_needs_exactly_one_source(tmp_path, model, message):
 
 def test_overrides_are_typed_by_the_schema(tmp_path):
     path = write(tmp_path, MINIMAL)
-    recipe = load_recipe(path, [
-        "grpo.lr=1e-5", "task.operators=[+,-]", "task.digits=3", "sft.enabled=false",
-        "grpo.epsilon_high=null", "rl_extra.m=3", "model.tiny.hidden=32",
-    ])
+    recipe = load_recipe(
+        path,
+        [
+            "grpo.lr=1e-5",
+            "task.operators=[+,-]",
+            "task.digits=3",
+            "sft.enabled=false",
+            "grpo.epsilon_high=null",
+            "rl_extra.m=3",
+            "model.tiny.hidden=32",
+        ],
+    )
     assert type(recipe.grpo.lr) is float and recipe.grpo.lr == 1e-5
     assert recipe.task.operators == ["+", "-"]
     assert recipe.task.digits == 3 and recipe.sft.enabled is False and recipe.grpo.epsilon_high is None
@@ -162,8 +167,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
     with pytest.raises(UsageError) as err:
         load_recipe(path)
     assert str(err.value) == (
-        f"{path}: invalid YAML at line 5, column 1: expected ',' or ']', but got '<stream end>'"
-        " (while parsing a flow sequence at line 4)"
+        f"{path}: invalid YAML at line 5, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at line 4)"
     )
     path = write(tmp_path, "model:\n  tiny: {}\n   bad: indent\n", "indent.yaml")
     with pytest.raises(UsageError, match=r"indent.yaml: invalid YAML at line 3, column 4: expected <block end>"):

@@ -39,9 +39,17 @@ def _models() -> dict:
     qwen = build_tiny_model(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=48, max_position=64, seed=0)
     torch.manual_seed(0)
     config = Gemma4TextConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=64, vocab_size_per_layer_input=97,
-        hidden_size_per_layer_input=16, layer_types=["sliding_attention", "full_attention"],
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=64,
+        vocab_size_per_layer_input=97,
+        hidden_size_per_layer_input=16,
+        layer_types=["sliding_attention", "full_attention"],
     )
     gemma = Gemma4ForCausalLM(config)
     with torch.no_grad():
@@ -215,8 +223,9 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line(job, tmp_path):
     marker = tmp_path / "MARKER"
     rank1 = step / "actor" / "model_world_size_2_rank_1.pt"
     torch.save({"model.norm.weight": torch.ones(2), "x": _Payload(marker)}, rank1)
-    result = subprocess.run([sys.executable, "-m", "rlvrx", "snapshot", "convert", str(step), "--out", str(tmp_path / "hf")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlvrx", "snapshot", "convert", str(step), "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert f"{rank1}: refused to unpickle" in result.stderr and "posix.system" in result.stderr

@@ -70,15 +70,32 @@ def test_eval_arithmetic_cpu_defaults_table_json_and_result_lines(tiny_model_dir
 
 
 def test_two_models_and_a_generations_file_give_one_column_each(two_models, tmp_path):
-    gens = write_generations(tmp_path / "logits.jsonl", [
-        generation_record("06+63", "06+63=", "69", ["69", "96"]),
-        generation_record("00+00", "00+00=", "0", ["0", "0"]),  # not among --ids: left out
-        generation_record("63+11", "63+11=", "74", ["47", "74 "]),
-    ])
+    gens = write_generations(
+        tmp_path / "logits.jsonl",
+        [
+            generation_record("06+63", "06+63=", "69", ["69", "96"]),
+            generation_record("00+00", "00+00=", "0", ["0", "0"]),  # not among --ids: left out
+            generation_record("63+11", "63+11=", "74", ["47", "74 "]),
+        ],
+    )
     summary_path = tmp_path / "s.json"
     code, out, err = cli(
-        *two_models, "--task", "arithmetic", "--generations", gens, "--ids", "63+11,06+63", "-n", "2", "--k-list", "1,2,8",
-        "--out", tmp_path / "eval", "--no-progress", "--json", summary_path,
+        *two_models,
+        "--task",
+        "arithmetic",
+        "--generations",
+        gens,
+        "--ids",
+        "63+11,06+63",
+        "-n",
+        "2",
+        "--k-list",
+        "1,2,8",
+        "--out",
+        tmp_path / "eval",
+        "--no-progress",
+        "--json",
+        summary_path,
     )
     assert code == 0, err
     summary = json.loads(summary_path.read_text())
@@ -86,8 +103,17 @@ def test_two_models_and_a_generations_file_give_one_column_each(two_models, tmp_
     header = next(line for line in out.splitlines() if "┃ task" in line)
     assert [name in header for name in ("m0", "m1", "logits")] == [True, True, True]
     assert summary["logits"]["arithmetic"] == {
-        "problems": 2, "n": 2, "avg": 0.5, "avg_stderr": 0.0, "pass@1": 0.5, "pass@2": 1.0, "maj@1": 0.5, "maj@2": 0.5,
-        "stderr": {"avg": 0.0, "pass@1": 0.0, "pass@2": 0.0, "maj@1": 0.5, "maj@2": 0.5}, "timeouts": 0, "errors": 0,
+        "problems": 2,
+        "n": 2,
+        "avg": 0.5,
+        "avg_stderr": 0.0,
+        "pass@1": 0.5,
+        "pass@2": 1.0,
+        "maj@1": 0.5,
+        "maj@2": 0.5,
+        "stderr": {"avg": 0.0, "pass@1": 0.0, "pass@2": 0.0, "maj@1": 0.5, "maj@2": 0.5},
+        "timeouts": 0,
+        "errors": 0,
     }
     for model in ("m0", "m1"):
         records = lines(tmp_path / "eval" / model / "arithmetic.jsonl")
@@ -125,8 +151,26 @@ def _subprocess_env() -> dict:
 def test_kill_9_then_rerun_loses_no_finished_problem_and_repeats_none(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
     results = out / "model" / "arithmetic.jsonl"
-    args = [sys.executable, "-m", "rlvrx", "eval", str(tiny_model_dir), "--task", "arithmetic", "--limit", "40", "-n", "4",
-            "--max-new-tokens", "30", "--batch-size", "1", "--out", str(out), "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "rlvrx",
+        "eval",
+        str(tiny_model_dir),
+        "--task",
+        "arithmetic",
+        "--limit",
+        "40",
+        "-n",
+        "4",
+        "--max-new-tokens",
+        "30",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_subprocess_env())
     while proc.poll() is None:
         if results.is_file() and results.read_bytes().count(b"\n") >= 2:
@@ -193,7 +237,7 @@ def test_report_eval_table_shows_standard_errors():
 
     problems = [ProblemOutcome("a", [True, False]), ProblemOutcome("b", [True, True]), ProblemOutcome("c", [False, False])]
     metrics = summarize_tasks({"arithmetic": problems}, k_list=[1, 2])
-    (title, header, rows), = summary_tables({"stages": {"eval": {"base": metrics}}})
+    ((title, header, rows),) = summary_tables({"stages": {"eval": {"base": metrics}}})
     assert title == "eval: arithmetic (± one standard error over problems)" and header == ["metric", "base"]
     cells = dict((row[0], row[1]) for row in rows)
     # avg = pass@1 = (0.5 + 1 + 0) / 3, sd 0.5 -> stderr 0.5 / sqrt(3); pass@2 = (1 + 1 + 0) / 3, sd 1/sqrt(3) -> 1/3

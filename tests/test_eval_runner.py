@@ -23,6 +23,7 @@ from rlvrx.verify.records import summarize_records
 from rlvrx.tasks import get_task
 
 from benchdata import benchmark_file
+
 HANG = r"$\dfrac{5^{(5^{(5^{(5^5)})} - 4)} - 5}{16}$"  # math-verify issue #65: runs past 25 s unguarded
 
 

@@ -91,8 +91,31 @@ def test_eval_column_on_a_linear_tiny_run(tmp_path, checkpoint_series):
     for step, path in paths.items():
         traj.add(step, path, kind="base" if step == 0 else "rl")
     traj.save()
-    code, out, err = run_cli("extrapolate", "compare", run, "--target", "30", "--window", "0:20", "--task", "arithmetic",
-                             "--task-option", "digits=1", "--task-option", "n_train=40", "--task-option", "n_test=10", "--limit", "2", "--samples", "1", "--device", "cpu", "--json", tmp_path / "c.json")
+    code, out, err = run_cli(
+        "extrapolate",
+        "compare",
+        run,
+        "--target",
+        "30",
+        "--window",
+        "0:20",
+        "--task",
+        "arithmetic",
+        "--task-option",
+        "digits=1",
+        "--task-option",
+        "n_train=40",
+        "--task-option",
+        "n_test=10",
+        "--limit",
+        "2",
+        "--samples",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        tmp_path / "c.json",
+    )
     assert code == 0, out + err
     data = json.loads((tmp_path / "c.json").read_text())
     rel = {name: row["relative"] for name, row in data["predictors"].items()}

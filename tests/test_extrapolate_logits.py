@@ -28,8 +28,15 @@ PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15]]
 def tiny_qwen(seed, vocab=VOCAB, max_position=64):
     # initializer_range 0.3: peaked next-token distributions, so the two models disagree visibly.
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_position, tie_word_embeddings=True, initializer_range=0.3,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).eval()
@@ -219,8 +226,27 @@ def test_request_errors(tiny_run, tmp_path):
 def test_cli_logits(tiny_run, tmp_path):
 
     summary = tmp_path / "s.json"
-    result_code, result_out, result_err = run_cli("extrapolate", "logits", str(tiny_run), "--base", "0", "--second", "10", "--target", "20", "--task", "arithmetic",
-         "-k", "2", "--limit", "3", "--out", str(tmp_path / "g"), "--json", str(summary))
+    result_code, result_out, result_err = run_cli(
+        "extrapolate",
+        "logits",
+        str(tiny_run),
+        "--base",
+        "0",
+        "--second",
+        "10",
+        "--target",
+        "20",
+        "--task",
+        "arithmetic",
+        "-k",
+        "2",
+        "--limit",
+        "3",
+        "--out",
+        str(tmp_path / "g"),
+        "--json",
+        str(summary),
+    )
     assert result_code == 0, result_out + result_err
     assert "pass@1" in result_out and "pass@2" in result_out
     data = json.loads(summary.read_text())
@@ -232,8 +258,25 @@ def test_cli_logits(tiny_run, tmp_path):
 def test_cli_logits_out_must_be_a_directory(tiny_run, tmp_path):
     taken = tmp_path / "g.jsonl"
     taken.write_text("")
-    code, out, err = run_cli("extrapolate", "logits", str(tiny_run), "--base", "0", "--second", "10", "--target", "20",
-                             "--task", "arithmetic", "-k", "1", "--limit", "1", "--out", str(taken))
+    code, out, err = run_cli(
+        "extrapolate",
+        "logits",
+        str(tiny_run),
+        "--base",
+        "0",
+        "--second",
+        "10",
+        "--target",
+        "20",
+        "--task",
+        "arithmetic",
+        "-k",
+        "1",
+        "--limit",
+        "1",
+        "--out",
+        str(taken),
+    )
     assert code == 2
     assert f"--out is a directory (it receives <task>.jsonl); {taken} is a file" in out + err
     assert taken.read_text() == ""

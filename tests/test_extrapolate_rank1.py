@@ -52,7 +52,9 @@ def trajectory(root, steps, noise, dtype=torch.float32, seed=0, rank=1):
     states = {}
     for t in steps:
         states[t] = {
-            k: (base[k] + sum((a + b * t) * d for (a, b), d in zip(lines, dirs[k])) + noise * torch.randn(base[k].shape, generator=g, dtype=torch.float64)).to(dtype)
+            k: (base[k] + sum((a + b * t) * d for (a, b), d in zip(lines, dirs[k])) + noise * torch.randn(base[k].shape, generator=g, dtype=torch.float64)).to(
+                dtype
+            )
             for k in SHAPES
         }
     states[0] = {k: v.to(dtype) for k, v in base.items()}
@@ -92,8 +94,7 @@ def test_formulas_match_numpy_svd_and_polyfit():
 def test_exact_recovery_of_a_rank1_trajectory_uneven_steps(tmp_path, chunk):
     steps = [10, 20, 50, 60]
     paths, _, exact = trajectory(tmp_path, steps, noise=0.0, dtype=torch.float64)
-    res = extrapolate_rank1(Source(paths[0], 0), [Source(paths[t], t) for t in steps], 200, tmp_path / "o",
-                            options=WeightsOptions(chunk_elements=chunk))
+    res = extrapolate_rank1(Source(paths[0], 0), [Source(paths[t], t) for t in steps], 200, tmp_path / "o", options=WeightsOptions(chunk_elements=chunk))
     got, want = load(res.out), exact(200)
     for k in SHAPES:
         if "norm" in k:
@@ -109,8 +110,9 @@ def test_exact_recovery_of_a_rank1_trajectory_uneven_steps(tmp_path, chunk):
 def test_noisy_trajectory_matches_numpy_reference_and_beats_noise(tmp_path):
     steps = [10, 20, 30, 45, 50]
     paths, states, exact = trajectory(tmp_path, steps, noise=1e-4)
-    res = extrapolate_rank1(Source(paths[0], 0), [Source(paths[t], t) for t in steps], 100, tmp_path / "o",
-                            options=WeightsOptions(precise=True, chunk_elements=5))
+    res = extrapolate_rank1(
+        Source(paths[0], 0), [Source(paths[t], t) for t in steps], 100, tmp_path / "o", options=WeightsOptions(precise=True, chunk_elements=5)
+    )
     got = load(res.out)
     prov = json.loads((res.out / PROVENANCE).read_text())
     for k in ("a.weight", "d.weight"):
@@ -138,7 +140,10 @@ def test_window_of_one_is_two_point_bit_for_bit(tmp_path, dtype):
     rank1 = extrapolate_rank1(Source(paths[0], 0), [Source(paths[20], 20)], 70, tmp_path / "r")
     two = extrapolate_two_point(Source(paths[0], 0), Source(paths[20], 20), 3.5, tmp_path / "t", target_step=70)
     a, b = load(rank1.out), load(two.out)
-    assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.bfloat16 else a[k], b[k].view(torch.uint8) if b[k].dtype == torch.bfloat16 else b[k]) for k in SHAPES)
+    assert all(
+        torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.bfloat16 else a[k], b[k].view(torch.uint8) if b[k].dtype == torch.bfloat16 else b[k])
+        for k in SHAPES
+    )
     assert not torch.equal(a["a.weight"], load(paths[20])["a.weight"])
     assert rank1.alpha == 3.5 and rank1.tensor_fits["a.weight"]["weights"] == [3.5]
 
@@ -179,7 +184,9 @@ def run_dir(tmp_path):
 def test_cli_rank1_and_errors(run_dir, tmp_path):
     run, exact = run_dir
     summary = tmp_path / "s.json"
-    code, out, err = run_cli("extrapolate", "weights", run, "--fit", "rank1", "--base", "0", "--window", "0:30", "--target", "60", "--json", summary, "--register")
+    code, out, err = run_cli(
+        "extrapolate", "weights", run, "--fit", "rank1", "--base", "0", "--window", "0:30", "--target", "60", "--json", summary, "--register"
+    )
     assert code == 0, out + err
     assert "rank1" in out and "median explained var." in out
     data = json.loads(summary.read_text())

@@ -464,7 +464,10 @@ def test_step_errors_and_warnings(run_dir, tmp_path):
     "change, message",
     [
         (lambda st: st.pop("model.layers.0.mlp.up_proj.weight"), "model.layers.0.mlp.up_proj.weight"),
-        (lambda st: st.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(16, 25, dtype=torch.bfloat16)), r"model.layers.1.mlp.down_proj.weight has shape \[16, 2[45]\]"),
+        (
+            lambda st: st.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(16, 25, dtype=torch.bfloat16)),
+            r"model.layers.1.mlp.down_proj.weight has shape \[16, 2[45]\]",
+        ),
         (lambda st: st.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(16)), r"model.layers.0.self_attn.q_proj.bias has dtype"),
     ],
 )
@@ -527,9 +530,10 @@ def tiny_run(tmp_path_factory):
 def test_cli_end_to_end_on_tiny_checkpoints(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     summary = tmp_path / "summary.json"
-    result_code, result_out, result_err = run_cli("extrapolate", "weights", str(tiny_run), "--base", "0", "--second", "10", "--target", "30", "--register", "--json", str(summary))
+    result_code, result_out, result_err = run_cli(
+        "extrapolate", "weights", str(tiny_run), "--base", "0", "--second", "10", "--target", "30", "--register", "--json", str(summary)
+    )
     assert result_code == 0, result_out + result_err
     assert "two-point" in result_out and "alpha" in result_out
     data = json.loads(summary.read_text())
@@ -558,7 +562,10 @@ def run_main(monkeypatch, args):
 def test_cli_paths_mode_and_exit_codes(tiny_run, tmp_path, monkeypatch, capsys):
     ckpts = tiny_run / "checkpoints"
     paths = ["--base-path", str(ckpts / "step_000000"), "--second-path", str(ckpts / "step_000010")]
-    code = run_main(monkeypatch, ["extrapolate", "weights", *paths, "--alpha", "1.5", "--out", str(tmp_path / "o"), "--dtype", "bf16", "--no-hash", "--max-shard-size", "10KB"])
+    code = run_main(
+        monkeypatch,
+        ["extrapolate", "weights", *paths, "--alpha", "1.5", "--out", str(tmp_path / "o"), "--dtype", "bf16", "--no-hash", "--max-shard-size", "10KB"],
+    )
     assert code == 0, capsys.readouterr().err
     assert Checkpoint(tmp_path / "o").dtypes() == {torch.bfloat16} and (tmp_path / "o" / INDEX_NAME).is_file()
     assert json.loads((tmp_path / "o" / PROVENANCE).read_text())["inputs"][0]["sha256"] is None

@@ -142,8 +142,11 @@ def test_fuzz_trajectory_manifest(tmp_path, checkpoint_series, cli):
         kind, data = damage(good, rng)
         manifest.write_bytes(data)
         before = tree(run)
-        for args in (("snapshot", "list", run), ("snapshot", "verify", run, "--no-hash"),
-                     ("extrapolate", "weights", run, "--base", 0, "--second", 10, "--target", 20, "--register")):
+        for args in (
+            ("snapshot", "list", run),
+            ("snapshot", "verify", run, "--no-hash"),
+            ("extrapolate", "weights", run, "--base", 0, "--second", 10, "--target", 20, "--register"),
+        ):
             rc, _, err = cli(*args)
             if rc == 0:  # the damage left a manifest json itself reads as the same kind of list
                 assert isinstance(json.loads(data), (list, dict)), f"case {i} ({kind}) {args[:2]}"
@@ -191,8 +194,7 @@ def test_fuzz_metrics(tmp_path, cli):
     rng = random.Random(SEED + 4)
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"stage": "grpo", "step": s, "grad_step": s, "reward_mean": 0.1 * s, "elapsed": 1.5 * s, "test_accuracy": 0.05 * s}
-               for s in range(8)]
+    records = [{"stage": "grpo", "step": s, "grad_step": s, "reward_mean": 0.1 * s, "elapsed": 1.5 * s, "test_accuracy": 0.05 * s} for s in range(8)]
     good = "".join(json.dumps(r) + "\n" for r in records).encode()
     for i in range(CASES // 2):  # each accepted case draws a plot: fewer cases here
         kind, data = damage(good, rng)

@@ -251,8 +251,15 @@ def test_every_math500_gold_solution_grades_correct(pool):
 def test_a_hang_or_crash_inside_a_batch_loses_only_that_item():
     # One worker, so the items after the hang and the crash sit in the same batch and must be
     # re-sent to the replacement worker.
-    items = [("1", "1", "arithmetic"), ("x", "1", HANG), ("3", "3", "arithmetic"), ("x", "1", CRASH),
-             ("5", "5", "arithmetic"), ("6", "7", "arithmetic"), ("8", "8", "arithmetic")]
+    items = [
+        ("1", "1", "arithmetic"),
+        ("x", "1", HANG),
+        ("3", "3", "arithmetic"),
+        ("x", "1", CRASH),
+        ("5", "5", "arithmetic"),
+        ("6", "7", "arithmetic"),
+        ("8", "8", "arithmetic"),
+    ]
     with GradingPool(workers=1, timeout=2.0) as one:
         results = one.grade(items)
         assert one.restarts == 2

@@ -99,8 +99,7 @@ def test_extrapolate_weights_from_a_hub_base(hub_cache, tmp_path, checkpoint_ser
 
     series = checkpoint_series(tmp_path / "ckpts", [10])
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli("extrapolate", "weights", "--base-path", "org/tiny", "--second-path", series[10],
-                                   "--alpha", "2", "--out", out)
+    code, stdout, stderr = run_cli("extrapolate", "weights", "--base-path", "org/tiny", "--second-path", series[10], "--alpha", "2", "--out", out)
     assert code == 0, stdout + stderr
     base, second, got = (load_file(str(d / "model.safetensors")) for d in (hub_cache, series[10], out))
     assert set(got) == set(base)

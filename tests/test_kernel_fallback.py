@@ -57,9 +57,10 @@ def same_bits(a, b, what):
 
 @pytest.mark.parametrize("chunk", [None, 40])
 @pytest.mark.parametrize("dtype_name", ["BF16", "F16", "F32", "F64"])
-@pytest.mark.parametrize(("steps", "min_abs_change", "min_unique"),
-                         [([0, 10, 20, 30, 40, 50], 1e-4, 4), ([0, 10, 20, 30, 40, 50], 0.0, 1), ([0, 5, 9], 1e-4, 3),
-                          (list(range(0, 90, 10)), 1e-4, 7)])
+@pytest.mark.parametrize(
+    ("steps", "min_abs_change", "min_unique"),
+    [([0, 10, 20, 30, 40, 50], 1e-4, 4), ([0, 10, 20, 30, 40, 50], 0.0, 1), ([0, 5, 9], 1e-4, 3), (list(range(0, 90, 10)), 1e-4, 7)],
+)
 def test_fallback_gives_the_kernels_bits(steps, min_abs_change, min_unique, dtype_name, chunk, monkeypatch):
     """Counts, every kept R², the histogram and the sums (R² sum, held-out error, delta norms and dot
     products): the same bits, also when the fallback splits the block into chunks (40 values: a ragged end)."""

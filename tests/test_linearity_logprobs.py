@@ -61,7 +61,7 @@ def direct_logprobs(path: Path, prompt_ids, response_ids):
     with torch.no_grad():
         logits = model(ids).logits[0].double()
     n = len(response_ids)
-    rows = logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + n]
+    rows = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + n]
     targets = torch.tensor(response_ids)
     chosen = rows.gather(-1, targets[:, None])[:, 0]
     return (chosen - torch.logsumexp(rows, -1)).numpy(), chosen.numpy()
@@ -86,7 +86,7 @@ def test_load_probes_both_forms_and_errors(tmp_path, trajectory):
     with pytest.raises(UsageError, match="bad.jsonl:2: invalid JSON at line 1"):
         load_probes(bad)
     bad.write_text('{"prompt": "a", "answer": "b"}\n')
-    with pytest.raises(UsageError, match="bad.jsonl:1: needs \"response\""):
+    with pytest.raises(UsageError, match='bad.jsonl:1: needs "response"'):
         load_probes(bad)
     long = [Probe("p.jsonl:9", prompt_ids=[1] * 20, response_ids=[2] * 13)]
     with pytest.raises(UsageError, match="probe p.jsonl:9: prompt \\+ response is 33 tokens, longer than the model context of 32"):
@@ -182,8 +182,9 @@ def test_endpoint_and_range_filters_differ():
 def test_cli_logprobs_run_dir(trajectory, tmp_path):
     root, _ = trajectory
     out_json = tmp_path / "lp.json"
-    result_code, result_out, result_err = run_cli("linearity", "logprobs", str(root), "--probes", str(root / "probes.jsonl"), "--json", str(out_json),
-         "--min-logprob-change", "0.05", "--batch-size", "3")
+    result_code, result_out, result_err = run_cli(
+        "linearity", "logprobs", str(root), "--probes", str(root / "probes.jsonl"), "--json", str(out_json), "--min-logprob-change", "0.05", "--batch-size", "3"
+    )
     assert result_code == 0, result_out + result_err
     data = json.loads(out_json.read_text())
     assert tuple(data) == PUBLIC_KEYS
@@ -201,8 +202,26 @@ def test_cli_logprobs_generate_from_task_and_errors(trajectory, tmp_path):
     root, _ = trajectory
     pairs = [a for s in STEPS[:3] for a in ("-c", f"{s}={root / 'checkpoints' / f'step_{s:06d}'}")]
     out = tmp_path / "gen"
-    result_code, result_out, result_err = run_cli("linearity", "logprobs", *pairs, "--generate", "3", "--task", "arithmetic", "--task-option", "n_test=5",
-         "--max-new-tokens", "4", "--out", str(out), "--json", str(tmp_path / "g.json"), "--min-logprob-change", "0", "--no-plots")
+    result_code, result_out, result_err = run_cli(
+        "linearity",
+        "logprobs",
+        *pairs,
+        "--generate",
+        "3",
+        "--task",
+        "arithmetic",
+        "--task-option",
+        "n_test=5",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--json",
+        str(tmp_path / "g.json"),
+        "--min-logprob-change",
+        "0",
+        "--no-plots",
+    )
     assert result_code == 0, result_out + result_err
     generated = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     assert len(generated) == 3 and all(1 <= len(g["response_ids"]) <= 4 for g in generated)
@@ -210,8 +229,20 @@ def test_cli_logprobs_generate_from_task_and_errors(trajectory, tmp_path):
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["steps"] == STEPS[:3] and data["n_tokens"] + data["n_filtered"] == sum(len(g["response_ids"]) for g in generated)
     # Re-scoring the saved probes (token ids) gives the same numbers.
-    again_code, again_out, again_err = run_cli("linearity", "logprobs", *pairs, "--probes", str(out / "probes.jsonl"), "--out", str(tmp_path / "again"),
-              "--json", str(tmp_path / "a.json"), "--min-logprob-change", "0", "--no-plots")
+    again_code, again_out, again_err = run_cli(
+        "linearity",
+        "logprobs",
+        *pairs,
+        "--probes",
+        str(out / "probes.jsonl"),
+        "--out",
+        str(tmp_path / "again"),
+        "--json",
+        str(tmp_path / "a.json"),
+        "--min-logprob-change",
+        "0",
+        "--no-plots",
+    )
     assert again_code == 0, again_out + again_err
     again = json.loads((tmp_path / "a.json").read_text())
     assert data.pop("score_eos") is False and again.pop("score_eos") is None  # sampled without EOS; given probes
@@ -251,11 +282,25 @@ def test_generated_probes_leave_out_the_stop_token_unless_asked(tmp_path):
     runs = {}
     for flag in ("--no-score-eos", "--score-eos"):
         out = tmp_path / flag
-        code, stdout, stderr = run_cli("linearity", "logprobs", *pairs, "--probes", str(prompts), "--generate", "8", "--max-new-tokens", "6",
-                                       flag, "--out", str(out), "--json", str(out / "s.json"), "--no-plots")
+        code, stdout, stderr = run_cli(
+            "linearity",
+            "logprobs",
+            *pairs,
+            "--probes",
+            str(prompts),
+            "--generate",
+            "8",
+            "--max-new-tokens",
+            "6",
+            flag,
+            "--out",
+            str(out),
+            "--json",
+            str(out / "s.json"),
+            "--no-plots",
+        )
         assert code == 0, stdout + stderr
-        runs[flag] = ([json.loads(line)["response_ids"] for line in (out / "probes.jsonl").read_text().splitlines()],
-                      json.loads((out / "s.json").read_text()))
+        runs[flag] = ([json.loads(line)["response_ids"] for line in (out / "probes.jsonl").read_text().splitlines()], json.loads((out / "s.json").read_text()))
     without, summary_without = runs["--no-score-eos"]
     with_eos, summary_with = runs["--score-eos"]
     stopped = [ids for ids in with_eos if ids[-1] == eos]

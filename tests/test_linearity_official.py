@@ -38,8 +38,12 @@ def fp32_and_bf16(tmp_path_factory):
 
 
 def test_bf16_bits_is_torch_cast():
-    values = np.concatenate([np.random.default_rng(0).normal(size=5000).astype(np.float32) * 3,
-                             np.array([0.0, -0.0, np.inf, -np.inf, 1 + 2**-8, 1 + 3 * 2**-8, 3.4e38], np.float32)])
+    values = np.concatenate(
+        [
+            np.random.default_rng(0).normal(size=5000).astype(np.float32) * 3,
+            np.array([0.0, -0.0, np.inf, -np.inf, 1 + 2**-8, 1 + 3 * 2**-8, 3.4e38], np.float32),
+        ]
+    )
     expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bf16_bits(values), expected)
     assert bf16_bits(np.array([np.nan], np.float32))[0] == 0x7FC0
@@ -68,8 +72,15 @@ def test_tensors_glob_restricts_the_analysis(tmp_path):
     full = analyze_weights(ckpts, WeightSettings(threads=1))
     part = analyze_weights(ckpts, WeightSettings(threads=1, tensors=("model.layers.0.*", "lm_head.*")))
     names = sorted(t.name for t in part.tensors)
-    assert names == sorted(["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias",
-                     "model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight", "lm_head.weight"])
+    assert names == sorted(
+        [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.input_layernorm.weight",
+            "lm_head.weight",
+        ]
+    )
     by_name = {t.name: t for t in full.tensors}
     for t in part.tensors:
         assert t.to_json() == by_name[t.name].to_json()
@@ -110,15 +121,35 @@ def test_dump_matches_the_kernel_and_the_values(fp32_and_bf16, tmp_path, read_dt
 def test_cli_read_dtype_tensors_and_dump(fp32_and_bf16, tmp_path):
     _, fp32, bf16 = fp32_and_bf16
     pairs = [a for step, c in fp32 for a in ("-c", f"{step}={c.path}")]
-    code, out, err = run_cli("linearity", "weights", *pairs, "--read-dtype", "bfloat16", "--tensors", "*proj.weight",
-                             "--dump-params", "*q_proj*", "--out", str(tmp_path / "w"), "--json", str(tmp_path / "w.json"), "--no-plots")
+    code, out, err = run_cli(
+        "linearity",
+        "weights",
+        *pairs,
+        "--read-dtype",
+        "bfloat16",
+        "--tensors",
+        "*proj.weight",
+        "--dump-params",
+        "*q_proj*",
+        "--out",
+        str(tmp_path / "w"),
+        "--json",
+        str(tmp_path / "w.json"),
+        "--no-plots",
+    )
     assert code == 0, out + err
     with np.load(tmp_path / "w" / "params.npz") as dump:
-        assert sorted(dump.files) == ["filter_codes", "model.layers.0.self_attn.q_proj.weight/filter",
-                                      "model.layers.0.self_attn.q_proj.weight/r2", "model.layers.0.self_attn.q_proj.weight/values", "steps"]
+        assert sorted(dump.files) == [
+            "filter_codes",
+            "model.layers.0.self_attn.q_proj.weight/filter",
+            "model.layers.0.self_attn.q_proj.weight/r2",
+            "model.layers.0.self_attn.q_proj.weight/values",
+            "steps",
+        ]
     copy = [a for step, c in bf16 for a in ("-c", f"{step}={c.path}")]
-    code, out, err = run_cli("linearity", "weights", *copy, "--tensors", "*proj.weight", "--out", str(tmp_path / "b"),
-                             "--json", str(tmp_path / "b.json"), "--no-plots")
+    code, out, err = run_cli(
+        "linearity", "weights", *copy, "--tensors", "*proj.weight", "--out", str(tmp_path / "b"), "--json", str(tmp_path / "b.json"), "--no-plots"
+    )
     assert code == 0, out + err
     assert (tmp_path / "w.json").read_text() == (tmp_path / "b.json").read_text()
     code, out, err = run_cli("linearity", "weights", *pairs, "--read-dtype", "float16", "--out", str(tmp_path / "x"))

@@ -42,15 +42,21 @@ def synthetic_states():
     """A rank-1 update growing linearly (q), one that is rank-1 with noise (up), a full-rank random walk (down), a norm."""
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(s, generator=g, dtype=torch.float64)  # noqa: E731
-    base = {"model.layers.0.self_attn.q_proj.weight": rnd(12, 8), "model.layers.0.mlp.up_proj.weight": rnd(16, 8),
-            "model.layers.1.mlp.down_proj.weight": rnd(8, 16), "model.norm.weight": 1 + rnd(8)}
+    base = {
+        "model.layers.0.self_attn.q_proj.weight": rnd(12, 8),
+        "model.layers.0.mlp.up_proj.weight": rnd(16, 8),
+        "model.layers.1.mlp.down_proj.weight": rnd(8, 16),
+        "model.norm.weight": 1 + rnd(8),
+    }
     dirs = {k: torch.outer(rnd(v.shape[0]), rnd(v.shape[1])) * 1e-2 for k, v in base.items() if v.dim() == 2}
     states, walk = {}, torch.zeros(8, 16, dtype=torch.float64)
     for t in STEPS:
         walk = walk + (rnd(8, 16) * 1e-2 if t else 0)
         states[t] = {
             "model.layers.0.self_attn.q_proj.weight": base["model.layers.0.self_attn.q_proj.weight"] + t * dirs["model.layers.0.self_attn.q_proj.weight"],
-            "model.layers.0.mlp.up_proj.weight": base["model.layers.0.mlp.up_proj.weight"] + (t + 0.01 * t**2) * dirs["model.layers.0.mlp.up_proj.weight"] + 3e-3 * rnd(16, 8) * (t > 0),
+            "model.layers.0.mlp.up_proj.weight": base["model.layers.0.mlp.up_proj.weight"]
+            + (t + 0.01 * t**2) * dirs["model.layers.0.mlp.up_proj.weight"]
+            + 3e-3 * rnd(16, 8) * (t > 0),
             "model.layers.1.mlp.down_proj.weight": base["model.layers.1.mlp.down_proj.weight"] + walk,
             "model.norm.weight": base["model.norm.weight"] + 1e-3 * t,
         }

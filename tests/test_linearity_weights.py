@@ -59,7 +59,9 @@ def write_trajectory(root: Path, series: dict[str, np.ndarray], steps=STEPS, dty
     out = []
     entries = []
     for k, step in enumerate(steps):
-        path = write_checkpoint(root / "checkpoints" / f"step_{step:06d}", {n: torch.from_numpy(np.ascontiguousarray(v[k])).to(dtype) for n, v in series.items()})
+        path = write_checkpoint(
+            root / "checkpoints" / f"step_{step:06d}", {n: torch.from_numpy(np.ascontiguousarray(v[k])).to(dtype) for n, v in series.items()}
+        )
         out.append((step, Checkpoint(path)))
         entries.append({"step": step, "path": str(path.relative_to(root)), "kind": (kinds or {}).get(step, "base" if k == 0 else "rl")})
     if run:
@@ -368,7 +370,9 @@ def test_cli_weights_on_run_dir_writes_json_and_plots(tmp_path):
     all_r2 = np.concatenate([numpy_r2(values[n][:4], [0, 10, 20, 30]) for n in SHAPES])
     assert abs(data["median_r2"] - float(np.median(all_r2))) <= 1.0 / stats.FINE_BINS
 
-    result_code, result_out, result_err = run_cli("linearity", "weights", str(run), "--include-extrapolated", "--window", "10:", "--json", str(out_json), "--no-plots")
+    result_code, result_out, result_err = run_cli(
+        "linearity", "weights", str(run), "--include-extrapolated", "--window", "10:", "--json", str(out_json), "--no-plots"
+    )
     assert result_code == 0, result_out + result_err
     assert json.loads(out_json.read_text())["steps"] == [10, 20, 30, 40]
 
@@ -383,7 +387,9 @@ def test_cli_shards_then_merge_equal_single_run(tmp_path):
     parts = []
     for i in range(3):
         part = tmp_path / "parts" / f"p{i}.json"
-        result_code, result_out, result_err = run_cli("linearity", "weights", *pairs, "--shard", f"{i}/3", "--out", str(tmp_path / "parts"), "--json", str(part))
+        result_code, result_out, result_err = run_cli(
+            "linearity", "weights", *pairs, "--shard", f"{i}/3", "--out", str(tmp_path / "parts"), "--json", str(part)
+        )
         assert result_code == 0, result_out + result_err
         parts.append(str(part))
     merged = tmp_path / "merged.json"
@@ -409,7 +415,9 @@ def test_cli_bad_input(tmp_path):
     # End to end through the real entry point: one line, exit code 2, no traceback.
     proc = subprocess.run(
         [sys.executable, "-m", "rlvrx", "linearity", "weights", "-c", pairs[0], "-c", pairs[1]],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
     assert "at least 3 checkpoints" in proc.stderr and "Traceback" not in proc.stderr
@@ -429,8 +437,12 @@ def test_non_finite_weights_are_refused_with_tensor_and_steps(tmp_path, dtype, s
     assert message == "model.layers.1.mlp.up_proj.weight: 2 parameters are NaN or infinite at steps 20, 45; weight linearity needs finite weights"
     # End to end: one line, a non-zero exit, no traceback, nothing written.
     pairs = [arg for step, c in ckpts for arg in ("-c", f"{step}={c.path}")]
-    proc = subprocess.run([sys.executable, "-m", "rlvrx", "linearity", "weights", *pairs, "--no-plots", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlvrx", "linearity", "weights", *pairs, "--no-plots", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0 and "NaN or infinite at steps 20, 45" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -562,11 +574,14 @@ def test_weight_linearity_runs_without_torch(tmp_path):
 
 
 @pytest.mark.parametrize("dtype_name", ["BF16", "F32", "F16"])
-@pytest.mark.parametrize(("steps", "min_abs_change", "min_unique"), [(STEPS, 1e-4, 4), (STEPS, 0.0, 1), ([0, 5, 9], 1e-4, 3), (list(range(0, 90, 10)), 1e-4, 7)])
+@pytest.mark.parametrize(
+    ("steps", "min_abs_change", "min_unique"), [(STEPS, 1e-4, 4), (STEPS, 0.0, 1), ([0, 5, 9], 1e-4, 3), (list(range(0, 90, 10)), 1e-4, 7)]
+)
 def test_kernel_widths_give_the_same_bits(steps, min_abs_change, min_unique, dtype_name):
     """The AVX-512 build (8 parameters per vector) and the 4-lane build agree bit for bit, filters, sums,
     histogram and every kept R²; 1001 parameters cover several tiles and a ragged end."""
     from rlvrx import kernels as native
+
     if native.library().rlvrx_weight_block_lanes() == 4:
         pytest.skip("this CPU has no AVX-512: there is one build to run")
     values = random_block(steps, seed=len(steps) * 10 + min_unique)

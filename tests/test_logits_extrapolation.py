@@ -12,8 +12,15 @@ PAPER = dict(temperature=0.6, top_p=0.95)  # the paper's decoding defaults
 
 def tiny_qwen(seed, vocab=40):
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.3,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).eval()
@@ -81,8 +88,8 @@ def test_alpha_two_every_step_matches_separate_forward_passes(models):
     for g in gens:
         seq = torch.tensor([g.prompt_ids + g.token_ids])
         with torch.no_grad():
-            l_b = base(seq).logits[0, len(g.prompt_ids) - 1:-1].double()
-            l_s = second(seq).logits[0, len(g.prompt_ids) - 1:-1].double()
+            l_b = base(seq).logits[0, len(g.prompt_ids) - 1 : -1].double()
+            l_s = second(seq).logits[0, len(g.prompt_ids) - 1 : -1].double()
         hand = l_b + 2.0 * (l_s - l_b)
         at = torch.arange(len(g.token_ids)), torch.tensor(g.token_ids)
         np.testing.assert_allclose(g.raw_logprobs.numpy(), torch.log_softmax(hand, -1)[at].numpy(), atol=1e-4)

@@ -61,8 +61,16 @@ def test_every_stage_ran_and_left_sane_outputs(quickstart_run):
     run, _, results = quickstart_run
     assert [r["status"] for r in results] == ["done"] * 8
     stages = {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json")}
-    assert set(stages) == {"train", "linearity-weights", "linearity-logprobs", "extrapolate-weights", "extrapolate-logits", "eval",
-                           "linearity-rank", "extrapolate-compare"}
+    assert set(stages) == {
+        "train",
+        "linearity-weights",
+        "linearity-logprobs",
+        "extrapolate-weights",
+        "extrapolate-logits",
+        "eval",
+        "linearity-rank",
+        "extrapolate-compare",
+    }
     assert 0 < stages["linearity-rank"]["median_rank1_energy"] <= 1
     shootout = stages["extrapolate-compare"]
     assert shootout["window_steps"] == [6, 8, 10] and set(shootout["accuracy"]) == {"real", "window-end", "two-point", "lstsq", "rank1", "alpharl"}
@@ -125,7 +133,7 @@ def test_stage_options_are_checked_before_any_work(tmp_path):
 
 def test_stage_command_line(tmp_path):
     recipe = load_recipe(QUICKSTART, [f"output.dir={tmp_path}"])
-    argv = stage_argv(recipe.stages[stage_index('eval')], tmp_path, Path("r.yaml"), [], tmp_path / "stages/eval.json")
+    argv = stage_argv(recipe.stages[stage_index("eval")], tmp_path, Path("r.yaml"), [], tmp_path / "stages/eval.json")
     assert argv[:5] == ["eval", f"{tmp_path}:100", f"{tmp_path}:150", f"{tmp_path}:200", f"{tmp_path}/extrapolated/step_000200"]
     assert argv[argv.index("--generations") + 1] == f"{tmp_path}/extrapolated/logits-s100-s150-t200/arithmetic.jsonl"
     assert argv.count("--name") == 5

@@ -24,8 +24,7 @@ def runs(tmp_path_factory, sft_model):
         "model": {"path": str(sft_model)},
         "task": dict(TINY_TASK),
         "sft": {"enabled": False},
-        "grpo": {"num_generations": 4, "batch_size": 4, "lr": 1e-3, "steps": 6, "save_every": 1, "eval_every": 1,
-                 "max_new_tokens": 3, "eval_examples": 12},
+        "grpo": {"num_generations": 4, "batch_size": 4, "lr": 1e-3, "steps": 6, "save_every": 1, "eval_every": 1, "max_new_tokens": 3, "eval_examples": 12},
         "rl_extra": {"m": M, "n": N, "iterations": ITERATIONS},
         "output": {"dir": str(root / "rx")},
     }

@@ -72,14 +72,14 @@ def models(tmp_path_factory, tiny_model_kwargs) -> list[Path]:
 # ------------------------------------------------------------------------------ 1. no code from data
 
 
-PROBE = '''\
+PROBE = """\
 from pathlib import Path
 Path({marker!r}).write_text("imported")
 
 def make():
     from rlvrx.tasks import ArithmeticTask
     return ArithmeticTask()
-'''
+"""
 
 
 @pytest.mark.parametrize("named", ["rlvrx_probe_task:make", "os:system"])
@@ -99,7 +99,9 @@ def test_a_generations_file_cannot_name_code_to_import(tmp_path, named):
     assert not (tmp_path / "o1").exists()
 
     # The same module given on the command line is the user's own choice: it is imported and grades.
-    chosen = subprocess.run(base + ["--task", "rlvrx_probe_task:make", "--out", str(tmp_path / "o2")], capture_output=True, text=True, env=child_env, timeout=TIMEOUT)
+    chosen = subprocess.run(
+        base + ["--task", "rlvrx_probe_task:make", "--out", str(tmp_path / "o2")], capture_output=True, text=True, env=child_env, timeout=TIMEOUT
+    )
     assert chosen.returncode == 0, chosen.stderr
     assert marker.read_text() == "imported"
     assert lines(tmp_path / "o2" / "gens" / "arithmetic.jsonl")[0]["correct"] == [True, False]
@@ -154,7 +156,9 @@ def test_same_step_of_two_runs_never_shares_results(models, tmp_path):
     shutil.copytree(models[2], run_a / "extrapolated" / "step_000024")
     code, out, err = rlvrx("eval", run_a / "extrapolated" / "step_000024", "--task", "arithmetic", "--limit", "3", "-n", "2", "--no-progress", cwd=work)
     assert code == 2 and "another model" in one_error_line(err)
-    code, out, err = rlvrx("eval", run_a / "extrapolated" / "step_000024", "--task", "arithmetic", "--limit", "3", "-n", "2", "--no-progress", "--overwrite", cwd=work)
+    code, out, err = rlvrx(
+        "eval", run_a / "extrapolated" / "step_000024", "--task", "arithmetic", "--limit", "3", "-n", "2", "--no-progress", "--overwrite", cwd=work
+    )
     assert code == 0, err
     assert lines(run_a / "eval/extrapolated-step_000024/arithmetic.jsonl") == lines(run_b / "eval/extrapolated-step_000024/arithmetic.jsonl")
 
@@ -190,10 +194,7 @@ def test_rlvrx_run_writes_eval_results_into_the_run(models, tmp_path):
 
 def test_recipe_validate_names_unknown_tasks(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "model: {tiny: {layers: 1}}\ntask: {name: arithmetc}\n"
-        "stages:\n  - kind: eval\n    options: {task: 'math500,gsm8kk'}\n"
-    )
+    recipe.write_text("model: {tiny: {layers: 1}}\ntask: {name: arithmetc}\nstages:\n  - kind: eval\n    options: {task: 'math500,gsm8kk'}\n")
     code, out, err = rlvrx("recipe", "validate", recipe)
     assert code == 2
     assert "task.name: unknown task 'arithmetc'; did you mean 'arithmetic'? known tasks: aime24, aime25, arithmetic, gsm8k, math, math500" in err
@@ -211,13 +212,17 @@ def test_recipe_validate_names_unknown_tasks(tmp_path):
 def test_a_second_eval_of_the_same_output_is_refused_while_the_first_writes(models, tmp_path):
     out = tmp_path / "eval"
     results = out / "m0" / "arithmetic.jsonl"
-    first = subprocess.Popen(eval_cmd(models[0], out, "--limit", "60", "-n", "2", "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    first = subprocess.Popen(
+        eval_cmd(models[0], out, "--limit", "60", "-n", "2", "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
     try:
         wait_for_lines(results, first, 1)
         os.kill(first.pid, signal.SIGSTOP)  # hold it mid-run, the lock taken, whatever the machine's speed
         try:
             for seed in ("1", "0"):
-                second = subprocess.run(eval_cmd(models[0], out, "--limit", "60", "-n", "2", "--seed", seed), capture_output=True, text=True, env=env(), timeout=TIMEOUT)
+                second = subprocess.run(
+                    eval_cmd(models[0], out, "--limit", "60", "-n", "2", "--seed", seed), capture_output=True, text=True, env=env(), timeout=TIMEOUT
+                )
                 assert second.returncode == 1, second.stderr
                 line = one_error_line(second.stderr)
                 assert f"in use by pid {first.pid}" in line and str(results) in line
@@ -247,7 +252,9 @@ def test_overwrite_keeps_the_old_results_until_the_new_ones_are_complete(models,
     assert subprocess.run(eval_cmd(models[0], out, *args), capture_output=True, env=env(), timeout=TIMEOUT).returncode == 0
     old = {name: (folder / name).read_bytes() for name in ("arithmetic.jsonl", "arithmetic.settings.json")}
 
-    killed = subprocess.Popen(eval_cmd(models[0], out, *args, "--seed", "1", "--overwrite"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    killed = subprocess.Popen(
+        eval_cmd(models[0], out, *args, "--seed", "1", "--overwrite"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
     try:
         wait_for_lines(folder / ".arithmetic.overwrite" / "arithmetic.jsonl", killed, 2)
         assert {name: (folder / name).read_bytes() for name in old} == old  # still there while the new ones are written
@@ -449,10 +456,30 @@ def _has_cuda() -> bool:
 @pytest.mark.skipif(_has_cuda(), reason="asks for a CUDA device this machine must lack")
 def test_devices_this_machine_lacks_are_one_line(tiny_model_dir, tmp_path):
     cases = [
-        (("eval", tiny_model_dir, "--task", "arithmetic", "--limit", "2", "--out", tmp_path / "o", "--no-progress"), "--device cuda: no CUDA device is visible; use --device cpu", "cuda"),
+        (
+            ("eval", tiny_model_dir, "--task", "arithmetic", "--limit", "2", "--out", tmp_path / "o", "--no-progress"),
+            "--device cuda: no CUDA device is visible; use --device cpu",
+            "cuda",
+        ),
         (("eval", tiny_model_dir, "--task", "arithmetic", "--limit", "2", "--out", tmp_path / "o", "--no-progress"), "--device gpu: not a torch device", "gpu"),
-        (("extrapolate", "logits", "--base-path", tiny_model_dir, "--second-path", tiny_model_dir, "--alpha", "2", "--task", "arithmetic", "--out", tmp_path / "l.jsonl"),
-         "--device cuda:1: no CUDA device is visible", "cuda:1"),
+        (
+            (
+                "extrapolate",
+                "logits",
+                "--base-path",
+                tiny_model_dir,
+                "--second-path",
+                tiny_model_dir,
+                "--alpha",
+                "2",
+                "--task",
+                "arithmetic",
+                "--out",
+                tmp_path / "l.jsonl",
+            ),
+            "--device cuda:1: no CUDA device is visible",
+            "cuda:1",
+        ),
     ]
     for args, message, device in cases:
         code, out, err = rlvrx(*args, "--device", device)

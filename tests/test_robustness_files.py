@@ -56,8 +56,12 @@ def test_eight_parallel_snapshot_adds_keep_every_step(tmp_path, checkpoint_serie
     ckpts = checkpoint_series(tmp_path / "ckpts", range(0, 80, 10))
     run = tmp_path / "run"
     procs = [
-        subprocess.Popen([sys.executable, "-m", "rlvrx", "snapshot", "add", str(run), str(path), "--step", str(step)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "rlvrx", "snapshot", "add", str(run), str(path), "--step", str(step)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for step, path in ckpts.items()
     ]
     results = [(p.wait(timeout=TIMEOUT), p.stderr.read()) for p in procs]
@@ -107,8 +111,7 @@ def _registered(run: Path) -> list:
 def test_second_train_on_a_run_is_refused_and_sigterm_leaves_nothing_half_written(tmp_path):
     run = tmp_path / "run"
     recipe = _train_recipe(tmp_path, run, steps=100000)
-    first = subprocess.Popen([sys.executable, "-m", "rlvrx", "train", str(recipe), "--no-progress"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, "-m", "rlvrx", "train", str(recipe), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_lock(run / ".rlvrx.lock", first.pid, first)
         second = rlvrx("train", recipe, "--no-progress")
@@ -445,8 +448,12 @@ def test_damaged_run_files_are_one_line_errors(tmp_path, checkpoint_series, cli)
         (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
     ):
         manifest.write_bytes(damage)
-        for args in (("snapshot", "list", run), ("snapshot", "verify", run), ("report", run),
-                     ("extrapolate", "weights", run, "--base", 0, "--second", 10, "--target", 20)):
+        for args in (
+            ("snapshot", "list", run),
+            ("snapshot", "verify", run),
+            ("report", run),
+            ("extrapolate", "weights", run, "--base", 0, "--second", 10, "--target", 20),
+        ):
             rc, _, err = cli(*args)
             assert rc == 2 and one_line(err) and expected in err and str(manifest) in err, (args, err)
     manifest.write_bytes(good)

@@ -16,7 +16,11 @@ def test_paths(tmp_path):
     assert run.linearity_summary("logprobs") == tmp_path / "r/linearity/logprobs/summary.json"
     assert run.linearity_parts_json("weights") == tmp_path / "r/linearity/weights.json"
     assert (run.eval, run.report, run.extrapolated, run.compare_png) == (
-        tmp_path / "r/eval", tmp_path / "r/report", tmp_path / "r/extrapolated", tmp_path / "r/compare.png")
+        tmp_path / "r/eval",
+        tmp_path / "r/report",
+        tmp_path / "r/extrapolated",
+        tmp_path / "r/compare.png",
+    )
     with pytest.raises(ValueError, match="kind must be one of weights, logprobs"):
         run.linearity("logits")
 

@@ -15,8 +15,15 @@ PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15], [
 def tiny_qwen(seed=0, vocab=VOCAB, max_position=128):
     # initializer_range 0.3 makes next-token distributions peaked, so greedy has no near-ties.
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_position, tie_word_embeddings=True, initializer_range=0.3,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).eval()
@@ -142,9 +149,7 @@ def test_rows_stop_at_eos_and_leave_the_batch(model):
     references = [naive_decode(model, p, steps)[0] for p in PROMPTS]
     stop = _pick_stop_token(references)
     batch_rows = []
-    hook = model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
         gens = generate(model, None, PROMPTS, params=SamplingParams(temperature=0, max_new_tokens=steps, stop_token_ids=(stop,)))
     finally:
@@ -194,7 +199,7 @@ def test_sampled_logprobs_match_teacher_forced_reference(model):
     for g in gens:
         seq = torch.tensor([g.prompt_ids + g.token_ids])
         with torch.no_grad():
-            logits = model(seq).logits[0, len(g.prompt_ids) - 1:-1]
+            logits = model(seq).logits[0, len(g.prompt_ids) - 1 : -1]
         targets = torch.tensor(g.token_ids)
         raw = torch.log_softmax(logits.double(), -1)[torch.arange(len(targets)), targets]
         processed = process_logits(logits, params)[torch.arange(len(targets)), targets]

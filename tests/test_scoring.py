@@ -18,8 +18,15 @@ VOCAB = 40
 
 def tiny_qwen(seed=0, max_position=128):
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_position, tie_word_embeddings=True, initializer_range=0.3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).eval()
@@ -117,7 +124,7 @@ def test_batch_token_logprobs_is_differentiable_and_exact(model):
     torch.testing.assert_close(kept, full[:, -r_width:], atol=1e-5, rtol=0)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         ref_lp, _ = direct(model, p, r)
-        np.testing.assert_allclose(kept[i, :len(r)].detach().numpy(), ref_lp.numpy(), atol=1e-5)
+        np.testing.assert_allclose(kept[i, : len(r)].detach().numpy(), ref_lp.numpy(), atol=1e-5)
         # entropy at the first response position from the direct forward pass
         with torch.no_grad():
             logits = model(torch.tensor([p])).logits[0, -1].double()

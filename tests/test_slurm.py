@@ -69,7 +69,7 @@ def sbatch_arguments(line: str) -> list[str]:
     src/sbatch/opt.c (whitespace splits unless quoted by " or ', backslash escapes the next
     character, an unescaped # outside quotes ends the line; an unmatched quote is fatal)."""
     assert line.startswith("#SBATCH")
-    text, args, i = line[len("#SBATCH"):], [], 0
+    text, args, i = line[len("#SBATCH") :], [], 0
     while True:
         while i < len(text) and text[i].isspace():
             i += 1
@@ -108,15 +108,20 @@ def test_sbatch_line_port_reads_slurms_quoting():
 
 
 def test_verl_job_starts_ray_head_on_first_node_and_workers_on_the_rest(tmp_path, stubs):
-    opts = SlurmOptions(nodes=3, gpus_per_node=8, cpus_per_task=32, partition="gpu", time="1-00:00:00", account="lab",
-                        python=str(stubs / "python"))
+    opts = SlurmOptions(nodes=3, gpus_per_node=8, cpus_per_task=32, partition="gpu", time="1-00:00:00", account="lab", python=str(stubs / "python"))
     (script,) = build_scripts("train", "/r/deepscaler.yaml", ["grpo.lr=2e-6"], tmp_path / "run", [], opts, tmp_path / "out")
     write_scripts([script], tmp_path / "out")
     header = [line for line in script.text.splitlines() if line.startswith("#SBATCH")]
     assert header == [
-        "#SBATCH --job-name=rlvrx-train-run", "#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --output={tmp_path / 'out'}/%x-%A.out", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=32",
-        "#SBATCH --partition=gpu", "#SBATCH --time=1-00:00:00", "#SBATCH --account=lab",
+        "#SBATCH --job-name=rlvrx-train-run",
+        "#SBATCH --nodes=3",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --output={tmp_path / 'out'}/%x-%A.out",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=32",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=1-00:00:00",
+        "#SBATCH --account=lab",
     ]
     calls = _joined(_run(script.path, stubs, {"SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_NNODES": "3", "SLURM_CPUS_PER_TASK": "32"}))
     ray_starts = [c for c in calls if c.startswith("srun") and "ray.scripts.scripts start" in c]
@@ -147,8 +152,7 @@ def test_linearity_array_shards_and_dependent_merge(tmp_path, stubs):
     parts = " ".join(f"{run}/linearity/weights/part-{i}-of-3.json" for i in range(3))
     assert calls[-1] == f"python -m rlvrx linearity merge {parts} --json {run}/linearity/weights.json --out {run}/linearity/weights"
     submitted = _run(submit_sh, stubs, {})
-    assert submitted == [["sbatch", "--parsable", array.path.name],
-                         ["sbatch", "--parsable", "--dependency=afterok:4242", merge.path.name]]
+    assert submitted == [["sbatch", "--parsable", array.path.name], ["sbatch", "--parsable", "--dependency=afterok:4242", merge.path.name]]
 
 
 def _expected_argv(command: str, recipe: Path, run: Path, eval_args: list[str]) -> list[list[str]]:
@@ -160,8 +164,17 @@ def _expected_argv(command: str, recipe: Path, run: Path, eval_args: list[str]) 
     parts = run / "linearity" / "weights"
     return [
         ["-m", "rlvrx", "linearity", "weights", str(run), "--out", str(parts), "--min-abs-change", "0", "--shard", "1/2"],
-        ["-m", "rlvrx", "linearity", "merge", *(str(parts / f"part-{i}-of-2.json") for i in range(2)),
-         "--json", str(run / "linearity" / "weights.json"), "--out", str(parts)],
+        [
+            "-m",
+            "rlvrx",
+            "linearity",
+            "merge",
+            *(str(parts / f"part-{i}-of-2.json") for i in range(2)),
+            "--json",
+            str(run / "linearity" / "weights.json"),
+            "--out",
+            str(parts),
+        ],
     ]
 
 
@@ -172,8 +185,23 @@ def test_every_shipped_recipe_renders_scripts_that_submit_and_run(recipe, comman
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "runs dir" / recipe  # a space in the path too
     eval_args = [f"{run}:100", "--task", "aime 24", "-n", "4"]
-    args = ["slurm", recipe, f"output.dir={run}", "--command", command, "--nodes", "2", "--gpus-per-node", "8",
-            "--shards", "2", "--python", str(stubs / "python"), "--time", "1-00:00:00"]
+    args = [
+        "slurm",
+        recipe,
+        f"output.dir={run}",
+        "--command",
+        command,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--shards",
+        "2",
+        "--python",
+        str(stubs / "python"),
+        "--time",
+        "1-00:00:00",
+    ]
     args += ["--args", " ".join(f"'{a}'" for a in eval_args)] if command == "eval" else []
     args += ["--args", "--min-abs-change 0"] if command == "linearity" else []
     result = CliRunner().invoke(app, args)
@@ -193,8 +221,7 @@ def test_every_shipped_recipe_renders_scripts_that_submit_and_run(recipe, comman
     assert [c[2:-1] for c in submitted] == [[]] + [["--dependency=afterok:4242"]] * (len(scripts) - 1)
 
     # Each script: the #SBATCH options sbatch reads, and the rlvrx command line the job runs.
-    env = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_ARRAY_TASK_ID": "1",
-           "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
+    env = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
     expected = _expected_argv(command, REPO / "recipes" / f"{recipe}.yaml", run, eval_args)
     for script, argv in zip(scripts, expected):
         options = sbatch_options(script.read_text())
@@ -207,8 +234,22 @@ def test_every_shipped_recipe_renders_scripts_that_submit_and_run(recipe, comman
 def test_command_substitution_in_output_dir_never_runs(tmp_path, stubs, monkeypatch):
     """Issue #17: `rlvrx slurm q.yaml 'output.dir=runs/x$(touch PWNED)y' --command linearity`."""
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["slurm", "quickstart", "output.dir=runs/x$(touch PWNED)y", "--command", "linearity",
-                                      "--shards", "2", "--python", str(stubs / "python"), "--partition", "gpu `touch PWNED`"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "slurm",
+            "quickstart",
+            "output.dir=runs/x$(touch PWNED)y",
+            "--command",
+            "linearity",
+            "--shards",
+            "2",
+            "--python",
+            str(stubs / "python"),
+            "--partition",
+            "gpu `touch PWNED`",
+        ],
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "x$(touch PWNED)y"
     out = run / "slurm"
@@ -248,7 +289,10 @@ def test_cli_refuses_a_newline_with_one_line_and_exit_2(tmp_path):
     # A YAML double-quoted override: "\n" in it is a real line break in output.dir.
     result = subprocess.run(
         [sys.executable, "-m", "rlvrx", "slurm", "quickstart", f'output.dir="{tmp_path}/a\\nb"', "--command", "linearity"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "output.dir" in result.stderr and "line break" in result.stderr
@@ -278,15 +322,18 @@ def test_arguments_are_quoted_and_bad_options_refused(tmp_path):
     assert "afterok" not in render_submit([script])
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--partition", "gpu\n#SBATCH --wrap=x", r"--partition: 'gpu\\n#SBATCH --wrap=x' holds a line break"),
-    ("--time", "1\n2", r"--time: '1\\n2' holds a line break"),
-    ("--sbatch", "qos=high", r"--sbatch 'qos=high': give one sbatch option per --sbatch, e.g. --sbatch=--qos=high$"),
-    ("--nodes", "0", r"--nodes must be >= 1, got 0$"),
-    ("--shards", "0", r"--shards must be >= 1, got 0$"),
-    ("--command", "sft", r"--command 'sft': use one of train, rl-extra, eval, linearity$"),
-    ("--out", "a\\b", r"the log directory \(--out, default output.dir/slurm\): .* holds a backslash"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--partition", "gpu\n#SBATCH --wrap=x", r"--partition: 'gpu\\n#SBATCH --wrap=x' holds a line break"),
+        ("--time", "1\n2", r"--time: '1\\n2' holds a line break"),
+        ("--sbatch", "qos=high", r"--sbatch 'qos=high': give one sbatch option per --sbatch, e.g. --sbatch=--qos=high$"),
+        ("--nodes", "0", r"--nodes must be >= 1, got 0$"),
+        ("--shards", "0", r"--shards must be >= 1, got 0$"),
+        ("--command", "sft", r"--command 'sft': use one of train, rl-extra, eval, linearity$"),
+        ("--out", "a\\b", r"the log directory \(--out, default output.dir/slurm\): .* holds a backslash"),
+    ],
+)
 def test_the_cli_names_the_flag_of_a_bad_value(flag, value, message, tmp_path):
     """The library names its parameters (above); `rlvrx slurm` names the flag that set them, in one line."""
     from clirun import run_cli
@@ -300,8 +347,15 @@ def test_the_cli_names_the_flag_of_a_bad_value(flag, value, message, tmp_path):
 
 def test_slurm_environment_is_read_from_slurm_variables():
     assert slurm_env({}) is None and array_shard({}) is None
-    env = {"SLURM_JOB_ID": "42", "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NNODES": "2",
-           "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5"}
+    env = {
+        "SLURM_JOB_ID": "42",
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "8",
+        "SLURM_NNODES": "2",
+        "SLURM_ARRAY_TASK_ID": "7",
+        "SLURM_ARRAY_TASK_COUNT": "4",
+        "SLURM_ARRAY_TASK_MIN": "5",
+    }
     info = slurm_env(env)
     assert (info["job_id"], info["procid"], info["ntasks"], info["nnodes"]) == ("42", 3, 8, 2)
     assert array_shard(env) == (2, 4)

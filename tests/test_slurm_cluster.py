@@ -89,9 +89,26 @@ def test_linearity_array_and_merge_on_slurm_equal_a_local_run(cluster, trajector
     rlvrx = [sys.executable, "-m", "rlvrx"]
     summary = tmp_path / "slurm.json"
     submitted = subprocess.run(
-        [*rlvrx, "slurm", str(REPO / "recipes" / "quickstart.yaml"), f"output.dir={trajectory}", "--command", "linearity",
-         "--shards", "2", "--cpus-per-task", "1", "--args", "--min-abs-change 0", "--submit", "--json", str(summary)],
-        capture_output=True, text=True, env=cluster,
+        [
+            *rlvrx,
+            "slurm",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            f"output.dir={trajectory}",
+            "--command",
+            "linearity",
+            "--shards",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--args",
+            "--min-abs-change 0",
+            "--submit",
+            "--json",
+            str(summary),
+        ],
+        capture_output=True,
+        text=True,
+        env=cluster,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     ids = json.loads(summary.read_text())["job_ids"]
@@ -107,9 +124,9 @@ def test_linearity_array_and_merge_on_slurm_equal_a_local_run(cluster, trajector
 
     local_path = tmp_path / "local.json"
     local = subprocess.run(
-        [*rlvrx, "linearity", "weights", str(trajectory), "--min-abs-change", "0", "--out", str(tmp_path / "local"),
-         "--no-plots", "--json", str(local_path)],
-        capture_output=True, text=True,
+        [*rlvrx, "linearity", "weights", str(trajectory), "--min-abs-change", "0", "--out", str(tmp_path / "local"), "--no-plots", "--json", str(local_path)],
+        capture_output=True,
+        text=True,
     )
     assert local.returncode == 0, local.stderr[-2000:]
     merged, single = json.loads(merged_path.read_text()), json.loads(local_path.read_text())
@@ -126,9 +143,25 @@ def test_real_sbatch_reads_quoted_log_paths_and_the_dependency_chain(cluster, tm
     python = tmp_path / "python"  # the cluster's python, standing in: when it ran, and its argv
     python.write_text('#!/bin/bash\necho "$(date +%s.%N) $*"\n')
     python.chmod(0o755)
-    result = CliRunner().invoke(app, ["slurm", "quickstart", f"output.dir={run}", "--command", "linearity", "--shards", "2",
-                                      "--cpus-per-task", "1", "--out", str(out), "--python", str(python),
-                                      "--sbatch=--comment=a b # c"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "slurm",
+            "quickstart",
+            f"output.dir={run}",
+            "--command",
+            "linearity",
+            "--shards",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--out",
+            str(out),
+            "--python",
+            str(python),
+            "--sbatch=--comment=a b # c",
+        ],
+    )
     assert result.exit_code == 0, result.output
     submitted = subprocess.run(["bash", str(out / "submit.sh")], capture_output=True, text=True, env=cluster, timeout=120)
     assert submitted.returncode == 0, submitted.stderr

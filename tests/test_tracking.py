@@ -17,13 +17,36 @@ output: {dir: RUN}
 
 
 def test_tracker_metrics_use_verl_names():
-    record = {"stage": "grpo", "step": 7, "grad_step": 5, "reward_mean": 0.25, "loss": -0.5, "kl": 0.01, "entropy": 1.5,
-              "grad_norm": 2.0, "clip_fraction": 0.1, "response_length": 3.0, "step_time": 0.2, "test_accuracy": 0.75,
-              "odd": float("nan"), "flag": True, "new_key": 4}
+    record = {
+        "stage": "grpo",
+        "step": 7,
+        "grad_step": 5,
+        "reward_mean": 0.25,
+        "loss": -0.5,
+        "kl": 0.01,
+        "entropy": 1.5,
+        "grad_norm": 2.0,
+        "clip_fraction": 0.1,
+        "response_length": 3.0,
+        "step_time": 0.2,
+        "test_accuracy": 0.75,
+        "odd": float("nan"),
+        "flag": True,
+        "new_key": 4,
+    }
     assert tracker_metrics(record, "arithmetic") == {
-        "training/global_step": 7.0, "training/grad_step": 5.0, "critic/score/mean": 0.25, "actor/pg_loss": -0.5,
-        "actor/kl_loss": 0.01, "actor/entropy": 1.5, "actor/grad_norm": 2.0, "actor/pg_clipfrac": 0.1,
-        "response_length/mean": 3.0, "perf/time_per_step": 0.2, "val-core/arithmetic/acc/mean@1": 0.75, "rlvrx/new_key": 4.0,
+        "training/global_step": 7.0,
+        "training/grad_step": 5.0,
+        "critic/score/mean": 0.25,
+        "actor/pg_loss": -0.5,
+        "actor/kl_loss": 0.01,
+        "actor/entropy": 1.5,
+        "actor/grad_norm": 2.0,
+        "actor/pg_clipfrac": 0.1,
+        "response_length/mean": 3.0,
+        "perf/time_per_step": 0.2,
+        "val-core/arithmetic/acc/mean@1": 0.75,
+        "rlvrx/new_key": 4.0,
     }
     sft = {"stage": "sft", "step": 0, "sft_step": 12, "loss": 1.25}
     assert tracker_metrics(sft, "arithmetic") == {"sft/loss": 1.25} and tracker_step(sft) == 12
@@ -99,8 +122,9 @@ def test_tensorboard_and_mlflow_hold_the_metrics_jsonl_values(tracked_run):
     [experiment] = [e for e in client.search_experiments() if e.name == "rlvrx"]
     [mlrun] = client.search_runs([experiment.experiment_id])
     assert mlrun.info.run_name == "run" and mlrun.info.status == "FINISHED"
-    assert {"critic/score/mean", "actor/pg_loss", "actor/entropy", "actor/grad_norm",
-            "val-core/arithmetic/acc/mean_at_1"} <= set(mlrun.data.metrics)  # '@' written as '_at_', as verl's mlflow adapter does
+    assert {"critic/score/mean", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "val-core/arithmetic/acc/mean_at_1"} <= set(
+        mlrun.data.metrics
+    )  # '@' written as '_at_', as verl's mlflow adapter does
     history = client.get_metric_history(mlrun.info.run_id, "actor/pg_loss")
     assert sorted((m.step, m.value) for m in history) == [(r["step"], pytest.approx(r["loss"])) for r in steps]
 
@@ -114,4 +138,3 @@ def test_a_rerun_with_other_loggers_resumes_and_bad_names_are_one_line(tracked_r
     code, out, err = run_cli("train", recipe, "--logger", "tensorboard,neptune")
     assert code == 2
     assert "--logger 'tensorboard,neptune': expected comma-separated names from console, tensorboard, mlflow" in out + err
-

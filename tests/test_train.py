@@ -148,7 +148,13 @@ def test_rl_extra_bookkeeping_and_jump_in_place(tmp_path):
     traj = Trajectory.load(run)
     # cycle 1: steps 0,1,2 (grad 0..2), jump -> 5 (grad 2); cycle 2: 6,7 (grad 3,4), jump -> 10 (grad 4)
     assert [(e.step, e.kind, e.grad_step) for e in traj] == [
-        (0, "rl", 0), (1, "rl", 1), (2, "rl", 2), (5, "extrapolated", 2), (6, "rl", 3), (7, "rl", 4), (10, "extrapolated", 4),
+        (0, "rl", 0),
+        (1, "rl", 1),
+        (2, "rl", 2),
+        (5, "extrapolated", 2),
+        (6, "rl", 3),
+        (7, "rl", 4),
+        (10, "extrapolated", 4),
     ]
     assert summary["grad_steps"] == 4 and summary["steps"] == 10
     assert any(m.get("frac_zero_std", 1.0) < 1.0 for m in metrics(run))  # GRPO had a learning signal
@@ -243,8 +249,7 @@ def test_shared_prompt_logprobs_equal_the_packed_forward():
 
     ref = run(lambda: batch_token_logprobs(model, packed.input_ids, packed.attention_mask, logits_to_keep=width, temperature=0.7))
     ids, pmask = left_pad(prompts)
-    got = run(lambda: shared_prompt_token_logprobs(model, ids, pmask, torch.tensor(index), packed.input_ids[:, -width:],
-                                                   packed.response_mask, temperature=0.7))
+    got = run(lambda: shared_prompt_token_logprobs(model, ids, pmask, torch.tensor(index), packed.input_ids[:, -width:], packed.response_mask, temperature=0.7))
     keep = packed.response_mask.bool()
     torch.testing.assert_close(got[0][keep], ref[0][keep], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1][keep], ref[1][keep], atol=1e-5, rtol=0)

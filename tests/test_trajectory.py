@@ -223,8 +223,7 @@ def test_verify_catches_truncated_file_and_missing_dir(registered):
     os.rename(paths[30], paths[30].with_name("moved"))
     problems = Trajectory.load(run).verify()
     assert problems == [
-        f"step 10: {weights}: corrupt or truncated safetensors file "
-        "(tensor model.norm.weight lies outside the file or has the wrong size)",
+        f"step 10: {weights}: corrupt or truncated safetensors file (tensor model.norm.weight lies outside the file or has the wrong size)",
         f"step 30: {paths[30]}: no such checkpoint directory",
     ]
 

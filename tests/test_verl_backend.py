@@ -78,8 +78,12 @@ def test_grpo_recipe_maps_to_verl_names():
 def test_kl_fixed_micro_batches_and_user_overrides_come_last():
     recipe = load_recipe(
         REPO / "recipes" / "deepscaler-1.5b-grpo.yaml",
-        ["grpo.beta=0.01", "grpo.epsilon_high=null", "verl.micro_batch_size_per_gpu=2",
-         "verl.overrides=[trainer.val_before_train=false, actor_rollout_ref.rollout.n=4]"],
+        [
+            "grpo.beta=0.01",
+            "grpo.epsilon_high=null",
+            "verl.micro_batch_size_per_gpu=2",
+            "verl.overrides=[trainer.val_before_train=false, actor_rollout_ref.rollout.n=4]",
+        ],
     )
     items = build_overrides(recipe, Path("/runs/x"), DATA, "/m")
     o = dict(item.split("=", 1) for item in items)
@@ -98,8 +102,9 @@ def test_rl_extra_recipe_adds_the_schedule_and_its_entry_point():
     assert o["trainer.total_training_steps"] == "1200"
     assert entry_module(recipe) == "rlvrx.backends.verl.rl_extra"
     restart = load_recipe(REPO / "recipes" / "deepscaler-1.5b-rl-extra.yaml", ["verl.rl_extra_mode=restart", "rl_extra.optimizer_state=reset"])
-    cycle = _overrides(restart, total_steps=100, checkpoint_dir=Path("/runs/x/verl_checkpoints/cycle_0003"),
-                       step_offset=200, effective_offset=400, rl_extra=False, data_seed=2)
+    cycle = _overrides(
+        restart, total_steps=100, checkpoint_dir=Path("/runs/x/verl_checkpoints/cycle_0003"), step_offset=200, effective_offset=400, rl_extra=False, data_seed=2
+    )
     assert "+rlvrx.rl_extra" not in cycle and entry_module(restart) == "verl.trainer.main_ppo"
     assert (cycle["trainer.total_training_steps"], cycle["+rlvrx.step_offset"], cycle["+rlvrx.effective_offset"]) == ("100", "200", "400")
     assert cycle["trainer.default_local_dir"] == "/runs/x/verl_checkpoints/cycle_0003" and cycle["data.seed"] == "2"
@@ -108,10 +113,20 @@ def test_rl_extra_recipe_adds_the_schedule_and_its_entry_point():
 @pytest.mark.parametrize(
     "value, text",
     [
-        (True, "true"), (None, "null"), (3, "3"), (1e-6, "1e-06"), ("fsdp2", "fsdp2"), ("/a/b-c.parquet", "/a/b-c.parquet"),
-        ("it's", "\"it's\""), ("a b", '"a b"'), ("1e-3", '"1e-3"'), ("true", '"true"'), ("x:y", '"x:y"'),
+        (True, "true"),
+        (None, "null"),
+        (3, "3"),
+        (1e-6, "1e-06"),
+        ("fsdp2", "fsdp2"),
+        ("/a/b-c.parquet", "/a/b-c.parquet"),
+        ("it's", '"it\'s"'),
+        ("a b", '"a b"'),
+        ("1e-3", '"1e-3"'),
+        ("true", '"true"'),
+        ("x:y", '"x:y"'),
         ('say "hi"', "'say \"hi\"'"),
-        (["console", "wandb"], "[console,wandb]"), ({"m": 2, "norms": "copy"}, "{m:2,norms:copy}"),
+        (["console", "wandb"], "[console,wandb]"),
+        ({"m": 2, "norms": "copy"}, "{m:2,norms:copy}"),
     ],
 )
 def test_hydra_values(value, text):
@@ -120,7 +135,7 @@ def test_hydra_values(value, text):
 
 def test_values_hydra_cannot_carry_are_refused():
     with pytest.raises(UsageError, match="Hydra override"):
-        hydra_value("it's \"both\"")
+        hydra_value('it\'s "both"')
 
 
 def test_refusals_name_the_key_and_the_fix():
@@ -194,8 +209,9 @@ def test_dry_run_writes_data_and_prints_the_command(tmp_path, capsys):
     pytest.importorskip("pyarrow", reason="writing verl parquet needs pyarrow")
     from rlvrx.backends.verl.launch import launch
 
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["backend=verl", "sft.enabled=false", f"output.dir={tmp_path / 'run'}",
-                                                                "task.n_train=40", "task.n_test=8"])
+    recipe = load_recipe(
+        REPO / "recipes" / "quickstart.yaml", ["backend=verl", "sft.enabled=false", f"output.dir={tmp_path / 'run'}", "task.n_train=40", "task.n_test=8"]
+    )
     assert launch(recipe, tmp_path / "run", dry_run=True) == 0
     text = capsys.readouterr().out
     assert "-m verl.trainer.main_ppo" in text and "algorithm.adv_estimator=grpo" in text
@@ -241,10 +257,19 @@ def test_restart_loop_runs_one_job_per_cycle_from_the_last_jump(tmp_path):
     fake.write_text(FAKE_VERL.format(python=sys.executable))
     fake.chmod(0o755)
     run = tmp_path / "run"
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
-        "backend=verl", "sft.enabled=false", f"output.dir={run}", "task.n_train=16", "task.n_test=4", f"verl.python={fake}",
-        "verl.rl_extra_mode=restart", "rl_extra={m: 4, n: 2, iterations: 3, optimizer_state: reset}",
-    ])
+    recipe = load_recipe(
+        REPO / "recipes" / "quickstart.yaml",
+        [
+            "backend=verl",
+            "sft.enabled=false",
+            f"output.dir={run}",
+            "task.n_train=16",
+            "task.n_test=4",
+            f"verl.python={fake}",
+            "verl.rl_extra_mode=restart",
+            "rl_extra={m: 4, n: 2, iterations: 3, optimizer_state: reset}",
+        ],
+    )
     plan = prepare(recipe, run)
     assert restart_loop(recipe, plan) == 0
     calls = (run / "fake_calls.txt").read_text().splitlines()
@@ -252,7 +277,13 @@ def test_restart_loop_runs_one_job_per_cycle_from_the_last_jump(tmp_path):
     assert calls == [f"-m verl.trainer.main_ppo {path}" for path in (plan.model_path, jumps[0], jumps[1])]
     traj = Trajectory.load(run)
     assert [(e.step, e.grad_step or e.step, e.kind) for e in traj] == [
-        (4, 4, "rl"), (6, 4, "extrapolated"), (10, 8, "rl"), (12, 8, "extrapolated"), (16, 12, "rl"), (18, 12, "extrapolated")]
+        (4, 4, "rl"),
+        (6, 4, "extrapolated"),
+        (10, 8, "rl"),
+        (12, 8, "extrapolated"),
+        (16, 12, "rl"),
+        (18, 12, "extrapolated"),
+    ]
     # Each jump is A_c + (m+n)/m (W_b - A_c) from that cycle's own start; norms copied from W_b.
     anchor = Checkpoint(plan.model_path)
     for c, jump_dir in enumerate(jumps, start=1):
@@ -273,9 +304,7 @@ def test_reward_imports_a_dotted_task_only_when_the_recipe_names_it(tmp_path, mo
 
     marker = tmp_path / "IMPORTED"
     (tmp_path / "probe_task_mod.py").write_text(
-        f"open({str(marker)!r}, 'w').close()\n"
-        "from rlvrx.tasks.arithmetic import ArithmeticTask\n"
-        "def make(**options):\n    return ArithmeticTask(**options)\n"
+        f"open({str(marker)!r}, 'w').close()\nfrom rlvrx.tasks.arithmetic import ArithmeticTask\ndef make(**options):\n    return ArithmeticTask(**options)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("probe_task_mod:make", "os:system"):
@@ -300,8 +329,7 @@ def test_a_second_verl_train_on_a_run_is_refused_while_the_first_holds_it(tmp_pa
     try:
         assert holder.stdout.readline().strip() == "held"
         recipe = REPO / "recipes" / "deepscaler-1.5b-grpo.yaml"
-        second = subprocess.run([sys.executable, "-m", "rlvrx", "train", str(recipe), f"output.dir={run}"],
-                                capture_output=True, text=True, timeout=300)
+        second = subprocess.run([sys.executable, "-m", "rlvrx", "train", str(recipe), f"output.dir={run}"], capture_output=True, text=True, timeout=300)
     finally:
         holder.kill()
         holder.wait()

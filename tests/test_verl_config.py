@@ -26,6 +26,7 @@ from rlvrx.errors import UsageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 from benchdata import benchmark_file  # noqa: E402
+
 CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} {% endif %}"
 
 
@@ -115,7 +116,12 @@ def test_rl_extra_recipe_composes_with_schedule(tiny_model, math_rows, tmp_path)
     config = _compose(command[3:])
     _validate(config)
     assert OmegaConf.to_container(config.rlvrx.rl_extra) == {
-        "m": 100, "n": 100, "iterations": 12, "optimizer_state": "keep", "norms": "copy", "anchor": "cycle_start",
+        "m": 100,
+        "n": 100,
+        "iterations": 12,
+        "optimizer_state": "keep",
+        "norms": "copy",
+        "anchor": "cycle_start",
     }
     assert config.trainer.total_training_steps == 1200  # m * iterations gradient steps
     from rlvrx.backends.verl.rl_extra import RLExtraTrainer, RLExtraWorker
@@ -156,8 +162,16 @@ def test_legacy_reward_key_is_refused_because_verl_ignores_it(tiny_model, math_r
 
 def test_verl_rejects_what_its_validation_rejects(tiny_model, math_rows, tmp_path):
     """The validation is verl's, not a copy: with fixed micro-batches, 3 x 3 samples cannot split over 8 GPUs."""
-    recipe = _recipe("deepscaler-1.5b-grpo", tiny_model, math_rows, tmp_path / "run", "verl.micro_batch_size_per_gpu=1",
-                     "grpo.num_generations=3", "grpo.batch_size=3", "grpo.mini_batch_size=3")
+    recipe = _recipe(
+        "deepscaler-1.5b-grpo",
+        tiny_model,
+        math_rows,
+        tmp_path / "run",
+        "verl.micro_batch_size_per_gpu=1",
+        "grpo.num_generations=3",
+        "grpo.batch_size=3",
+        "grpo.mini_batch_size=3",
+    )
     data = write_verl_data(recipe, tmp_path / "data")
     config = _compose(build_overrides(recipe, tmp_path / "run", data, tiny_model))
     with pytest.raises(Exception, match="divisible"):

@@ -93,8 +93,17 @@ def train(model, tmp_path_factory) -> dict:
     code, log_resumed = run(["train", str(recipe)], root / "resumed.log", root)
     assert code == 0, log_resumed[-4000:]
     again, log_again = run(["train", str(recipe)], root / "again.log", root)
-    return {"root": root, "run": run_dir, "recipe": recipe, "model": model, "seen_at_kill": seen.get("trajectory"),
-            "killed": log_killed, "resumed": log_resumed, "again": log_again, "again_code": again}
+    return {
+        "root": root,
+        "run": run_dir,
+        "recipe": recipe,
+        "model": model,
+        "seen_at_kill": seen.get("trajectory"),
+        "killed": log_killed,
+        "resumed": log_resumed,
+        "again": log_again,
+        "again_code": again,
+    }
 
 
 def test_train_registers_every_saved_step_while_the_job_runs(train):
@@ -138,14 +147,14 @@ def test_tracker_naming_a_missing_step_is_an_error_not_a_fresh_start(train, tmp_
     run_dir = tmp_path / "run"
     shutil.copytree(train["run"] / "verl_checkpoints", run_dir / "verl_checkpoints")
     shutil.rmtree(run_dir / "verl_checkpoints" / "global_step_4")
-    result = subprocess.run([sys.executable, "-m", "rlvrx", "train", str(train["recipe"]), f"output.dir={run_dir}"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlvrx", "train", str(train["recipe"]), f"output.dir={run_dir}"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "names step 4" in result.stderr and "global_step_4 is missing" in result.stderr
     assert "Traceback" not in result.stderr
     # Nothing was launched: no step dir was written over.
-    assert sorted(p.name for p in (run_dir / "verl_checkpoints").iterdir()) == [
-        "global_step_2", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in (run_dir / "verl_checkpoints").iterdir()) == ["global_step_2", "latest_checkpointed_iteration.txt"]
 
 
 def test_convert_the_saved_shards_then_weight_linearity(train, tmp_path):
@@ -155,8 +164,7 @@ def test_convert_the_saved_shards_then_weight_linearity(train, tmp_path):
     for step in (2, 4):
         step_dir = train["run"] / "verl_checkpoints" / f"global_step_{step}"
         out = tmp_path / f"hf_{step}"
-        code, out_text, err = run_cli("snapshot", "convert", str(step_dir), "--out", str(out), "--dtype", "float32",
-                                     "--run", str(conv))
+        code, out_text, err = run_cli("snapshot", "convert", str(step_dir), "--out", str(out), "--dtype", "float32", "--run", str(conv))
         assert code == 0, out_text + err
         exported = weights(step_dir / "actor" / "huggingface")
         merged = weights(out)
@@ -193,15 +201,19 @@ def rl_extra(model, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("verl_e2e_rl_extra")
     run_dir = root / "run"
     val_dir = root / "val_generations"
-    recipe = e2e.write_recipe(root / "recipe.yaml", model, run_dir, steps=2,
-                              rl_extra={"m": 2, "n": 2, "iterations": 1, "anchor": "cycle_start", "norms": "copy"},
-                              extra_overrides=[f"trainer.validation_data_dir={val_dir}"])
+    recipe = e2e.write_recipe(
+        root / "recipe.yaml",
+        model,
+        run_dir,
+        steps=2,
+        rl_extra={"m": 2, "n": 2, "iterations": 1, "anchor": "cycle_start", "norms": "copy"},
+        extra_overrides=[f"trainer.validation_data_dir={val_dir}"],
+    )
     served = root / "rollout_weights"  # the vLLM worker's weights after each sync (tests/verl_cpu plugin)
     code, log = run(["rl-extra", str(recipe)], root / "rl_extra.log", root, env={"RLVRX_E2E_ROLLOUT_WEIGHTS": str(served)})
     assert code == 0, log[-4000:]
     again, log_again = run(["rl-extra", str(recipe)], root / "again.log", root)
-    return {"run": run_dir, "val": val_dir, "served": served, "model": model, "log": log, "again": log_again,
-            "again_code": again}
+    return {"run": run_dir, "val": val_dir, "served": served, "model": model, "log": log, "again": log_again, "again_code": again}
 
 
 def test_rl_extra_jump_on_the_live_shards_equals_the_formula(rl_extra):
@@ -235,8 +247,7 @@ def _as_served(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tens
     for i in range(layers):
         pre = f"model.layers.{i}."
         for kind in ("weight", "bias"):
-            out[f"{pre}self_attn.qkv_proj.{kind}"] = torch.cat(
-                [out.pop(f"{pre}self_attn.{x}_proj.{kind}") for x in "qkv"])
+            out[f"{pre}self_attn.qkv_proj.{kind}"] = torch.cat([out.pop(f"{pre}self_attn.{x}_proj.{kind}") for x in "qkv"])
         out[f"{pre}mlp.gate_up_proj.weight"] = torch.cat([out.pop(f"{pre}mlp.{x}_proj.weight") for x in ("gate", "up")])
     return out
 
@@ -265,12 +276,12 @@ def _greedy(model_dir, prompts: list[str], max_new_tokens: int) -> list[str]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
     return out
 
 

@@ -114,8 +114,7 @@ def test_after_the_job_unconverted_steps_are_converted_and_registered(job, tmp_p
     step_dir = run / "verl_checkpoints" / "global_step_1"
     shutil.copytree(job / "global_step_1" / "actor", step_dir / "actor")
     assert not register_step(run, step_dir, step=3, grad_step=1)  # no HF weights yet: sidecar only
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml",
-                         ["backend=verl", "sft.enabled=false", f"output.dir={run}"])
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", ["backend=verl", "sft.enabled=false", f"output.dir={run}"])
     assert register_run_checkpoints(recipe, run, sys.executable) == [3]
     entry = Trajectory.load(run).get(3)
     assert entry.grad_step == 1 and Path(entry.path) == Path("verl_checkpoints/global_step_1/huggingface")

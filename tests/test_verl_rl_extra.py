@@ -68,16 +68,28 @@ class Job:
         self.net = Net()
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=0.05)
         self.pushed: list[int] = []
-        config = OmegaConf.create({
-            "trainer": {
-                "default_local_dir": str(root / "ckpt"), "resume_mode": "auto", "resume_from_path": None,
-                "save_freq": SAVE_FREQ, "default_hdfs_dir": None, "del_local_ckpt_after_load": False,
-                "max_actor_ckpt_to_keep": None, "max_critic_ckpt_to_keep": None, "checkpoint_callback_class": None,
-            },
-            "actor_rollout_ref": {"actor": {"checkpoint": {"async_save": False}}},
-            "rlvrx": {"run_dir": str(root / "run"), "step_offset": 0, "effective_offset": 0, "rl_extra": {
-                "m": M, "n": N, "iterations": ITERATIONS, "norms": "copy", "optimizer_state": optimizer_state, "anchor": anchor}},
-        })
+        config = OmegaConf.create(
+            {
+                "trainer": {
+                    "default_local_dir": str(root / "ckpt"),
+                    "resume_mode": "auto",
+                    "resume_from_path": None,
+                    "save_freq": SAVE_FREQ,
+                    "default_hdfs_dir": None,
+                    "del_local_ckpt_after_load": False,
+                    "max_actor_ckpt_to_keep": None,
+                    "max_critic_ckpt_to_keep": None,
+                    "checkpoint_callback_class": None,
+                },
+                "actor_rollout_ref": {"actor": {"checkpoint": {"async_save": False}}},
+                "rlvrx": {
+                    "run_dir": str(root / "run"),
+                    "step_offset": 0,
+                    "effective_offset": 0,
+                    "rl_extra": {"m": M, "n": N, "iterations": ITERATIONS, "norms": "copy", "optimizer_state": optimizer_state, "anchor": anchor},
+                },
+            }
+        )
         t = object.__new__(RLExtraTrainer)
         t.config, t.use_critic, t.trainer_mode = config, False, "sync"
         t._read_schedule(config)
@@ -149,9 +161,15 @@ def test_jumps_follow_the_schedule_and_the_formula(tmp_path, anchor):
     # Every cycle end is saved before its jump (3 and 9 are not multiples of save_freq 2) and each jump
     # after it; step = effective step (gradient steps + n per earlier jump).
     assert _sidecars(tmp_path) == {
-        "global_step_2": (2, 2, "rl"), "global_step_3": (3, 3, "rl"), "jump_0001": (5, 3, "extrapolated"),
-        "global_step_4": (6, 4, "rl"), "global_step_6": (8, 6, "rl"), "jump_0002": (10, 6, "extrapolated"),
-        "global_step_8": (12, 8, "rl"), "global_step_9": (13, 9, "rl"), "jump_0003": (15, 9, "extrapolated"),
+        "global_step_2": (2, 2, "rl"),
+        "global_step_3": (3, 3, "rl"),
+        "jump_0001": (5, 3, "extrapolated"),
+        "global_step_4": (6, 4, "rl"),
+        "global_step_6": (8, 6, "rl"),
+        "jump_0002": (10, 6, "extrapolated"),
+        "global_step_8": (12, 8, "rl"),
+        "global_step_9": (13, 9, "rl"),
+        "jump_0003": (15, 9, "extrapolated"),
     }
     marker = json.loads((tmp_path / "ckpt" / "rl_extra" / "jump_0002" / "rlvrx_jump.json").read_text())
     assert marker["effective_step"] == 10 and marker["grad_step"] == 6 and marker["max_abs_change"] > 0

@@ -96,10 +96,13 @@ def _completion(index, token_ids, text, reason, logprobs=None):
 def test_vllm_outputs_become_generations_in_prompt_sample_order():
     lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731  (vllm.logprobs.Logprob has .logprob)
     outputs = [
-        SimpleNamespace(prompt_token_ids=[1, 5], outputs=[
-            _completion(1, [7, 2], "7", "stop", [{7: lp(-0.5)}, {2: lp(-0.25)}]),
-            _completion(0, [8, 9, 4], "894", "length", [{8: lp(-1.0), 3: lp(-9.0)}, {9: lp(-2.0)}, {4: lp(-3.0)}]),
-        ]),
+        SimpleNamespace(
+            prompt_token_ids=[1, 5],
+            outputs=[
+                _completion(1, [7, 2], "7", "stop", [{7: lp(-0.5)}, {2: lp(-0.25)}]),
+                _completion(0, [8, 9, 4], "894", "length", [{8: lp(-1.0), 3: lp(-9.0)}, {9: lp(-2.0)}, {4: lp(-3.0)}]),
+            ],
+        ),
         SimpleNamespace(prompt_token_ids=[1, 6], outputs=[_completion(0, [2], "", "stop", [{2: lp(-0.125)}])]),
     ]
     rows = to_generations(outputs, logprobs="raw")

@@ -85,8 +85,9 @@ def worker(rank: int, world: int, port: int, base: str, out: str) -> None:
     stats = apply_jump_local(model, anchor, jump_factor(M, N), norms="copy")
     full_j = _full(model)
     if rank == 0:
-        torch.save({"a": full_a, "b": full_b, "j": full_j, "factor": jump_factor(M, N), "stats": stats,
-                    "local_shapes": local_shapes}, os.path.join(out, "jump.pt"))
+        torch.save(
+            {"a": full_a, "b": full_b, "j": full_j, "factor": jump_factor(M, N), "stats": stats, "local_shapes": local_shapes}, os.path.join(out, "jump.pt")
+        )
     dist.barrier()
     dist.destroy_process_group()
 

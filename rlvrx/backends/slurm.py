@@ -45,8 +45,7 @@ def check_line(value: object, name: str) -> str:
     """VALUE (of parameter `name`) as text for a one-line field, refusing line breaks and other control characters."""
     text = str(value)
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ParameterError("{0}: {text!r} holds a line break or another control character; "
-                             "it cannot be written into an sbatch script", name, text=text)
+        raise ParameterError("{0}: {text!r} holds a line break or another control character; it cannot be written into an sbatch script", name, text=text)
     return text
 
 
@@ -70,8 +69,9 @@ def output_pattern(log_dir: Path, name: str = "out_dir") -> str:
     %x, %A, ...), and no backslash (a backslash anywhere in the name turns the pattern expansion off)."""
     text = check_line(log_dir, name)
     if "\\" in text:
-        raise ParameterError("the log directory ({0}, default output.dir/slurm): {text!r} holds a backslash, "
-                             "which sbatch --output does not allow in a log path", name, text=text)
+        raise ParameterError(
+            "the log directory ({0}, default output.dir/slurm): {text!r} holds a backslash, which sbatch --output does not allow in a log path", name, text=text
+        )
     return text.replace("%", "%%")
 
 
@@ -187,9 +187,7 @@ def _rlvrx(args: list[str]) -> str:
     return '"$PY" -m rlvrx ' + " ".join(a if isinstance(a, Raw) else shell_word(a) for a in args)
 
 
-def render_verl_job(
-    command: str, recipe: str, overrides: list[str], opts: SlurmOptions, log_dir: Path, name: str
-) -> str:
+def render_verl_job(command: str, recipe: str, overrides: list[str], opts: SlurmOptions, log_dir: Path, name: str) -> str:
     """Ray head on the first node, workers on the rest, then the rlvrx command on the head."""
     gpus = opts.gpus_per_node
     ray_resources = f"--num-gpus={gpus} " if gpus else ""
@@ -199,22 +197,20 @@ def render_verl_job(
         "# Nodes of this job, one name per line (scontrol expands ranges like node[01-04]).",
         'mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
         'head_node="${nodes[0]}"',
-        'head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk \'{print $1}\')',
+        "head_ip=$(srun --nodes=1 --ntasks=1 -w \"$head_node\" hostname --ip-address | awk '{print $1}')",
         f'export RAY_ADDRESS="$head_ip:{RAY_PORT}"',
         'echo "Ray head: $head_node ($RAY_ADDRESS), ${#nodes[@]} node(s)"',
         "",
         f'srun --nodes=1 --ntasks=1 -w "$head_node" "$PY" -m ray.scripts.scripts start --head '
         f'--node-ip-address="$head_ip" --port={RAY_PORT} {ray_resources}{cpus} --block &',
         "sleep 10",
-        'for ((i = 1; i < ${#nodes[@]}; i++)); do',
-        f'    srun --nodes=1 --ntasks=1 -w "${{nodes[$i]}}" "$PY" -m ray.scripts.scripts start '
-        f'--address="$RAY_ADDRESS" {ray_resources}{cpus} --block &',
+        "for ((i = 1; i < ${#nodes[@]}; i++)); do",
+        f'    srun --nodes=1 --ntasks=1 -w "${{nodes[$i]}}" "$PY" -m ray.scripts.scripts start --address="$RAY_ADDRESS" {ray_resources}{cpus} --block &',
         "done",
         "",
         "# Wait until every node has joined the Ray cluster.",
-        'for _ in $(seq 120); do',
-        '    alive=$("$PY" -c "import ray; ray.init(address=\'auto\', logging_level=40); '
-        "print(sum(n['Alive'] for n in ray.nodes()))\" 2>/dev/null || echo 0)",
+        "for _ in $(seq 120); do",
+        "    alive=$(\"$PY\" -c \"import ray; ray.init(address='auto', logging_level=40); print(sum(n['Alive'] for n in ray.nodes()))\" 2>/dev/null || echo 0)",
         '    [ "$alive" -ge "${#nodes[@]}" ] && break',
         "    sleep 5",
         "done",
@@ -237,7 +233,7 @@ def render_array_job(args: list[str], shards: int, opts: SlurmOptions, log_dir: 
     """Task I of the array runs ARGS --shard I/K (I from the array's first index)."""
     lines = _header(opts, name, log_dir, 1, opts.gpus_per_node, array=f"0-{shards - 1}")
     lines += [
-        'shard=$((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}))',
+        "shard=$((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}))",
         _rlvrx([*args, "--shard", Raw('"${shard}/${SLURM_ARRAY_TASK_COUNT}"')]),
         "",
     ]
@@ -277,9 +273,7 @@ def render_submit(scripts: list[Script]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_scripts(
-    command: str, recipe_source: str, overrides: list[str], run_dir: Path, extra: list[str], opts: SlurmOptions, out_dir: Path
-) -> list[Script]:
+def build_scripts(command: str, recipe_source: str, overrides: list[str], run_dir: Path, extra: list[str], opts: SlurmOptions, out_dir: Path) -> list[Script]:
     opts.check()
     if command not in COMMANDS:
         raise ParameterError("{0} {value!r}: use one of {commands}", "command", value=command, commands=", ".join(COMMANDS))

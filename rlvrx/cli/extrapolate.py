@@ -48,13 +48,16 @@ def weights(
     base_path: Optional[Path] = typer.Option(None, "--base-path", help="Base model directory or hub id org/name[@revision] (instead of a step of RUN)."),
     second_path: Optional[Path] = typer.Option(None, "--second-path", help="Second model directory or hub id org/name[@revision] (instead of a step of RUN)."),
     fit: str = typer.Option(
-        "two-point", "--fit",
+        "two-point",
+        "--fit",
         help="two-point; lstsq: each parameter's least-squares line through every checkpoint in --window; rank1: per tensor, "
         "the top singular direction in time of the drifts from --base over --window, its coefficient extrapolated along a line (RELEX).",
     ),
     window: Optional[str] = typer.Option(None, "--window", help="A:B, the steps --fit lstsq/rank1 uses (inclusive; either side may be empty)."),
     rank: int = typer.Option(1, "--rank", help="--fit rank1: number of temporal components, each with its own line.", min=1),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output checkpoint directory (default: RUN/extrapolated/step_T; --alpha without --target needs --out)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output checkpoint directory (default: RUN/extrapolated/step_T; --alpha without --target needs --out)."
+    ),
     copy_pattern: Optional[List[str]] = typer.Option(
         None, "--copy-pattern", help="Name substring of tensors copied from the latest checkpoint (repeatable; default: norm, layernorm, rmsnorm, ln_)."
     ),
@@ -169,7 +172,9 @@ def logits(
     samples: Optional[int] = typer.Option(None, "-k", "--samples", "-n", help="Samples per problem (default: 64 on GPU as in the paper, 4 on CPU)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 0.6; 0 = greedy)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold (default 0.95)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest completion (default: 32768 on GPU, 256 on CPU; arithmetic: 2 * digits + 2)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", help="Longest completion (default: 32768 on GPU, 256 on CPU; arithmetic: 2 * digits + 2)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed; the same seed gives the same samples."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Only these problem ids (comma-separated)."),
@@ -179,7 +184,11 @@ def logits(
     k_list: Optional[str] = typer.Option(None, "--k-list", help="Report pass@k / maj@k for these k, e.g. 1,4,16."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Grading worker processes (default: min(4, CPUs))."),
     no_grade: bool = typer.Option(False, "--no-grade", help="Only write the generations file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory: OUT/<task>.jsonl and its provenance file (default: RUN/extrapolated/logits-s<S0>-s<S1>-t<T>, a<alpha> with --alpha)."),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        help="Output directory: OUT/<task>.jsonl and its provenance file (default: RUN/extrapolated/logits-s<S0>-s<S1>-t<T>, a<alpha> with --alpha).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write a machine-readable summary here."),
 ) -> None:
@@ -196,8 +205,19 @@ def logits(
         check_device(device, "--device")
 
     options = LogitsOptions(
-        k=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, limit=limit, ids=ids, grade=not no_grade, workers=workers, k_list=parse_k_list(k_list),
+        k=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        limit=limit,
+        ids=ids,
+        grade=not no_grade,
+        workers=workers,
+        k_list=parse_k_list(k_list),
         overwrite=overwrite,
     )
     bar = progress_bar(console, transient=True)
@@ -210,9 +230,21 @@ def logits(
 
     with bar:
         result = extrapolate_logits(
-            run, task=task, base=base, second=second, target=target, alpha=alpha, base_path=base_path, second_path=second_path,
-            out=out, data=data, data_dir=data_dir, task_options=task_options(task_option), options=options,
-            progress=progress, note=warn,
+            run,
+            task=task,
+            base=base,
+            second=second,
+            target=target,
+            alpha=alpha,
+            base_path=base_path,
+            second_path=second_path,
+            out=out,
+            data=data,
+            data_dir=data_dir,
+            task_options=task_options(task_option),
+            options=options,
+            progress=progress,
+            note=warn,
         )
 
     s = result.sampling
@@ -245,7 +277,9 @@ def compare(
     target: int = typer.Option(..., "--target", help="Step T to predict (a real checkpoint, held out: the window must end before it)."),
     window: Optional[str] = typer.Option(None, "--window", help="A:C, the checkpoints the predictors see (those before T; default: all before T)."),
     rank: int = typer.Option(1, "--rank", help="Components of the rank1 predictor.", min=1),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Also score every model's eval accuracy on this task (e.g. arithmetic); default: weight error only."),
+    task: Optional[str] = typer.Option(
+        None, "--task", "-t", help="Also score every model's eval accuracy on this task (e.g. arithmetic); default: weight error only."
+    ),
     task_option: List[str] = typer.Option([], "--task-option", help="KEY=VALUE task option (repeat), e.g. digits=2."),
     samples: Optional[int] = typer.Option(None, "-k", "--samples", help="Samples per problem for the eval (default: the eval's)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of the eval."),
@@ -272,8 +306,9 @@ def compare(
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be >= 1, got {limit}")
     bounds = parse_window(window) if window is not None else (0, target - 1)
-    options = ShootoutOptions(rank=rank, task=task, task_options=task_options(task_option), samples=samples, limit=limit,
-                              device=device, seed=seed, overwrite=overwrite)
+    options = ShootoutOptions(
+        rank=rank, task=task, task_options=task_options(task_option), samples=samples, limit=limit, device=device, seed=seed, overwrite=overwrite
+    )
     with console.status("predicting with two-point, lstsq, rank1, alpharl"):
         result = predict_all(run, target, bounds, out or default_output(run, target, bounds), options)
     if task is not None:

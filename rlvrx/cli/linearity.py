@@ -77,8 +77,11 @@ def _print_weights(summary: dict, written: list[Path]) -> None:
     from rlvrx.render.linearity import weight_global_line, weight_tables
 
     _print_summary(
-        weight_tables(summary), weight_global_line(summary), summary["histogram"] if summary["n_params"] else None,
-        "every parameter was filtered out; no R² statistics (lower --min-abs-change / --min-unique?)", written,
+        weight_tables(summary),
+        weight_global_line(summary),
+        summary["histogram"] if summary["n_params"] else None,
+        "every parameter was filtered out; no R² statistics (lower --min-abs-change / --min-unique?)",
+        written,
     )
 
 
@@ -102,7 +105,8 @@ def weights(
     window: Optional[str] = WINDOW_OPT,
     include_extrapolated: bool = EXTRAPOLATED_OPT,
     sample: Optional[float] = typer.Option(
-        None, "--sample",
+        None,
+        "--sample",
         help="Fraction of parameters per tensor (the paper: 0.001); default every parameter. Reads only the sampled "
         "parameters; every statistic, direction cosine and held-out error included, is then computed on the sample. "
         "Medians: without --sample they come from a histogram of R² (within 1e-5; layer x module cells within 1e-3), "
@@ -115,13 +119,17 @@ def weights(
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: analyse only part I (0-based) of N tensor parts and write a part file for `merge`."),
     memory_mb: int = typer.Option(512, "--memory-mb", help="Cap on the working memory of one block of parameters read from all checkpoints (per thread)."),
     read_dtype: Optional[str] = typer.Option(
-        None, "--read-dtype",
+        None,
+        "--read-dtype",
         help="bfloat16: round every value to bf16 on read, as the official RLVR-Linearity code loads checkpoints "
         "(changes fp32 results: fewer distinct values, more parameters filtered); default: the stored dtype, exact.",
     ),
-    tensors: List[str] = typer.Option([], "--tensors", help="GLOB of tensor names to analyse (repeat; fnmatch, e.g. 'model.layers.*.mlp.*'); default every float tensor."),
+    tensors: List[str] = typer.Option(
+        [], "--tensors", help="GLOB of tensor names to analyse (repeat; fnmatch, e.g. 'model.layers.*.mlp.*'); default every float tensor."
+    ),
     dump_params: List[str] = typer.Option(
-        [], "--dump-params",
+        [],
+        "--dump-params",
         help="GLOB (repeat): also write OUT/params.npz with every parameter of the matching tensors: its values over "
         "the steps (NAME/values, as read), R² (NAME/r2, NaN when filtered) and filter code (NAME/filter), and 'steps'.",
     ),
@@ -146,8 +154,14 @@ def weights(
     if dump_params and shard:
         raise UsageError("--dump-params writes one file; run it without --shard")
     settings = WeightSettings(
-        min_abs_change=min_abs_change, min_unique=min_unique, sample=sample, min_per_tensor=min_per_tensor, seed=seed, memory_mb=memory_mb,
-        read_dtype=read_dtype, tensors=tuple(tensors),
+        min_abs_change=min_abs_change,
+        min_unique=min_unique,
+        sample=sample,
+        min_per_tensor=min_per_tensor,
+        seed=seed,
+        memory_mb=memory_mb,
+        read_dtype=read_dtype,
+        tensors=tuple(tensors),
     )
     part = parse_shard(shard) if shard else None
     checkpoints = resolve_checkpoints(run, checkpoint, window, include_extrapolated)
@@ -169,8 +183,10 @@ def weights(
         path = json_path or out / f"part-{part[0]}-of-{part[1]}.json"
         write_json(path, state.to_json())
         summary = summarize(state)
-        console.print(f"part {part[0]}/{part[1]}: {len(state.tensors)} of {state.structure['n_tensors']} tensors, "
-                      f"{summary['n_params']:,} parameters with R²", highlight=False)
+        console.print(
+            f"part {part[0]}/{part[1]}: {len(state.tensors)} of {state.structure['n_tensors']} tensors, {summary['n_params']:,} parameters with R²",
+            highlight=False,
+        )
         console.print(f"[green]wrote[/] {path}; combine all parts with `rlvrx linearity merge PARTS... --json OUT`", highlight=False)
         return
     summary = summarize(state)
@@ -231,12 +247,14 @@ def logprobs(
     seed: int = typer.Option(0, "--seed", help="With --generate: sampling seed."),
     min_logprob_change: float = typer.Option(0.2, "--min-logprob-change", help="Token filter threshold: see --filter."),
     token_filter: str = typer.Option(
-        "endpoints", "--filter",
+        "endpoints",
+        "--filter",
         help="Which tokens count: 'endpoints' keeps a token when |log-prob at the last step - at the first| > "
         "--min-logprob-change (the official RLVR-Linearity script); 'range' keeps it when max - min over all steps >= it.",
     ),
     score_eos: bool = typer.Option(
-        False, "--score-eos/--no-score-eos",
+        False,
+        "--score-eos/--no-score-eos",
         help="With --generate: also score the end-of-sequence token that ended a response (the official scripts do not).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Probes scored per forward pass."),
@@ -296,15 +314,17 @@ def logprobs(
             bar.update(progress_task, advance=n, description=f"scoring step {step}")
 
         lp, lg = ll.score_checkpoints(paths, items, batch_size, device, advance)
-    summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change, token_filter,
-                                  score_eos if generate is not None else None)
+    summary = ll.analyze_logprobs([s for s, _ in paths], items, lp, lg, min_logprob_change, token_filter, score_eos if generate is not None else None)
     written = write_logprob_outputs(summary, out, plots=not no_plots)
     if json_path is not None:
         write_json(json_path, ll.public_json(summary))
         written.append(json_path)
     _print_summary(
-        logprob_tables(summary), logprob_global_line(summary), summary["histogram"] if summary["n_tokens"] else None,
-        f"every token was filtered out (log-prob change within {min_logprob_change:g}); lower --min-logprob-change?", written,
+        logprob_tables(summary),
+        logprob_global_line(summary),
+        summary["histogram"] if summary["n_tokens"] else None,
+        f"every token was filtered out (log-prob change within {min_logprob_change:g}); lower --min-logprob-change?",
+        written,
     )
 
 
@@ -315,12 +335,15 @@ def rank(
     window: Optional[str] = WINDOW_OPT,
     include_extrapolated: bool = EXTRAPOLATED_OPT,
     write_rank1: Optional[int] = typer.Option(
-        None, "--write-rank1",
+        None,
+        "--write-rank1",
         help="STEP: instead of the diagnostics, write AlphaRL's rank-1 model of STEP to --out: W_base + ||Delta||_F u1 v1^T for "
         "every 2-D weight (base = the first checkpoint of the window), every other tensor as at STEP; `rlvrx eval` scores it.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="With --write-rank1: replace an existing --out (once the new one is complete)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/linearity/rank); with --write-rank1 the checkpoint directory (required)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output directory (default: RUN/linearity/rank); with --write-rank1 the checkpoint directory (required)."
+    ),
     json_path: Optional[Path] = JSON_OPT,
     no_plots: bool = NO_PLOTS_OPT,
 ) -> None:
@@ -344,7 +367,10 @@ def rank(
         with progress_bar(console) as bar:
             task = bar.add_task(f"rank-1 model of step {write_rank1}", total=None)
             path = write_rank1_model(
-                checkpoints[0][1], dict(checkpoints)[write_rank1], out, overwrite=overwrite,
+                checkpoints[0][1],
+                dict(checkpoints)[write_rank1],
+                out,
+                overwrite=overwrite,
                 progress=lambda name, done, total: bar.update(task, completed=done, total=total),
             )
         console.print(f"[green]wrote[/] {path}: rank-1 model of step {write_rank1} against base step {steps[0]}", highlight=False)

@@ -30,8 +30,16 @@ def tiny(
 
     try:
         save_tiny_model(
-            out, overwrite=overwrite, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-            intermediate=intermediate, max_position=max_position, tie_embeddings=tie_embeddings, seed=seed,
+            out,
+            overwrite=overwrite,
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate=intermediate,
+            max_position=max_position,
+            tie_embeddings=tie_embeddings,
+            seed=seed,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -105,6 +105,7 @@ def _task_problems(value) -> list[str]:
 
 def stage_argv(stage: StageConfig, run_dir: Path, recipe_path: Path, overrides: Sequence[str], json_path: Path) -> list[str]:
     """The full command line of one stage (what a user would type after `rlvrx`)."""
+
     def fill(value: str) -> str:
         return str(value).replace("{run}", str(run_dir)).replace("{recipe}", str(recipe_path))
 

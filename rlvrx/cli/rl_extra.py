@@ -25,7 +25,9 @@ def rl_extra(
         help="RECIPE [KEY=VALUE...] to train with RL-Extra, or `compare RUN_A RUN_B` to compare two runs.",
         show_default=False,
     ),
-    baseline: bool = typer.Option(False, "--baseline", help="Also run plain GRPO with the same seed and gradient-step budget (in OUTPUT-baseline), then compare."),
+    baseline: bool = typer.Option(
+        False, "--baseline", help="Also run plain GRPO with the same seed and gradient-step budget (in OUTPUT-baseline), then compare."
+    ),
     force: bool = typer.Option(False, "--force", help="Continue in a run dir that holds a different recipe."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     png: Optional[Path] = typer.Option(None, "--png", help="compare: where to write the plot (default RUN_A/compare.png)."),

@@ -27,7 +27,10 @@ def run(
     from rlvrx.cli.pipeline import run_pipeline
 
     results = run_pipeline(
-        recipe, [*(overrides or []), *logger_override(logger)], only=only, start_from=start_from,
+        recipe,
+        [*(overrides or []), *logger_override(logger)],
+        only=only,
+        start_from=start_from,
         echo=lambda line: err_console.print(f"[bold cyan]{line}[/]", highlight=False, markup=True, soft_wrap=True),
     )
     table = Table("stage", "kind", "status", title="rlvrx run")

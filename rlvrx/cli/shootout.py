@@ -43,8 +43,9 @@ def default_output(run: str | os.PathLike, target: int, window: tuple[int, int])
     return RunDir(run).extrapolated / f"compare-t{target}-w{window[0]}-{window[1]}"
 
 
-def predict_all(run: Path, target: int, window: tuple[int, int] | None, out: Path, options: ShootoutOptions,
-                note: Callable[[str], None] = lambda m: None) -> dict:
+def predict_all(
+    run: Path, target: int, window: tuple[int, int] | None, out: Path, options: ShootoutOptions, note: Callable[[str], None] = lambda m: None
+) -> dict:
     """Write every predictor's checkpoint under `out` and measure its weight error; returns the table's rows."""
     from rlvrx.extrapolate.compare import relative_error
     from rlvrx.extrapolate.inputs import window_sources
@@ -81,8 +82,14 @@ def predict_all(run: Path, target: int, window: tuple[int, int] | None, out: Pat
     shutil.rmtree(out / "alpharl-end")
     rows = {name: {"path": str(path), **relative_error(path, real, end.path)} for name, path in paths.items()}
     return {
-        "run": str(run), "target": target, "window_steps": [s.step for s in sources], "alpha": alpha, "rank": options.rank,
-        "real": str(real), "window_end": str(end.path), "predictors": rows,
+        "run": str(run),
+        "target": target,
+        "window_steps": [s.step for s in sources],
+        "alpha": alpha,
+        "rank": options.rank,
+        "real": str(real),
+        "window_end": str(end.path),
+        "predictors": rows,
     }
 
 

@@ -15,16 +15,27 @@ from rlvrx.cli.recipe import OVERRIDES_ARG, RECIPE_ARG
 
 # build_scripts' parameters and SlurmOptions' fields -> the flag (or recipe key) that sets them here
 FLAGS = {
-    "command": "--command", "run_dir": "output.dir", "out_dir": "--out", "nodes": "--nodes", "gpus_per_node": "--gpus-per-node",
-    "cpus_per_task": "--cpus-per-task", "shards": "--shards", "partition": "--partition", "time": "--time", "account": "--account",
-    "sbatch_args": "--sbatch", "python": "--python",
+    "command": "--command",
+    "run_dir": "output.dir",
+    "out_dir": "--out",
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "cpus_per_task": "--cpus-per-task",
+    "shards": "--shards",
+    "partition": "--partition",
+    "time": "--time",
+    "account": "--account",
+    "sbatch_args": "--sbatch",
+    "python": "--python",
 }
 
 
 def slurm(
     recipe: str = RECIPE_ARG,
     overrides: Optional[List[str]] = OVERRIDES_ARG,
-    command: str = typer.Option("train", "--command", help="train or rl-extra (verl on a Ray cluster over the nodes), eval (one job), linearity (array + merge)."),
+    command: str = typer.Option(
+        "train", "--command", help="train or rl-extra (verl on a Ray cluster over the nodes), eval (one job), linearity (array + merge)."
+    ),
     nodes: int = typer.Option(1, "--nodes", help="Nodes of the training job (Ray head on the first)."),
     gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (linearity runs on CPUs and ignores it)."),
     cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", help="CPUs per node (train) or per array task."),
@@ -54,8 +65,15 @@ def slurm(
     if command in ("train", "rl-extra") and resolved.backend != "verl":
         console.print("[yellow]note:[/] backend is native: the job runs on the first node only", highlight=False)
     opts = SlurmOptions(
-        nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, partition=partition, time=time,
-        account=account, shards=shards, python=python or sys.executable, sbatch_args=list(sbatch),
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus_per_task,
+        partition=partition,
+        time=time,
+        account=account,
+        shards=shards,
+        python=python or sys.executable,
+        sbatch_args=list(sbatch),
     )
     out_dir = (out or run_dir / "slurm").resolve()
     try:

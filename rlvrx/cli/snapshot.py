@@ -29,7 +29,9 @@ def _human(n: int) -> str:
 def scan(
     directory: Path = typer.Argument(..., help="Directory holding step_N, global_step_N (verl) or checkpoint-N dirs."),
     run: Path = RUN_OPT,
-    base: Optional[Path] = typer.Option(None, help="Register this model (a directory or hub id org/name[@revision]) as the starting point (step 0, kind base)."),
+    base: Optional[Path] = typer.Option(
+        None, help="Register this model (a directory or hub id org/name[@revision]) as the starting point (step 0, kind base)."
+    ),
     no_hash: bool = NO_HASH,
     replace: bool = typer.Option(False, help="Re-register steps that are already in the manifest."),
 ) -> None:
@@ -120,7 +122,8 @@ def convert(
     path: Path = typer.Argument(..., help="A verl checkpoint: global_step_N (or its actor/ dir) holding FSDP shards."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output HF directory (default: global_step_N/huggingface, which `scan` finds)."),
     dtype: str = typer.Option(
-        "bfloat16", "--dtype",
+        "bfloat16",
+        "--dtype",
         help="bfloat16 (what verl's model merger writes), float32 (keep full precision: use it for linearity and "
         "extrapolation of small-lr runs) or auto (the dtype the shards hold).",
     ),
@@ -128,7 +131,8 @@ def convert(
     step: Optional[int] = typer.Option(None, "--step", help="Step to register at (default: N of global_step_N)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output dir (only once the new one is complete)."),
     no_check: bool = typer.Option(
-        False, "--no-check",
+        False,
+        "--no-check",
         help="Skip checking names and shapes against the model config.json describes (for models transformers cannot build).",
     ),
     no_hash: bool = NO_HASH,

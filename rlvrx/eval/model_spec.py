@@ -91,8 +91,7 @@ def resolve_model(arg: str, out: str | os.PathLike | None = None, name: str | No
         path = model_dir(arg)
         name = name or arg
     else:
-        raise UsageError(f"{arg}: no such model directory; give a checkpoint directory, RUN:STEP (a run directory and a step) "
-                         "or a hub id org/name[@revision]")
+        raise UsageError(f"{arg}: no such model directory; give a checkpoint directory, RUN:STEP (a run directory and a step) or a hub id org/name[@revision]")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"{path}: not a model checkpoint directory (no config.json)")
     check_weights(path)

@@ -140,16 +140,24 @@ def check_settings(path: Path, settings: dict, results: EvalOutput) -> None:
         found = stored.get("model_sha256")
         made_by = f"another model (sha256 {found[:12]}...)" if isinstance(found, str) else "a model it does not name (no model_sha256 in its settings)"
         raise ParameterError(
-            "{path} holds results of {made_by}, not of {model} (sha256 {sha}...); "
-            "pass {overwrite} to replace them, or {out:DIR} to write elsewhere",
-            "overwrite=True", "out", path=results.path, made_by=made_by, model=settings.get("model"), sha=sha[:12],
+            "{path} holds results of {made_by}, not of {model} (sha256 {sha}...); pass {overwrite} to replace them, or {out:DIR} to write elsewhere",
+            "overwrite=True",
+            "out",
+            path=results.path,
+            made_by=made_by,
+            model=settings.get("model"),
+            sha=sha[:12],
         )
     for key in ("source", "kind", "engine", "sampling"):
         if key in stored and stored[key] != settings.get(key):
             raise ParameterError(
-                "{path} holds results made with {key} {stored!r}, not {given!r}; "
-                "pass {overwrite} to start over, or {out:DIR} to write elsewhere",
-                "overwrite=True", "out", path=results.path, key=key, stored=stored[key], given=settings.get(key),
+                "{path} holds results made with {key} {stored!r}, not {given!r}; pass {overwrite} to start over, or {out:DIR} to write elsewhere",
+                "overwrite=True",
+                "out",
+                path=results.path,
+                key=key,
+                stored=stored[key],
+                given=settings.get(key),
             )
 
 

@@ -201,8 +201,15 @@ class Evaluation:
     def _load_engine(self, path: Path, engine_name: str, device: str):
         o = self.options
         return load_engine(
-            engine_name, path, device, o.dtype, max_rows=o.max_rows, tensor_parallel_size=o.tensor_parallel_size, seed=o.seed,
-            gpu_memory_utilization=o.gpu_memory_utilization, max_model_len=o.max_model_len,
+            engine_name,
+            path,
+            device,
+            o.dtype,
+            max_rows=o.max_rows,
+            tensor_parallel_size=o.tensor_parallel_size,
+            seed=o.seed,
+            gpu_memory_utilization=o.gpu_memory_utilization,
+            max_model_len=o.max_model_len,
         )
 
     def _open_results(self, spec: ModelSpec, task_name: str, settings: dict) -> EvalOutput:
@@ -225,13 +232,20 @@ class Evaluation:
             raise ParameterError(
                 "{path}: the finished record {id!r} is for a different problem (prompt or gold answer differ); "
                 "pass {overwrite} to start over, or {out:DIR} to write elsewhere",
-                "overwrite=True", "out", path=path, id=example.id,
+                "overwrite=True",
+                "out",
+                path=path,
+                id=example.id,
             )
         if n is not None and len(record["completions"]) != n:
             raise ParameterError(
-                "{path}: record {id!r} has {samples} samples, this run asks for {n}; "
-                "pass {overwrite} to start over, or {out:DIR}",
-                "overwrite=True", "out", path=path, id=example.id, samples=len(record["completions"]), n=n,
+                "{path}: record {id!r} has {samples} samples, this run asks for {n}; pass {overwrite} to start over, or {out:DIR}",
+                "overwrite=True",
+                "out",
+                path=path,
+                id=example.id,
+                samples=len(record["completions"]),
+                n=n,
             )
 
     def _generate_and_grade(self, engine, task: Task, todo: list[Example], sampling: Sampling, results: EvalOutput, run: TaskRun, label: str) -> None:
@@ -324,9 +338,11 @@ class Evaluation:
                     self._check_finished(done, example, None, results.path)
                     if done["completions"] != by_id[example.id].completions:
                         raise ParameterError(
-                            "{path}: the graded completions of {id!r} differ from those in {source}; "
-                            "pass {overwrite} to grade again",
-                            "overwrite=True", path=results.path, id=example.id, source=source,
+                            "{path}: the graded completions of {id!r} differ from those in {source}; pass {overwrite} to grade again",
+                            "overwrite=True",
+                            path=results.path,
+                            id=example.id,
+                            source=source,
                         )
             todo = [e for e in examples if e.id not in results.finished]
             run.resumed, run.generated = len(examples) - len(todo), len(todo)
@@ -360,8 +376,7 @@ class Evaluation:
                 task = tasks[0]
             else:
                 raise UsageError(
-                    f"{spec.generations}: which task's problems does it hold? name it <task>.jsonl, "
-                    "or evaluate it in a command with a single --task"
+                    f"{spec.generations}: which task's problems does it hold? name it <task>.jsonl, or evaluate it in a command with a single --task"
                 )
             return task, task.name, task.grading_kind
         from rlvrx.tasks.registry import task_names

@@ -69,7 +69,9 @@ def lerp_tensor(base: torch.Tensor, second: torch.Tensor, alpha: float, out_dtyp
     return _chunked(lambda out, part: jump(b[part], s[part], alpha, compute=compute, out=out), base.shape, out_dtype, chunk)
 
 
-def combine_tensor(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype, compute: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:
+def combine_tensor(
+    tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype, compute: torch.dtype, chunk: int = 1 << 22
+) -> torch.Tensor:
     """sum_k c_k T_k (sum c_k = 1), as T_ref + sum_k c_k (T_k - T_ref) with ref = the last tensor."""
     flats = [t.reshape(-1) for t in tensors]
     return _chunked(lambda out, part: combine_into(out, [f[part] for f in flats], coefficients, compute), tensors[-1].shape, out_dtype, chunk)

@@ -24,7 +24,7 @@ def squared_distance(a: Checkpoint, b: Checkpoint) -> float:
             continue
         x, y = a.get(name).reshape(-1), b.get(name).reshape(-1)
         for i in range(0, y.numel(), CHUNK):
-            total.append(float((x[i:i + CHUNK].to(torch.float64) - y[i:i + CHUNK].to(torch.float64)).square().sum()))
+            total.append(float((x[i : i + CHUNK].to(torch.float64) - y[i : i + CHUNK].to(torch.float64)).square().sum()))
     return math.fsum(total)
 
 

@@ -43,7 +43,9 @@ def check_output(out: Path, sources: Sequence[Source], overwrite: bool) -> None:
         raise ParameterError("{path} already exists; pass {overwrite} to replace it (it is kept until the new one is complete)", "overwrite=True", path=out)
     check_replaceable(out)
     if not out.is_dir() or not (is_checkpoint_dir(out) or not any(out.iterdir())):
-        raise ParameterError("{path} exists and is not a checkpoint directory; {overwrite} replaces only a model, choose another {out}", "overwrite", "out", path=out)
+        raise ParameterError(
+            "{path} exists and is not a checkpoint directory; {overwrite} replaces only a model, choose another {out}", "overwrite", "out", path=out
+        )
 
 
 def resolve_alpha(base: int | None, second: int | None, target: int | None, alpha: float | None) -> tuple[float, int | None]:
@@ -59,7 +61,9 @@ def resolve_alpha(base: int | None, second: int | None, target: int | None, alph
         if second == base:
             raise ParameterError("{base} and {second} are both step {step}; extrapolation needs two different steps", "base", "second", step=base)
         if second < base:
-            raise ParameterError("{second} ({s1}) is before {base} ({s0}); the second checkpoint must be the later one (swap them)", "second", "base", s1=second, s0=base)
+            raise ParameterError(
+                "{second} ({s1}) is before {base} ({s0}); the second checkpoint must be the later one (swap them)", "second", "base", s1=second, s0=base
+            )
     elif alpha is None:
         raise ParameterError("two model directories without steps need {alpha} (or {base:S0} {second:S1} {target:T})", "alpha", "base", "second", "target")
     return formulas.resolve_alpha(base, second, target, alpha)
@@ -84,12 +88,20 @@ def check_registrable(run: str | os.PathLike, target_step: int | None, overwrite
                 raise ParameterError(
                     "step {step} in {manifest} is a real checkpoint ({kind}: {path}); "
                     "an extrapolated model cannot replace it; drop {register} or pick another {target}",
-                    "register", "target", step=target_step, manifest=traj.manifest, kind=entry.kind, path=entry.path,
+                    "register",
+                    "target",
+                    step=target_step,
+                    manifest=traj.manifest,
+                    kind=entry.kind,
+                    path=entry.path,
                 )
             if not overwrite:
                 raise ParameterError(
                     "step {step} in {manifest} already holds an extrapolated model ({path}); pass {overwrite} to replace it",
-                    "overwrite=True", step=target_step, manifest=traj.manifest, path=entry.path,
+                    "overwrite=True",
+                    step=target_step,
+                    manifest=traj.manifest,
+                    path=entry.path,
                 )
 
 
@@ -124,7 +136,6 @@ def window_sources(run: str | os.PathLike, window: tuple[int, int] | None, minim
         where = f"in window {window[0]}:{window[1]}" if window else ""
         fit = "least squares" if exclude is None else f"a rank-1 fit (base {exclude} excluded)"
         raise UsageError(
-            f"{traj.manifest}: {fit} needs at least {minimum} base/rl checkpoints {where}, found "
-            f"{[e.step for e in entries]} (steps: {traj.steps})"
+            f"{traj.manifest}: {fit} needs at least {minimum} base/rl checkpoints {where}, found {[e.step for e in entries]} (steps: {traj.steps})"
         )
     return [Source(traj.resolve(e), e.step, e.sha256) for e in entries]

@@ -112,9 +112,7 @@ def check_same_tokenizer(a, b, path_a: str | os.PathLike, path_b: str | os.PathL
         raise UsageError(f"tokenizers differ: {path_b} has {len(vb)} tokens, {path_a} has {len(va)}; use two checkpoints of the same model")
     for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
         if getattr(a, attr, None) != getattr(b, attr, None):
-            raise UsageError(
-                f"tokenizers differ: {attr} is {getattr(a, attr, None)} in {path_a} but {getattr(b, attr, None)} in {path_b}"
-            )
+            raise UsageError(f"tokenizers differ: {attr} is {getattr(a, attr, None)} in {path_a} but {getattr(b, attr, None)} in {path_b}")
 
 
 def load_pair(base_path: str | os.PathLike, second_path: str | os.PathLike, device: str = "cpu", dtype: str | None = None):
@@ -155,7 +153,11 @@ def sample_extrapolated(
                 raise ParameterError(
                     "problem {label}: its prompt has {tokens} tokens, leaving no room in the model context of "
                     "{positions} positions; drop it ({ids} / {limit}) or use a model with a longer context",
-                    "ids", "limit", label=label, tokens=len(ids), positions=source.max_positions,
+                    "ids",
+                    "limit",
+                    label=label,
+                    tokens=len(ids),
+                    positions=source.max_positions,
                 )
     return generate(source, tokenizer, prompts, n=n, params=params, batch_size=batch_size, progress=progress)
 
@@ -283,8 +285,14 @@ def extrapolate_logits(
     device = str(resolve_device(options.device))
     gpu = device.startswith("cuda")
     sampling = resolve_sampling(
-        gpu=gpu, task_name=the_task.name, task_max_new_tokens=task_max_new_tokens(the_task),
-        n=options.k, temperature=options.temperature, top_p=options.top_p, max_new_tokens=options.max_new_tokens, seed=options.seed,
+        gpu=gpu,
+        task_name=the_task.name,
+        task_max_new_tokens=task_max_new_tokens(the_task),
+        n=options.k,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        max_new_tokens=options.max_new_tokens,
+        seed=options.seed,
     )
     examples = select_examples(the_task.test_examples(), limit=options.limit, ids=options.ids, source=the_task.name)
     if not examples:
@@ -304,8 +312,16 @@ def extrapolate_logits(
 
     began = time.perf_counter()
     generations = sample_extrapolated(
-        base_model, second_model, tokenizer, prompts, alpha, sampling.n, params,
-        batch_size=options.batch_size or 256, progress=advance, names=[e.id for e in examples],
+        base_model,
+        second_model,
+        tokenizer,
+        prompts,
+        alpha,
+        sampling.n,
+        params,
+        batch_size=options.batch_size or 256,
+        progress=advance,
+        names=[e.id for e in examples],
     )
     seconds_generate = time.perf_counter() - began
     del base_model, second_model
@@ -316,9 +332,19 @@ def extrapolate_logits(
         {"role": "second", "step": second, "path": str(second_path.resolve())},
     ]
     result = LogitsExtrapolation(
-        out=out, task=the_task.name, alpha=alpha, inputs=inputs, target_step=target, sampling=sampling.key(),
-        device=device, dtype=dtype_name, problems=len(examples), records=records, generations=generations,
-        seconds_generate=seconds_generate, warnings=warnings,
+        out=out,
+        task=the_task.name,
+        alpha=alpha,
+        inputs=inputs,
+        target_step=target,
+        sampling=sampling.key(),
+        device=device,
+        dtype=dtype_name,
+        problems=len(examples),
+        records=records,
+        generations=generations,
+        seconds_generate=seconds_generate,
+        warnings=warnings,
     )
     write_generations(out, records)
     if options.grade and has_verifier(the_task):

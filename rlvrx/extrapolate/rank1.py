@@ -38,8 +38,7 @@ def drift_gram(flats: Sequence[torch.Tensor], chunk_elements: int) -> torch.Tens
     return gram
 
 
-def rank1_weights(name: str, flats: Sequence[torch.Tensor], steps: Sequence[int], target_step: int, rank: int,
-                  chunk_elements: int) -> tuple[list[float], dict]:
+def rank1_weights(name: str, flats: Sequence[torch.Tensor], steps: Sequence[int], target_step: int, rank: int, chunk_elements: int) -> tuple[list[float], dict]:
     """(c_k for flats [theta_B, theta_1, ...] with sum c_k = 1, the tensor's provenance entry)."""
     base_step = steps[0]
     gram = drift_gram(flats, chunk_elements).numpy()

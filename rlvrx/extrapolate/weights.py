@@ -66,9 +66,20 @@ from rlvrx.io.reader import Checkpoint
 from rlvrx.io.writer import ShardedWriter, copy_aux_files
 
 
-def _extrapolate_tensor(name: str, in_name: str, out_name: str, ckpts: Sequence[Checkpoint], sources: Sequence[Source],
-                        method: str, coefficients: list[float], alpha: float | None, options: WeightsOptions,
-                        background: BackgroundWriter, target_step: int | None = None, rank: int = 1) -> dict | None:
+def _extrapolate_tensor(
+    name: str,
+    in_name: str,
+    out_name: str,
+    ckpts: Sequence[Checkpoint],
+    sources: Sequence[Source],
+    method: str,
+    coefficients: list[float],
+    alpha: float | None,
+    options: WeightsOptions,
+    background: BackgroundWriter,
+    target_step: int | None = None,
+    rank: int = 1,
+) -> dict | None:
     """Compute one tensor chunk by chunk into the writer's ring of buffers: the compiled kernel on the
     inputs' memory maps where it applies, torch otherwise. rank1: a first pass fits this tensor's
     coefficients (returned as its provenance entry), the second combines like least squares."""
@@ -144,10 +155,7 @@ def _run(
     # torch is imported only for what the compiled kernel does not do (--precise, --dtype, lstsq, fp16...)
     # rank1 on a window of one checkpoint is the two-point jump from the base: the same arithmetic, the same bits
     arith = "two-point" if method == "rank1" and len(sources) == 2 else method
-    needs_torch = any(
-        in_name != out_name if copy else native_kind(arith, options.precise, in_name, out_name) is None
-        for _, in_name, out_name, copy in plan
-    )
+    needs_torch = any(in_name != out_name if copy else native_kind(arith, options.precise, in_name, out_name) is None for _, in_name, out_name, copy in plan)
 
     result = WeightsExtrapolation(
         out=out,
@@ -181,8 +189,7 @@ def _run(
                         background.put(name, tensor)
                         del tensor
                     else:
-                        entry = _extrapolate_tensor(name, in_name, out_name, ckpts, sources, arith, coefficients, alpha, options,
-                                                    background, target_step, rank)
+                        entry = _extrapolate_tensor(name, in_name, out_name, ckpts, sources, arith, coefficients, alpha, options, background, target_step, rank)
                         if method == "rank1" and entry is None:
                             entry = {"explained_variance": [1.0], "r2": [1.0], "sigma": [None], "weights": [alpha]}
                         if entry is not None:
@@ -201,8 +208,7 @@ def _run(
             for src, role, fut in zip(sources, roles, hashes.futures):
                 digest, origin = (fut.result(), "computed") if fut is not None else (src.sha256, "manifest" if src.sha256 else None)
                 result.inputs.append(
-                    {"role": role, "step": src.step, "path": str(src.path.resolve()), **input_fingerprint(src.path),
-                     "sha256": digest, "sha256_from": origin}
+                    {"role": role, "step": src.step, "path": str(src.path.resolve()), **input_fingerprint(src.path), "sha256": digest, "sha256_from": origin}
                 )
             result.seconds = time.perf_counter() - start
             (tmp / PROVENANCE).write_text(json.dumps(result.provenance(), indent=2) + "\n")
@@ -236,8 +242,17 @@ def extrapolate_two_point(
         raise UsageError(f"alpha must be a finite number, got {alpha}")
     note = interpolation_warning("two-point", [base.step, second.step], target_step, alpha)
     return _run(
-        [base, second], Path(out), "two-point", [1.0 - alpha, alpha], float(alpha), target_step,
-        ("base", "second"), options or WeightsOptions(), progress, warn, [note] if note else [],
+        [base, second],
+        Path(out),
+        "two-point",
+        [1.0 - alpha, alpha],
+        float(alpha),
+        target_step,
+        ("base", "second"),
+        options or WeightsOptions(),
+        progress,
+        warn,
+        [note] if note else [],
     )
 
 
@@ -259,8 +274,17 @@ def extrapolate_lstsq(
     note = interpolation_warning("lstsq", [s.step for s in sources], target_step, None)
     roles = [f"fit[{i}]" for i in range(len(sources))]
     return _run(
-        sources, Path(out), "lstsq", coefficients, None, target_step, roles,
-        options or WeightsOptions(), progress, warn, [note] if note else [],
+        sources,
+        Path(out),
+        "lstsq",
+        coefficients,
+        None,
+        target_step,
+        roles,
+        options or WeightsOptions(),
+        progress,
+        warn,
+        [note] if note else [],
     )
 
 
@@ -294,8 +318,18 @@ def extrapolate_rank1(
     note = interpolation_warning("lstsq", [base.step, *steps], target_step, None)
     roles = ["base", *(f"window[{i}]" for i in range(len(window)))]
     return _run(
-        [base, *window], Path(out), "rank1", [], alpha, target_step, roles,
-        options or WeightsOptions(), progress, warn, [note] if note else [], rank=rank,
+        [base, *window],
+        Path(out),
+        "rank1",
+        [],
+        alpha,
+        target_step,
+        roles,
+        options or WeightsOptions(),
+        progress,
+        warn,
+        [note] if note else [],
+        rank=rank,
     )
 
 
@@ -321,7 +355,10 @@ def extrapolate_weights(
     model directories; two-point or least squares; optional registration in the trajectory."""
     options = options or WeightsOptions()
     if any(not pattern.strip() for pattern in options.copy_patterns):
-        raise ParameterError("{copy_patterns} '': an empty pattern matches every tensor name (nothing would be extrapolated); give a name substring such as norm", "copy_patterns")
+        raise ParameterError(
+            "{copy_patterns} '': an empty pattern matches every tensor name (nothing would be extrapolated); give a name substring such as norm",
+            "copy_patterns",
+        )
     if fit not in METHODS:
         raise ParameterError("{fit} {value!r}: use one of {methods}", "fit", value=fit, methods=", ".join(METHODS))
     if rank != 1 and fit != "rank1":
@@ -332,9 +369,13 @@ def extrapolate_weights(
     if fit == "rank1":
         given = [name for name, value in (("second", second), ("alpha", alpha), ("base_path", base_path), ("second_path", second_path)) if value is not None]
         if given:
-            raise ParameterError("{0} is not used by {fit:rank1}; it takes {run}, {base:B}, {window:A:C} and {target:T}", given[0], "fit", "run", "base", "window", "target")
+            raise ParameterError(
+                "{0} is not used by {fit:rank1}; it takes {run}, {base:B}, {window:A:C} and {target:T}", given[0], "fit", "run", "base", "window", "target"
+            )
         if run is None or base is None or target is None:
-            raise ParameterError("{fit:rank1} needs {run}, {base:B} (the anchor step), {target:T} and usually {window:A:C}", "fit", "run", "base", "target", "window")
+            raise ParameterError(
+                "{fit:rank1} needs {run}, {base:B} (the anchor step), {target:T} and usually {window:A:C}", "fit", "run", "base", "target", "window"
+            )
         src_base = sources_from_run(run, [base])[0]
         fitted = window_sources(run, window, minimum=1, exclude=base)
         out = Path(out) if out is not None else default_output(run, target)
@@ -342,9 +383,15 @@ def extrapolate_weights(
             check_registrable(run, target, options.overwrite)
         result = extrapolate_rank1(src_base, fitted, target, out, rank=rank, options=options, progress=progress, warn=warn)
     elif fit == "lstsq":
-        given = [name for name, value in (("base", base), ("second", second), ("alpha", alpha), ("base_path", base_path), ("second_path", second_path)) if value is not None]
+        given = [
+            name
+            for name, value in (("base", base), ("second", second), ("alpha", alpha), ("base_path", base_path), ("second_path", second_path))
+            if value is not None
+        ]
         if given:
-            raise ParameterError("{0} is for the two-point method; {fit:lstsq} takes {run}, {window:A:B} and {target}", given[0], "fit", "run", "window", "target")
+            raise ParameterError(
+                "{0} is for the two-point method; {fit:lstsq} takes {run}, {window:A:B} and {target}", given[0], "fit", "run", "window", "target"
+            )
         if run is None or target is None:
             raise ParameterError("{fit:lstsq} needs {run} and {target} (and usually {window:A:B})", "fit", "run", "target", "window")
         sources = window_sources(run, window)
@@ -359,7 +406,15 @@ def extrapolate_weights(
             raise ParameterError("give both {base_path} and {second_path} (two model directories), or neither", "base_path", "second_path")
         if base_path is None:
             if run is None or base is None or second is None:
-                raise ParameterError("give {run} with {base:S0} {second:S1} (steps in its trajectory), or {base_path}/{second_path} with {alpha}", "run", "base", "second", "base_path", "second_path", "alpha")
+                raise ParameterError(
+                    "give {run} with {base:S0} {second:S1} (steps in its trajectory), or {base_path}/{second_path} with {alpha}",
+                    "run",
+                    "base",
+                    "second",
+                    "base_path",
+                    "second_path",
+                    "alpha",
+                )
             src_base, src_second = sources_from_run(run, [base, second])
         else:
             src_base, src_second = Source(model_dir(base_path), base), Source(model_dir(second_path), second)

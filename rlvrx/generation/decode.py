@@ -112,10 +112,7 @@ def generate(
     if max_pos is not None:
         for i, ids in enumerate(prompt_ids):
             if len(ids) >= max_pos:
-                raise UsageError(
-                    f"prompt {i} has {len(ids)} tokens, leaving no room in the model context of {max_pos} "
-                    "positions; shorten the prompt"
-                )
+                raise UsageError(f"prompt {i} has {len(ids)} tokens, leaving no room in the model context of {max_pos} positions; shorten the prompt")
     stop_ids = _stop_ids(params, tokenizer, source)
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad_id = 0 if pad_id is None else int(pad_id)
@@ -128,11 +125,8 @@ def generate(
     results: list[Generation] = []
     with eval_mode(source.models):
         for start in range(0, len(rows), chunk):
-            chunk_rows = rows[start:start + chunk]
-            limits = [
-                params.max_new_tokens if max_pos is None else min(params.max_new_tokens, max_pos - len(prompt_ids[i]))
-                for i, _ in chunk_rows
-            ]
+            chunk_rows = rows[start : start + chunk]
+            limits = [params.max_new_tokens if max_pos is None else min(params.max_new_tokens, max_pos - len(prompt_ids[i])) for i, _ in chunk_rows]
             uniforms = None if params.greedy else row_uniforms(params.seed, [(keys[i], j) for i, j in chunk_rows], max(limits))
             with torch.inference_mode():
                 raw = _decode_rows(source, prompt_ids, chunk_rows, limits, uniforms, params, stop_ids, pad_id, progress)

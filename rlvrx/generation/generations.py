@@ -120,9 +120,7 @@ def read_jsonl_records(path: str | os.PathLike, allow_partial_last: bool = False
         good_end = data.rfind(b"\n") + 1
     complete_lines = data[:good_end].count(b"\n") if allow_partial_last else None
     records = [
-        record
-        for number, record in iter_jsonl(path, torn_tail="drop" if allow_partial_last else "error")
-        if complete_lines is None or number <= complete_lines
+        record for number, record in iter_jsonl(path, torn_tail="drop" if allow_partial_last else "error") if complete_lines is None or number <= complete_lines
     ]
     return records, good_end
 
@@ -134,7 +132,9 @@ def parse_generation(raw: dict, where: str, gold_key: str | None = None) -> Gene
     keys = (gold_key,) if gold_key else GOLD_KEYS
     gold_field = next((k for k in keys if raw.get(k) is not None), None)
     if gold_field is None:
-        raise ParameterError("{where}: no gold answer field ({keys}); set {gold_key} to its name", "gold_key", where=where, keys=" or ".join(repr(k) for k in keys))
+        raise ParameterError(
+            "{where}: no gold answer field ({keys}); set {gold_key} to its name", "gold_key", where=where, keys=" or ".join(repr(k) for k in keys)
+        )
     completions = raw.get("completions")
     if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
         raise UsageError(f"{where}: 'completions' must be a list of strings")

@@ -79,8 +79,7 @@ def score_responses(
             raise UsageError(f"prompt {k} is empty; scoring needs at least one prompt token before the response")
         if max_pos is not None and len(p) + len(r) > max_pos:
             raise UsageError(
-                f"prompt {k} + response has {len(p) + len(r)} tokens, more than the model context of "
-                f"{max_pos} positions; shorten or drop that probe"
+                f"prompt {k} + response has {len(p) + len(r)} tokens, more than the model context of {max_pos} positions; shorten or drop that probe"
             )
         bad = [t for t in list(p) + list(r) if not 0 <= int(t) < vocab]
         if bad:
@@ -90,8 +89,8 @@ def score_responses(
     results: list[ResponseScores] = []
     with eval_mode([model]):
         for start in range(0, len(prompt_ids), batch_size):
-            prompts = prompt_ids[start:start + batch_size]
-            responses = response_ids[start:start + batch_size]
+            prompts = prompt_ids[start : start + batch_size]
+            responses = response_ids[start : start + batch_size]
             with torch.inference_mode():
                 batch = _score_batch(model, prompts, responses, device)
             results.extend(ResponseScores(lp.clone(), lg.clone()) for lp, lg in batch)
@@ -113,8 +112,8 @@ def _score_batch(model, prompts, responses, device):
             empty = torch.zeros(0, dtype=torch.float32)
             out.append((empty, empty))
             continue
-        row_logits = logits[row, width - n:, :].float()
-        chosen = row_logits.gather(-1, targets[row, width - n:].unsqueeze(-1)).squeeze(-1)
+        row_logits = logits[row, width - n :, :].float()
+        chosen = row_logits.gather(-1, targets[row, width - n :].unsqueeze(-1)).squeeze(-1)
         logprobs = chosen - torch.logsumexp(row_logits, dim=-1)
         out.append((logprobs.cpu(), chosen.cpu()))
     return out
@@ -144,9 +143,7 @@ class PackedBatch:
     response_width: int
 
 
-def pack_prompt_response(
-    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int = 0, device=None
-) -> PackedBatch:
+def pack_prompt_response(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> PackedBatch:
     if len(prompt_ids) != len(response_ids) or not prompt_ids:
         raise UsageError(f"need one prompt per response, got {len(prompt_ids)} prompts and {len(response_ids)} responses")
     p_len = np.array([len(p) for p in prompt_ids], dtype=np.int64)
@@ -158,8 +155,9 @@ def pack_prompt_response(
     mask = (cols >= (p_width - p_len)[:, None]) & (cols < (p_width + r_len)[:, None])
     ids = np.full(mask.shape, pad_id, dtype=np.int64)
     # row-major order of the masked cells: each row's prompt, then its response
-    ids[mask] = np.fromiter((int(t) for p, r in zip(prompt_ids, response_ids) for seq in (p, r) for t in seq),
-                            dtype=np.int64, count=int(p_len.sum() + r_len.sum()))
+    ids[mask] = np.fromiter(
+        (int(t) for p, r in zip(prompt_ids, response_ids) for seq in (p, r) for t in seq), dtype=np.int64, count=int(p_len.sum() + r_len.sum())
+    )
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
     return PackedBatch(ids_t.to(device), mask_t.to(device), mask_t[:, p_width:].clone().to(device), r_width)
 
@@ -190,7 +188,7 @@ def batch_token_logprobs(
         raise UsageError(f"logits_to_keep must be in [1, {seq_len - 1}] for sequences of {seq_len} tokens, got {keep}")
     _check_context(model, seq_len)
     logits = _forward_logits(model, input_ids, attention_mask, keep + 1)[:, :-1, :]
-    return _target_logprobs(logits, input_ids[:, seq_len - keep:], temperature, with_entropy)
+    return _target_logprobs(logits, input_ids[:, seq_len - keep :], temperature, with_entropy)
 
 
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
@@ -239,8 +237,11 @@ def shared_prompt_token_logprobs(
         steps = torch.arange(width - 1, device=positions.device)
         response_positions = positions[prompt_index, -1:] + 1 + steps
         rest = model(
-            input_ids=response_ids[:, :-1], attention_mask=mask, position_ids=response_positions,
-            use_cache=True, **cache_kwargs(model, cache),
+            input_ids=response_ids[:, :-1],
+            attention_mask=mask,
+            position_ids=response_positions,
+            use_cache=True,
+            **cache_kwargs(model, cache),
         ).logits
         logits = torch.cat([logits, rest], dim=1)
     return _target_logprobs(logits, response_ids, temperature, with_entropy)

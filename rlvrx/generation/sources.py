@@ -37,9 +37,7 @@ class LogitsSource(Protocol):
     eos_token_ids: tuple[int, ...]
     models: list[torch.nn.Module]  # put in eval mode by `generate` for the duration of a call
 
-    def prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_map: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_map: torch.Tensor | None = None) -> torch.Tensor:
         """Run left-padded prompts [U, L]; rows of the decoding batch are prompts[row_map] (default: all)."""
 
     def step(self, next_tokens: torch.Tensor, keep_rows: torch.Tensor | None = None) -> torch.Tensor:

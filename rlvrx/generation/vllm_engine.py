@@ -52,13 +52,13 @@ def require_vllm():
         import vllm
     except ImportError:
         raise ParameterError(
-            "the vllm engine needs vLLM: pip install 'rlvrx[vllm]' on a machine with a CUDA GPU "
-            "(or use the hf engine: {engine:hf})", "engine",
+            "the vllm engine needs vLLM: pip install 'rlvrx[vllm]' on a machine with a CUDA GPU (or use the hf engine: {engine:hf})",
+            "engine",
         ) from None
     if not vllm_device():
         raise ParameterError(
-            "the vllm engine found no device vLLM can use here (no CUDA GPU visible, and this vLLM is not a CPU build); "
-            "use the hf engine ({engine:hf})", "engine",
+            "the vllm engine found no device vLLM can use here (no CUDA GPU visible, and this vLLM is not a CPU build); use the hf engine ({engine:hf})",
+            "engine",
         )
     return vllm
 
@@ -268,14 +268,8 @@ class VLLMEngine:
             raise UsageError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         vllm = require_vllm()
         self.device = vllm_device()
-        if (
-            self.device == "cuda"
-            and "distributed_executor_backend" not in engine_kwargs
-            and tensor_parallel_size > torch.cuda.device_count()
-        ):
-            raise UsageError(
-                f"tensor_parallel_size {tensor_parallel_size} needs that many GPUs; {torch.cuda.device_count()} visible"
-            )
+        if self.device == "cuda" and "distributed_executor_backend" not in engine_kwargs and tensor_parallel_size > torch.cuda.device_count():
+            raise UsageError(f"tensor_parallel_size {tensor_parallel_size} needs that many GPUs; {torch.cuda.device_count()} visible")
         check_model_dir(model)
         self.logprobs = logprobs
         kwargs = dict(engine_kwargs)
@@ -340,10 +334,7 @@ class VLLMEngine:
         self.close()
 
     def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
-        return [
-            list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str) else [int(t) for t in p]
-            for p in prompts
-        ]
+        return [list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
 
     def generate(
         self,
@@ -362,8 +353,7 @@ class VLLMEngine:
             for i, ids in enumerate(prompt_ids):
                 if len(ids) >= self.max_model_len:  # the hf engine's rule; vLLM needs room for one token too
                     raise UsageError(
-                        f"prompt {i} has {len(ids)} tokens, leaving no room in the model context of {self.max_model_len} "
-                        "positions; shorten the prompt"
+                        f"prompt {i} has {len(ids)} tokens, leaving no room in the model context of {self.max_model_len} positions; shorten the prompt"
                     )
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         sampling = [

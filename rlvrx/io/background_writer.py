@@ -68,8 +68,9 @@ class BackgroundWriter:
             buffer = np.empty(max(nbytes, self.buffer_bytes), dtype=np.uint8)
         return buffer
 
-    def put(self, name: str, tensor: torch.Tensor | RawValues, check: Callable[[], None] | None = None,
-            start: int | None = None, buffer: np.ndarray | None = None) -> None:
+    def put(
+        self, name: str, tensor: torch.Tensor | RawValues, check: Callable[[], None] | None = None, start: int | None = None, buffer: np.ndarray | None = None
+    ) -> None:
         """Queue a whole tensor, or (start given) elements [start, start + numel) of it held in
         `buffer`, which returns to the ring once written; `check` runs on the writer thread first."""
         self._raise()

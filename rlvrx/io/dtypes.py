@@ -108,4 +108,3 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
-

@@ -12,6 +12,7 @@ from typing import Protocol, Sequence
 
 from rlvrx.io.reader import INDEX_NAME, Checkpoint
 
+
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The weight files (and index) of a checkpoint directory, in name order: what identifies its weights."""
     return sorted(p for p in Path(path).iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_NAME)

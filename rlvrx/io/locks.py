@@ -60,4 +60,3 @@ RUN_LOCK = ".rlvrx.lock"
 def run_locked(run_dir: str | os.PathLike) -> contextlib.AbstractContextManager:
     """The run directory as the calling process's alone: one trainer (native or verl) per run."""
     return locked(Path(run_dir) / RUN_LOCK, f"run directory {run_dir}")
-

@@ -162,13 +162,10 @@ class Checkpoint:
             return {name: single for name in self._header(single)[0]}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise CheckpointError(
-                f"{self.path}: holds only .bin/.pt weights; rlvrx reads safetensors "
-                "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
+                f"{self.path}: holds only .bin/.pt weights; rlvrx reads safetensors (convert with `model.save_pretrained(dir, safe_serialization=True)`)"
             )
         if (self.path / "actor").is_dir():
-            raise CheckpointError(
-                f"{self.path}: a verl checkpoint without HF weights; run `rlvrx snapshot convert {self.path}`"
-            )
+            raise CheckpointError(f"{self.path}: a verl checkpoint without HF weights; run `rlvrx snapshot convert {self.path}`")
         raise CheckpointError(f"{self.path}: not a checkpoint directory (no {SINGLE_NAME} or {INDEX_NAME})")
 
     def _header(self, file: Path) -> tuple[dict, int]:
@@ -219,9 +216,7 @@ class Checkpoint:
                     infos[name] = TensorInfo(name, tuple(int(x) for x in meta["shape"]), meta["dtype"], file, offset)
             missing = [n for n in self._file_of if n not in infos]
             if missing:
-                raise CheckpointError(
-                    f"{self.path / INDEX_NAME}: lists tensor {missing[0]} in {self._file_of[missing[0]].name}, which does not hold it"
-                )
+                raise CheckpointError(f"{self.path / INDEX_NAME}: lists tensor {missing[0]} in {self._file_of[missing[0]].name}, which does not hold it")
             self._infos = {name: infos[name] for name in self._file_of}
         return self._infos
 
@@ -289,4 +284,3 @@ class Checkpoint:
 
     def dtypes(self) -> set[torch.dtype]:
         return {info.dtype for info in self.infos().values()}
-

@@ -32,8 +32,7 @@ def available() -> bool:
         if spec is not None and spec.origin is not None:
             return True
         why = "not built: no C compiler at install"
-    sys.stderr.write(f"warning: rlvrx's compiled kernels are off ({why}); using the slower numpy/torch.lerp fallback, "
-                     "with the same results\n")
+    sys.stderr.write(f"warning: rlvrx's compiled kernels are off ({why}); using the slower numpy/torch.lerp fallback, with the same results\n")
     return False
 
 

@@ -36,9 +36,21 @@ def _accumulate4(acc: np.ndarray, v: np.ndarray) -> None:
     acc[:] = np.cumsum(np.vstack([acc[None, :], v.reshape(-1, 4)]), axis=0)[-1]
 
 
-def weight_block(rows, kind: int, lut, k: int, tc: np.ndarray, s_tt: float, holdout: np.ndarray,
-                 min_abs_change: float, min_unique: int, thresholds: np.ndarray, bins: int,
-                 hist: np.ndarray | None, want_values: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def weight_block(
+    rows,
+    kind: int,
+    lut,
+    k: int,
+    tc: np.ndarray,
+    s_tt: float,
+    holdout: np.ndarray,
+    min_abs_change: float,
+    min_unique: int,
+    thresholds: np.ndarray,
+    bins: int,
+    hist: np.ndarray | None,
+    want_values: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """counts (int64[7]), sums (float64[2K]) and the kept R² (or None) of rows (K arrays of n raw values);
     hist accumulates the kept R²'s bins. The arguments and outputs are rlvrx_weight_block's."""
     with np.errstate(all="ignore"):  # non-finite values are counted; the caller refuses such blocks
@@ -84,8 +96,9 @@ def _classify(y, c, sty, syy, s_tt, min_abs_change, min_unique, wide_limit):
     return constant, small, few, keep, r2
 
 
-def parameter_detail(rows, kind: int, lut, k: int, tc: np.ndarray, s_tt: float, holdout: np.ndarray,
-                     min_abs_change: float, min_unique: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def parameter_detail(
+    rows, kind: int, lut, k: int, tc: np.ndarray, s_tt: float, holdout: np.ndarray, min_abs_change: float, min_unique: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per parameter of rows (K arrays of n raw values): its K values as float64 (n, K), its R² (NaN when
     filtered) and why it was filtered (FILTER_CODES); the arithmetic is weight_block's."""
     with np.errstate(all="ignore"):
@@ -115,7 +128,7 @@ def _reduce(rows, kind, lut, k, tc, s_tt, holdout, min_abs_change, min_unique, t
         padded = (m + 3) // 4 * 4
         y = np.zeros((k, padded))
         for j in range(k):
-            y[j, :m] = _widen(rows[j][p0:p0 + m], kind, lut)
+            y[j, :m] = _widen(rows[j][p0 : p0 + m], kind, lut)
         mean, c, sty, syy, err = _centered(y, k, tc, holdout)
         _accumulate4(acc[1], err * err)
         whole = y[k - 1] - y[0]
@@ -128,8 +141,7 @@ def _reduce(rows, kind, lut, k, tc, s_tt, holdout, min_abs_change, min_unique, t
         y, mean, c, sty, syy = y[:, :m], mean[:m], c[:, :m], sty[:m], syy[:m]
         constant, small, few, keep, r2 = _classify(y, c, sty, syy, s_tt, min_abs_change, min_unique, wide_limit)
         bad = ~(mean - mean == 0.0)
-        counts += [constant.sum(), small.sum(), few.sum(), keep.sum(), (keep & (r2 > thresholds[0])).sum(),
-                   (keep & (r2 > thresholds[1])).sum(), bad.sum()]
+        counts += [constant.sum(), small.sum(), few.sum(), keep.sum(), (keep & (r2 > thresholds[0])).sum(), (keep & (r2 > thresholds[1])).sum(), bad.sum()]
         r2_kept = np.zeros(padded)
         r2_kept[:m] = np.where(keep, r2, 0.0)
         _accumulate4(acc[0], r2_kept)

@@ -61,11 +61,10 @@ def dump_parameters(
         views = [c.raw(name).data for c in ckpts]
         numel = infos[name].numel
         for lo in range(0, numel, per_block):
-            rows = [v[lo:lo + per_block] for v in views]
+            rows = [v[lo : lo + per_block] for v in views]
             if cast is not None:
                 rows = [cast(r) for r in rows]
-            yield block_numpy.parameter_detail(rows, RAW_KINDS[dtype], lut, k, tc, s_tt, holdout,
-                                               float(settings.min_abs_change), settings.min_unique)
+            yield block_numpy.parameter_detail(rows, RAW_KINDS[dtype], lut, k, tc, s_tt, holdout, float(settings.min_abs_change), settings.min_unique)
 
     with atomic_file(path) as tmp:
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:

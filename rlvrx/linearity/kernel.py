@@ -90,18 +90,42 @@ class Kernel:
         k = self.k
         if self.entry is None:
             counts, sums, kept = block_numpy.weight_block(
-                rows, self.kind, self.lut, k, self.tc, self.s_tt, self.holdout, float(self.settings.min_abs_change),
-                self.settings.min_unique, self.thresholds, stats.FINE_BINS, hist, values)
+                rows,
+                self.kind,
+                self.lut,
+                k,
+                self.tc,
+                self.s_tt,
+                self.holdout,
+                float(self.settings.min_abs_change),
+                self.settings.min_unique,
+                self.thresholds,
+                stats.FINE_BINS,
+                hist,
+                values,
+            )
             return self._summary(n, counts, sums, kept)
         counts = np.zeros(7, dtype=np.int64)
         sums = np.zeros(2 * k)
         kept = np.empty(n) if values else None
         pointers = np.array([r.ctypes.data for r in rows], dtype=np.uintp)  # alive until the call returns
         status = self.entry(
-            pointers.ctypes.data, self.kind, None if self.lut is None else self.lut.ctypes.data, n, self.k,
-            self.tc.ctypes.data, self.s_tt, self.holdout.ctypes.data, float(self.settings.min_abs_change),
-            self.settings.min_unique, self.thresholds.ctypes.data, stats.FINE_BINS, counts.ctypes.data, sums.ctypes.data,
-            None if hist is None else hist.ctypes.data, None if kept is None else kept.ctypes.data,
+            pointers.ctypes.data,
+            self.kind,
+            None if self.lut is None else self.lut.ctypes.data,
+            n,
+            self.k,
+            self.tc.ctypes.data,
+            self.s_tt,
+            self.holdout.ctypes.data,
+            float(self.settings.min_abs_change),
+            self.settings.min_unique,
+            self.thresholds.ctypes.data,
+            stats.FINE_BINS,
+            counts.ctypes.data,
+            sums.ctypes.data,
+            None if hist is None else hist.ctypes.data,
+            None if kept is None else kept.ctypes.data,
         )
         if status:
             raise RlvrxError(f"weight-linearity kernel failed (status {status}) on a block of {n} parameters")
@@ -110,9 +134,18 @@ class Kernel:
     def _summary(self, n: int, counts: np.ndarray, sums: np.ndarray, kept: np.ndarray | None) -> dict:
         k = self.k
         out = {
-            "n_examined": n, "non_finite": int(counts[6]), "constant": int(counts[0]), "min_abs_change": int(counts[1]), "min_unique": int(counts[2]),
-            "n": int(counts[3]), "above": (int(counts[4]), int(counts[5])), "sum_r2": float(sums[0]),
-            "err_sq": float(sums[1]), "total_sq": float(sums[2]), "delta_sq": sums[3:k + 2], "delta_dot": sums[k + 2:2 * k],
+            "n_examined": n,
+            "non_finite": int(counts[6]),
+            "constant": int(counts[0]),
+            "min_abs_change": int(counts[1]),
+            "min_unique": int(counts[2]),
+            "n": int(counts[3]),
+            "above": (int(counts[4]), int(counts[5])),
+            "sum_r2": float(sums[0]),
+            "err_sq": float(sums[1]),
+            "total_sq": float(sums[2]),
+            "delta_sq": sums[3 : k + 2],
+            "delta_dot": sums[k + 2 : 2 * k],
         }
         if kept is not None:
             out["values"] = kept[: out["n"]]
@@ -134,7 +167,7 @@ _slots = itertools.count()
 def run_part(task) -> dict:
     job, part = task
     if part.indices is None:
-        rows = [v[part.lo:part.hi] for v in job.views]
+        rows = [v[part.lo : part.hi] for v in job.views]
         if job.cast is not None:
             rows = [job.cast(r) for r in rows]
         result = job.kernel.run(rows, job.thread_hist(), values=False)
@@ -186,7 +219,7 @@ class TensorJob:
             self.parts = []
             done = 0
             for start in range(0, len(sample), per_block):
-                chunk = sample[start:start + per_block]
+                chunk = sample[start : start + per_block]
                 end = numel if start + per_block >= len(sample) else int(chunk[-1]) + 1
                 self.parts.append(_Part(n_params=end - done, indices=chunk))
                 done = end

@@ -27,6 +27,7 @@ from rlvrx.linearity import stats
 
 FILTERS = ("endpoints", "range")  # token filters: the official |last - first| >, or max - min >=
 
+
 @dataclass
 class Probe:
     """One response to score after its prompt; `source` names it in messages ("probes.jsonl:3")."""
@@ -68,20 +69,20 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
         prompt = row.get("prompt")
         prompt_ids = _ids(row.get("prompt_ids"), where)
         if prompt_ids is None and (not isinstance(prompt, str) or not prompt):
-            raise UsageError(f"{path}:{lineno}: needs a non-empty string \"prompt\"")
+            raise UsageError(f'{path}:{lineno}: needs a non-empty string "prompt"')
         if "responses" in row:
             responses = row["responses"]
             if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-                raise UsageError(f"{path}:{lineno}: \"responses\" must be a non-empty list of strings")
+                raise UsageError(f'{path}:{lineno}: "responses" must be a non-empty list of strings')
             probes += [Probe(f"{where}#{j}", prompt, r, prompt_ids) for j, r in enumerate(responses)]
         elif "response" in row or "response_ids" in row:
             response = row.get("response")
             response_ids = _ids(row.get("response_ids"), where)
             if response_ids is None and not isinstance(response, str):
-                raise UsageError(f"{path}:{lineno}: \"response\" must be a string")
+                raise UsageError(f'{path}:{lineno}: "response" must be a string')
             probes.append(Probe(where, prompt, response, prompt_ids, response_ids))
         else:
-            raise ParameterError("{path}:{lineno}: needs \"response\" or \"responses\" (or use {generate:N} to sample them)", "generate", path=path, lineno=lineno)
+            raise ParameterError('{path}:{lineno}: needs "response" or "responses" (or use {generate:N} to sample them)', "generate", path=path, lineno=lineno)
     return probes
 
 
@@ -92,7 +93,7 @@ def load_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
     for lineno, row in _read_jsonl(path):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt:
-            raise UsageError(f"{path}:{lineno}: needs a non-empty string \"prompt\"")
+            raise UsageError(f'{path}:{lineno}: needs a non-empty string "prompt"')
         prompts.append((f"{path.name}:{lineno}", prompt))
     return prompts
 
@@ -192,7 +193,7 @@ def score_checkpoints(
         model = load_model(path, device)
         row_lp, row_lg = [], []
         for start in range(0, len(probes), batch_size):
-            scores = score_responses(model, prompt_ids[start:start + batch_size], response_ids[start:start + batch_size], batch_size)
+            scores = score_responses(model, prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], batch_size)
             row_lp += [s.logprobs.double().numpy() for s in scores]
             row_lg += [s.logits.double().numpy() for s in scores]
             if progress is not None:
@@ -253,17 +254,19 @@ def analyze_logprobs(
         for pos in range(lengths[j]):
             col = bounds[j] + pos
             reason = "constant" if constant[col] else "min_logprob_change" if small[col] else ""
-            token_rows.append({
-                "probe": probe.source,
-                "position": pos,
-                "token_id": probe.response_ids[pos],
-                "logprob_first": float(logprobs[0, col]),
-                "logprob_last": float(logprobs[-1, col]),
-                "change": float(change[col]),
-                "r2": None if constant[col] else float(r2[col]),
-                "logit_r2": float(logit_r2[col]) if logit_syy[col] > 0 else None,
-                "filtered": reason,
-            })
+            token_rows.append(
+                {
+                    "probe": probe.source,
+                    "position": pos,
+                    "token_id": probe.response_ids[pos],
+                    "logprob_first": float(logprobs[0, col]),
+                    "logprob_last": float(logprobs[-1, col]),
+                    "change": float(change[col]),
+                    "r2": None if constant[col] else float(r2[col]),
+                    "logit_r2": float(logit_r2[col]) if logit_syy[col] > 0 else None,
+                    "filtered": reason,
+                }
+            )
     response_rows = [
         {
             "probe": probe.source,
@@ -297,8 +300,7 @@ def analyze_logprobs(
     }
 
 
-PUBLIC_KEYS = ("median_r2", "mean_r2", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "n_tokens", "n_filtered", "steps",
-               "filter", "min_logprob_change", "score_eos")
+PUBLIC_KEYS = ("median_r2", "mean_r2", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "n_tokens", "n_filtered", "steps", "filter", "min_logprob_change", "score_eos")
 
 
 def public_json(summary: dict) -> dict:

@@ -87,8 +87,9 @@ def matching_tensors(infos: dict[str, TensorInfo], patterns: Sequence[str], what
     return chosen
 
 
-def selected_tensors(checkpoints: Sequence[tuple[int, Checkpoint]], shard: tuple[int, int] | None = None,
-                     patterns: Sequence[str] = ()) -> list[tuple[str, int]]:
+def selected_tensors(
+    checkpoints: Sequence[tuple[int, Checkpoint]], shard: tuple[int, int] | None = None, patterns: Sequence[str] = ()
+) -> list[tuple[str, int]]:
     """(name, numel) of the floating-point tensors this run (or shard) analyses, in checkpoint order;
     patterns: only the tensors matching one of these globs."""
     infos = checkpoints[0][1].infos()

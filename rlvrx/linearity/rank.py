@@ -35,8 +35,9 @@ FLOAT64_LIMIT = 1 << 24  # elements of Delta computed in float64; larger tensors
 BLOCK = 8  # vectors of the subspace iteration (convergence goes as (sigma_{BLOCK+1} / sigma_1)^2 per round)
 
 
-def top_singular_triplet(delta: torch.Tensor, start: torch.Tensor | None = None, max_iter: int = 500, tol: float = 1e-12,
-                         seed: int = 0) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular_triplet(
+    delta: torch.Tensor, start: torch.Tensor | None = None, max_iter: int = 500, tol: float = 1e-12, seed: int = 0
+) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sigma1, u1, v1, V) of a 2-D tensor by subspace iteration on a block of right vectors; V (n x k)
     is the final block, to warm-start the next call (`start`). Stops when u1 changes by less than
     `tol` in 1 - |cos|, or after max_iter rounds. sigma1 = 0 (and zero vectors) for a zero tensor."""
@@ -88,13 +89,19 @@ class TensorRank:
             r2 = ols_line(list(steps), self.sigma1)[2]
             r2 = None if math.isnan(r2) else r2
         return {
-            "name": self.name, "module": self.module, "layer": self.layer, "shape": list(self.shape),
+            "name": self.name,
+            "module": self.module,
+            "layer": self.layer,
+            "shape": list(self.shape),
             "rank1_energy": self.energy[-1],
             "u_stability": statistics.fmean(earlier_u) if earlier_u else None,
             "v_stability": statistics.fmean(earlier_v) if earlier_v else None,
             "sigma1_r2": r2,
-            "sigma1": self.sigma1, "frobenius": self.frobenius, "energy": self.energy,
-            "u_cos": self.u_cos, "v_cos": self.v_cos,
+            "sigma1": self.sigma1,
+            "frobenius": self.frobenius,
+            "energy": self.energy,
+            "u_cos": self.u_cos,
+            "v_cos": self.v_cos,
         }
 
 
@@ -162,10 +169,7 @@ def summarize_rank(steps: Sequence[int], records: Sequence[TensorRank]) -> dict:
     tensors = [r.summary(later) for r in records]
     modules = sorted({t["module"] for t in tensors})
     layers = sorted({t["layer"] for t in tensors}, key=lambda x: (x is None, x if x is not None else 0))
-    per_step = [
-        {"step": step, "median_rank1_energy": _median([t["energy"][i] for t in tensors])}
-        for i, step in enumerate(later)
-    ]
+    per_step = [{"step": step, "median_rank1_energy": _median([t["energy"][i] for t in tensors])} for i, step in enumerate(later)]
     return {
         "base_step": steps[0],
         "steps": later,
@@ -196,8 +200,9 @@ def rank1_tensor(base: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     return out.to(current.dtype)
 
 
-def write_rank1(base: Checkpoint, current: Checkpoint, out: str | os.PathLike, overwrite: bool = False,
-                progress: Callable[[str, int, int], None] | None = None) -> Path:
+def write_rank1(
+    base: Checkpoint, current: Checkpoint, out: str | os.PathLike, overwrite: bool = False, progress: Callable[[str, int, int], None] | None = None
+) -> Path:
     """The AlphaRL rank-1 checkpoint of `current` against `base` at `out` (atomic, sharded like
     rlvrx.io.writer does; config and tokenizer from `current`): every 2-D weight rank-1, every other
     tensor as in `current`."""

@@ -72,29 +72,38 @@ def summarize(state: WeightState) -> dict:
     tensors = []
     for r in records:
         one = _group([r], None, sampled)
-        tensors.append({
-            "name": r.name,
-            "n": r.n,
-            "mean_r2": one["mean_r2"],
-            "median_r2": r.median_r2,
-            "n_filtered": r.n_filtered,
-            "frac_r2_gt_0_7": one["frac_r2_gt_0_7"],
-            "direction_cosine": one["direction_cosine"],
-            "holdout_rel_error": one["holdout_rel_error"],
-        })
+        tensors.append(
+            {
+                "name": r.name,
+                "n": r.n,
+                "mean_r2": one["mean_r2"],
+                "median_r2": r.median_r2,
+                "n_filtered": r.n_filtered,
+                "frac_r2_gt_0_7": one["frac_r2_gt_0_7"],
+                "direction_cosine": one["direction_cosine"],
+                "holdout_rel_error": one["holdout_rel_error"],
+            }
+        )
     modules = [m for m in MODULES if any(r.module == m for r in records)]
     layers = sorted({r.layer for r in records}, key=lambda l: (l is None, l if l is not None else 0))
     by_module = [{"module": m, **_group([r for r in records if r.module == m], state.hists.get(f"module:{m}"), sampled)} for m in modules]
-    by_layer = [
-        {"layer": l, **_group([r for r in records if r.layer == l], state.hists.get(f"layer:{_layer_key(l)}"), sampled)} for l in layers
-    ]
+    by_layer = [{"layer": l, **_group([r for r in records if r.layer == l], state.hists.get(f"layer:{_layer_key(l)}"), sampled)} for l in layers]
     cells = []
     for l in layers:
         for m in modules:
             members = [r for r in records if r.layer == l and r.module == m]
             if members:
                 group = _group(members, state.cells.get(f"{_layer_key(l)}|{m}"), sampled)
-                cells.append({"layer": l, "module": m, "n": group["n"], "median_r2": group["median_r2"], "mean_r2": group["mean_r2"], "frac_r2_gt_0_7": group["frac_r2_gt_0_7"]})
+                cells.append(
+                    {
+                        "layer": l,
+                        "module": m,
+                        "n": group["n"],
+                        "median_r2": group["median_r2"],
+                        "mean_r2": group["mean_r2"],
+                        "frac_r2_gt_0_7": group["frac_r2_gt_0_7"],
+                    }
+                )
     return {
         "median_r2": overall["median_r2"],
         "mean_r2": overall["mean_r2"],
@@ -113,9 +122,7 @@ def summarize(state: WeightState) -> dict:
         "settings": state.settings,
         "median_resolution": None if sampled else 1.0 / stats.FINE_BINS,
         "cell_median_resolution": None if sampled else 1.0 / stats.COARSE_BINS,
-        "direction_cosine_pairs": [
-            {"steps": state.steps[i:i + 3], "cosine": c} for i, c in enumerate(pairs)
-        ],
+        "direction_cosine_pairs": [{"steps": state.steps[i : i + 3], "cosine": c} for i, c in enumerate(pairs)],
         "by_module": by_module,
         "by_layer": by_layer,
         "cells": cells,
@@ -126,8 +133,16 @@ def summarize(state: WeightState) -> dict:
 
 
 PUBLIC_KEYS = (
-    "median_r2", "mean_r2", "frac_r2_gt_0_7", "frac_r2_gt_0_9", "n_params", "n_filtered", "steps", "tensors",
-    "direction_cosine", "holdout_rel_error",
+    "median_r2",
+    "mean_r2",
+    "frac_r2_gt_0_7",
+    "frac_r2_gt_0_9",
+    "n_params",
+    "n_filtered",
+    "steps",
+    "tensors",
+    "direction_cosine",
+    "holdout_rel_error",
 )
 
 

@@ -115,19 +115,34 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         if isinstance(s, dict) and "RL-Extra" in s:  # rl-extra --baseline writes {label: summary}
             s = s["RL-Extra"]
         if isinstance(s, dict):
-            rows = [[label, _cell(s.get(k))] for k, label in (
-                ("grad_steps", "gradient steps"), ("steps", "effective steps"), ("checkpoints", "checkpoints"),
-                ("test_accuracy_start", "greedy test accuracy, start"), ("test_accuracy_end", "greedy test accuracy, end"),
-                ("reward_first", "reward, first step"), ("reward_last", "reward, last 5 steps"), ("train_time_s", "training time (s)"),
-            )]
+            rows = [
+                [label, _cell(s.get(k))]
+                for k, label in (
+                    ("grad_steps", "gradient steps"),
+                    ("steps", "effective steps"),
+                    ("checkpoints", "checkpoints"),
+                    ("test_accuracy_start", "greedy test accuracy, start"),
+                    ("test_accuracy_end", "greedy test accuracy, end"),
+                    ("reward_first", "reward, first step"),
+                    ("reward_last", "reward, last 5 steps"),
+                    ("train_time_s", "training time (s)"),
+                )
+            ]
             tables.append((f"training ({key})", ["", "value"], rows))
     for key, count in (("linearity-weights", "n_params"), ("linearity-logprobs", "n_tokens")):
         s = stages.get(key)
         if isinstance(s, dict):
-            rows = [[label, _cell(s.get(k))] for k, label in (
-                ("median_r2", "median R²"), ("mean_r2", "mean R²"), ("frac_r2_gt_0_7", "fraction R² > 0.7"),
-                ("frac_r2_gt_0_9", "fraction R² > 0.9"), (count, count.replace("n_", "counted ")), ("n_filtered", "filtered out"),
-            )]
+            rows = [
+                [label, _cell(s.get(k))]
+                for k, label in (
+                    ("median_r2", "median R²"),
+                    ("mean_r2", "mean R²"),
+                    ("frac_r2_gt_0_7", "fraction R² > 0.7"),
+                    ("frac_r2_gt_0_9", "fraction R² > 0.9"),
+                    (count, count.replace("n_", "counted ")),
+                    ("n_filtered", "filtered out"),
+                )
+            ]
             if "direction_cosine" in s:
                 rows.append(["direction cosine (successive deltas)", _cell(s.get("direction_cosine"))])
             if "holdout_rel_error" in s:
@@ -149,10 +164,11 @@ def summary_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         models = list(ev)
         tasks = sorted({t for m in models for t in ev[m] if t != "overall"})
         for task in tasks:
-            metrics = sorted({k for m in models for k in ev[m].get(task, {}) if k.startswith(("pass@", "maj@")) or k in ("avg", "n")},
-                             key=lambda k: (k[0] != "n", k[0] != "a", k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0))
-            rows = [[metric if metric == "n" else f"{metric} ± stderr"]
-                    + [_with_stderr(ev[m].get(task, {}), metric) for m in models] for metric in metrics]
+            metrics = sorted(
+                {k for m in models for k in ev[m].get(task, {}) if k.startswith(("pass@", "maj@")) or k in ("avg", "n")},
+                key=lambda k: (k[0] != "n", k[0] != "a", k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0),
+            )
+            rows = [[metric if metric == "n" else f"{metric} ± stderr"] + [_with_stderr(ev[m].get(task, {}), metric) for m in models] for metric in metrics]
             tables.append((f"eval: {task} (± one standard error over problems)", ["metric"] + models, rows))
     return tables
 
@@ -169,10 +185,16 @@ def _rank_tables(stages: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     s = stages.get("linearity-rank")
     if isinstance(s, dict):
-        rows = [[label, _cell(s.get(k))] for k, label in (
-            ("median_rank1_energy", "median rank-1 energy"), ("median_u_stability", "median u1 stability"),
-            ("median_v_stability", "median v1 stability"), ("median_sigma1_r2", "median R² of sigma1 vs step"), ("n_tensors", "2-D weights"),
-        )]
+        rows = [
+            [label, _cell(s.get(k))]
+            for k, label in (
+                ("median_rank1_energy", "median rank-1 energy"),
+                ("median_u_stability", "median u1 stability"),
+                ("median_v_stability", "median v1 stability"),
+                ("median_sigma1_r2", "median R² of sigma1 vs step"),
+                ("n_tensors", "2-D weights"),
+            )
+        ]
         tables.append(("rank-1 structure of the updates", ["", "value"], rows))
     s = stages.get("extrapolate-compare")
     if isinstance(s, dict) and isinstance(s.get("predictors"), dict):
@@ -220,7 +242,13 @@ def render_html(data: dict, plots: dict[str, Path]) -> str:
     tables = summary_tables(data)
     for title, keys in sections:
         present = [k for k in keys if k in plots]
-        section_tables = [t for t in tables if t[0].lower().startswith(title.split()[0].lower()) or (title == "Weight linearity" and t[0] == "linearity weights") or (title == "Log-prob linearity" and t[0] == "linearity logprobs")]
+        section_tables = [
+            t
+            for t in tables
+            if t[0].lower().startswith(title.split()[0].lower())
+            or (title == "Weight linearity" and t[0] == "linearity weights")
+            or (title == "Log-prob linearity" and t[0] == "linearity logprobs")
+        ]
         if not present and not section_tables:
             continue
         parts.append(f"<h2>{html.escape(title)}</h2>")

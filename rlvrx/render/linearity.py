@@ -83,7 +83,16 @@ def weight_heatmap_matrix(summary: dict) -> tuple[np.ndarray, list[str], list[st
 
 
 WEIGHT_CSV_HEADER = (
-    "name", "module", "layer", "n", "n_filtered", "mean_r2", "median_r2", "frac_r2_gt_0_7", "direction_cosine", "holdout_rel_error",
+    "name",
+    "module",
+    "layer",
+    "n",
+    "n_filtered",
+    "mean_r2",
+    "median_r2",
+    "frac_r2_gt_0_7",
+    "direction_cosine",
+    "holdout_rel_error",
 )
 
 
@@ -96,24 +105,47 @@ def write_weight_outputs(summary: dict, out_dir, plots: bool = True) -> list:
     atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
     written.append(path)
     rows = [
-        [t["name"], module_of(t["name"]), layer_of(t["name"]), t["n"], t["n_filtered"], t["mean_r2"], t["median_r2"],
-         t["frac_r2_gt_0_7"], t["direction_cosine"], t["holdout_rel_error"]]
+        [
+            t["name"],
+            module_of(t["name"]),
+            layer_of(t["name"]),
+            t["n"],
+            t["n_filtered"],
+            t["mean_r2"],
+            t["median_r2"],
+            t["frac_r2_gt_0_7"],
+            t["direction_cosine"],
+            t["holdout_rel_error"],
+        ]
         for t in summary["tensors"]
     ]
     written.append(write_csv(out_dir / "tensors.csv", WEIGHT_CSV_HEADER, rows))
     if plots:
         steps = summary["steps"]
-        written.append(save_histogram_png(
-            out_dir / "r2_hist.png", summary["histogram"], title=f"weight R² vs step ({len(steps)} checkpoints, {summary['n_params']:,} params)",
-            median=summary["median_r2"],
-        ))
+        written.append(
+            save_histogram_png(
+                out_dir / "r2_hist.png",
+                summary["histogram"],
+                title=f"weight R² vs step ({len(steps)} checkpoints, {summary['n_params']:,} params)",
+                median=summary["median_r2"],
+            )
+        )
         matrix, row_labels, col_labels = weight_heatmap_matrix(summary)
         if matrix.size:
-            written.append(save_heatmap_png(
-                out_dir / "r2_heatmap.png", matrix, row_labels, col_labels, title="median weight R² by layer and module",
-                colorbar_label="median R²", xlabel="module", ylabel="layer",
-            ))
+            written.append(
+                save_heatmap_png(
+                    out_dir / "r2_heatmap.png",
+                    matrix,
+                    row_labels,
+                    col_labels,
+                    title="median weight R² by layer and module",
+                    colorbar_label="median R²",
+                    xlabel="module",
+                    ylabel="layer",
+                )
+            )
     return written
+
 
 # ----------------------------------------------------------------------------------------------
 # Log-prob linearity
@@ -163,20 +195,29 @@ def write_logprob_outputs(summary: dict, out_dir, plots: bool = True, max_lines:
     written.append(write_csv(out_dir / "tokens.csv", header, ([r[h] for h in header] for r in summary["token_rows"])))
     steps = summary["steps"]
     header = ("probe", "n_tokens", "r2", *[f"mean_logprob@{s}" for s in steps])
-    written.append(write_csv(
-        out_dir / "responses.csv", header, ([r["probe"], r["n_tokens"], r["r2"], *r["mean_logprob"]] for r in summary["response_rows"])
-    ))
+    written.append(write_csv(out_dir / "responses.csv", header, ([r["probe"], r["n_tokens"], r["r2"], *r["mean_logprob"]] for r in summary["response_rows"])))
     if plots:
-        written.append(save_histogram_png(
-            out_dir / "r2_hist.png", summary["histogram"], title=f"token log-prob R² vs step ({summary['n_tokens']:,} tokens)",
-            median=summary["median_r2"],
-        ))
+        written.append(
+            save_histogram_png(
+                out_dir / "r2_hist.png",
+                summary["histogram"],
+                title=f"token log-prob R² vs step ({summary['n_tokens']:,} tokens)",
+                median=summary["median_r2"],
+            )
+        )
         series = {r["probe"]: r["mean_logprob"] for r in summary["response_rows"][:max_lines]}
-        written.append(save_lines_png(
-            out_dir / "response_logprob.png", steps, series, title="mean log-prob of each probe response",
-            xlabel="step", ylabel="mean token log-prob",
-        ))
+        written.append(
+            save_lines_png(
+                out_dir / "response_logprob.png",
+                steps,
+                series,
+                title="mean log-prob of each probe response",
+                xlabel="step",
+                ylabel="mean token log-prob",
+            )
+        )
     return written
+
 
 # ----------------------------------------------------------------------------------------------
 # Rank-1 diagnostics (rlvrx.linearity.rank)
@@ -185,8 +226,14 @@ RANK_COLUMNS = ("tensors", "rank-1 energy", "u stability", "v stability", "R² �
 
 
 def _rank_row(label: str, group: dict) -> list:
-    return [label, group["n_tensors"], fmt(group["median_rank1_energy"]), fmt(group["median_u_stability"]),
-            fmt(group["median_v_stability"]), fmt(group["median_sigma1_r2"])]
+    return [
+        label,
+        group["n_tensors"],
+        fmt(group["median_rank1_energy"]),
+        fmt(group["median_u_stability"]),
+        fmt(group["median_v_stability"]),
+        fmt(group["median_sigma1_r2"]),
+    ]
 
 
 def rank_tables(summary: dict) -> list:
@@ -221,8 +268,7 @@ def write_rank_outputs(summary: dict, out_dir, plots: bool = True) -> list:
     atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
     written = [path]
     rows = [
-        [t["name"], t["module"], t["layer"], t["rank1_energy"], t["u_stability"], t["v_stability"], t["sigma1_r2"],
-         t["sigma1"][-1], t["frobenius"][-1]]
+        [t["name"], t["module"], t["layer"], t["rank1_energy"], t["u_stability"], t["v_stability"], t["sigma1_r2"], t["sigma1"][-1], t["frobenius"][-1]]
         for t in summary["tensors"]
     ]
     written.append(write_csv(out_dir / "tensors.csv", RANK_CSV_HEADER, rows))
@@ -234,8 +280,14 @@ def write_rank_outputs(summary: dict, out_dir, plots: bool = True) -> list:
                 float(np.median(known)) if (known := [t["energy"][i] for t in group if t["energy"][i] is not None]) else np.nan
                 for i in range(len(summary["steps"]))
             ]
-        written.append(save_lines_png(
-            out_dir / "rank1_energy.png", summary["steps"], series, title=f"rank-1 energy of W_t - W_{summary['base_step']} (median per module)",
-            xlabel="step", ylabel="sigma1² / ||Delta||_F²",
-        ))
+        written.append(
+            save_lines_png(
+                out_dir / "rank1_energy.png",
+                summary["steps"],
+                series,
+                title=f"rank-1 energy of W_t - W_{summary['base_step']} (median per module)",
+                xlabel="step",
+                ylabel="sigma1² / ||Delta||_F²",
+            )
+        )
     return written

@@ -160,7 +160,7 @@ def save_line_fits_png(path: str | os.PathLike, x: np.ndarray, series: Sequence[
         ax.plot(x, intercept + slope * x, "-", lw=1)
         ax.set_title(f"{label}\nR² = {r2:.3f}", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     return save(fig, path)
 

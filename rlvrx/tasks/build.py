@@ -47,11 +47,7 @@ def build_tasks(
         path = Path(data).expanduser()
         extra = {k: v for k, v in options.items() if k == "instruction"}
         used.update(extra)
-        tasks.append(
-            MathTask(
-                data=str(path), data_dir=data_dir, problem_key=problem_key, answer_key=answer_key, id_key=id_key, name=path.stem, **extra
-            )
-        )
+        tasks.append(MathTask(data=str(path), data_dir=data_dir, problem_key=problem_key, answer_key=answer_key, id_key=id_key, name=path.stem, **extra))
     unused = sorted(set(options) - used)
     if unused:
         raise UsageError(f"task option {unused[0]!r} applies to none of the tasks ({', '.join(t.name for t in tasks) or 'none'})")

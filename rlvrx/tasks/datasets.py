@@ -71,9 +71,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def records_to_examples(
-    rows: list[dict], source: str, problem_key: str = "problem", answer_key: str = "answer", id_key: str | None = "id"
-) -> list[Example]:
+def records_to_examples(rows: list[dict], source: str, problem_key: str = "problem", answer_key: str = "answer", id_key: str | None = "id") -> list[Example]:
     """Rows -> Examples; ids from `id_key` when the rows have it, else `<source>-<row index>`."""
     examples, seen = [], set()
     stem = Path(source).stem if source not in BENCHMARKS else source
@@ -82,8 +80,7 @@ def records_to_examples(
             if row.get(key) is None:
                 have = ", ".join(sorted(row)) or "none"
                 raise UsageError(
-                    f"{source}: row {index + 1} has no '{key}' field (fields: {have}); "
-                    "set the problem/answer key options to the right field names"
+                    f"{source}: row {index + 1} has no '{key}' field (fields: {have}); set the problem/answer key options to the right field names"
                 )
         raw_id = row.get(id_key) if id_key else None
         example_id = str(raw_id) if raw_id is not None else f"{stem}-{index}"
@@ -159,7 +156,11 @@ def _missing_benchmark(name: str, path: Path | None) -> ParameterError:
         "benchmark '{name}': " + where + ". Point {data_dir} or ${env} at a directory holding {name}.jsonl "
         "(rows with problem/answer fields), or, with a network, pip install 'rlvrx[data]' to load "
         "{repo} from the Hugging Face hub",
-        "data_dir", name=name, path=path, env=DATA_DIR_ENV, repo=BENCHMARKS[name].repo,
+        "data_dir",
+        name=name,
+        path=path,
+        env=DATA_DIR_ENV,
+        repo=BENCHMARKS[name].repo,
     )
 
 

@@ -49,9 +49,7 @@ class MathTask(Task):
             )
         self.name = name
         self.sources = {"train": data, "test": test_data if test_data is not None else data}
-        self.load_options = dict(
-            data_dir=data_dir, problem_key=problem_key, answer_key=answer_key, id_key=id_key, limit=limit, ids=ids
-        )
+        self.load_options = dict(data_dir=data_dir, problem_key=problem_key, answer_key=answer_key, id_key=id_key, limit=limit, ids=ids)
         self.instruction = instruction
         self._cache: dict[str, list[Example]] = {}
 
@@ -70,9 +68,7 @@ class MathTask(Task):
     def format_prompt(self, example: Example, tokenizer=None) -> str:
         content = self.user_message(example)
         if _has_chat_template(tokenizer):
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
+            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
         return content
 
     def _wants_bos(self, tokenizer) -> bool:
@@ -84,6 +80,7 @@ class MathTask(Task):
 
     def extract_answer(self, completion: str) -> str | None:
         """math-verify's extracted answer (in-process, under grade_guarded's SIGALRM timeout)."""
+
         def extract(text: str, _gold: str):
             return False, extracted_text(parse_answer(text)), None
 

@@ -61,9 +61,7 @@ def get_task(name: str, **options) -> Task:
             for key in unknown:
                 close = difflib.get_close_matches(key, sorted(accepted), n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise UsageError(
-                f"task {name!r} has no option {', '.join(hints)}; its options: {', '.join(sorted(accepted)) or 'none'}"
-            )
+            raise UsageError(f"task {name!r} has no option {', '.join(hints)}; its options: {', '.join(sorted(accepted)) or 'none'}")
     task = _factory(name)(**options)
     if not isinstance(task, Task):
         raise UsageError(f"task {name!r}: the factory returned {type(task).__name__}, not an rlvrx.tasks.Task")

@@ -38,12 +38,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
     time_points = [budget * i / 4 for i in range(1, 5)]
     return {
         "runs": [str(run_a), str(run_b)],
-        "by_grad_step": [
-            {"grad_step": g, "a": accuracy_at(a, "grad_step", g), "b": accuracy_at(b, "grad_step", g)} for g in grad_points
-        ],
-        "by_wall_time": [
-            {"elapsed": t, "a": accuracy_at(a, "elapsed", t), "b": accuracy_at(b, "elapsed", t)} for t in time_points
-        ],
+        "by_grad_step": [{"grad_step": g, "a": accuracy_at(a, "grad_step", g), "b": accuracy_at(b, "grad_step", g)} for g in grad_points],
+        "by_wall_time": [{"elapsed": t, "a": accuracy_at(a, "elapsed", t), "b": accuracy_at(b, "elapsed", t)} for t in time_points],
         "final": {
             "a": {"grad_step": a[-1]["grad_step"], "step": a[-1]["step"], "elapsed": a[-1]["elapsed"], "test_accuracy": a[-1]["test_accuracy"]},
             "b": {"grad_step": b[-1]["grad_step"], "step": b[-1]["step"], "elapsed": b[-1]["elapsed"], "test_accuracy": b[-1]["test_accuracy"]},

@@ -75,8 +75,14 @@ def rollout(trainer, step: int) -> tuple[StepBatch, dict]:
     prompt_ids, prompt_mask = left_pad(prompts, pad, device)
     prompt_index = torch.tensor([g.prompt_index for g in gens], dtype=torch.long, device=device)
     batch = StepBatch(
-        packed.input_ids, packed.attention_mask, resp, rewards, advantages.to(device),
-        prompt_ids, prompt_mask, prompt_index,
+        packed.input_ids,
+        packed.attention_mask,
+        resp,
+        rewards,
+        advantages.to(device),
+        prompt_ids,
+        prompt_mask,
+        prompt_index,
     )
     return batch, stats
 

@@ -22,7 +22,7 @@ def sft_batch(tokenizer, task, examples, device) -> tuple[torch.Tensor, torch.Te
         seq = torch.tensor(p + t)
         ids[i, : len(seq)] = seq
         attn[i, : len(seq)] = 1
-        labels[i, len(p): len(seq)] = torch.tensor(t)
+        labels[i, len(p) : len(seq)] = torch.tensor(t)
     return ids.to(device), attn.to(device), labels.to(device)
 
 

@@ -112,7 +112,9 @@ class RecipeMismatch(ParameterError):
         self.run_dir, self.saved = run_dir, saved
         super().__init__(
             "{run_dir} holds a different recipe ({saved}); use another output.dir, or pass {force} to continue with this one",
-            "force=True", run_dir=run_dir, saved=saved,
+            "force=True",
+            run_dir=run_dir,
+            saved=saved,
         )
 
     def __reduce__(self) -> tuple:
@@ -140,9 +142,7 @@ class Trainer:
         if cfg.num_generations < 2:
             raise UsageError("grpo.num_generations must be >= 2: advantages are relative to the group")
         if cfg.mini_batch_size is not None and cfg.batch_size % cfg.mini_batch_size:
-            raise UsageError(
-                f"grpo.batch_size ({cfg.batch_size}) is not divisible by grpo.mini_batch_size ({cfg.mini_batch_size})"
-            )
+            raise UsageError(f"grpo.batch_size ({cfg.batch_size}) is not divisible by grpo.mini_batch_size ({cfg.mini_batch_size})")
 
     def _check_run_dir(self) -> str:
         """The recipe's YAML; refuse a run dir that holds a different recipe (unless force)."""
@@ -171,9 +171,7 @@ class Trainer:
             raise UsageError(f"task {self.recipe.task.name!r} yields no training prompts; check task settings (n_train, data, limit)")
         atomic_write_text(self.rundir.recipe, recipe_text)
         self.ref_model = None
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999)
-        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg.warmup_steps))
         self.step = 0
         self.grad_step = 0
@@ -181,7 +179,11 @@ class Trainer:
         self.eval_seconds = 0.0
         self._pool = None
         self.tracker: Tracker | None = Tracker(
-            self.recipe.logger, self.run_dir, project="rlvrx", run_name=self.run_dir.resolve().name, task=self.recipe.task.name,
+            self.recipe.logger,
+            self.run_dir,
+            project="rlvrx",
+            run_name=self.run_dir.resolve().name,
+            task=self.recipe.task.name,
             config={"recipe": recipe_text},
         )
 
@@ -322,8 +324,7 @@ class Trainer:
                 record = self.grpo_step()
             except (NonFiniteLoss, NonFiniteLogits) as exc:
                 raise RlvrxError(
-                    f"{exc}; training stopped, the last good checkpoint {self.latest_checkpoint()} is kept "
-                    "(lower grpo.lr or grpo.max_grad_norm)"
+                    f"{exc}; training stopped, the last good checkpoint {self.latest_checkpoint()} is kept (lower grpo.lr or grpo.max_grad_norm)"
                 ) from None
             record["stage"] = "grpo"
             if self.should_eval():
@@ -356,8 +357,6 @@ class Trainer:
         }
 
 
-def train(
-    recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, show_progress: bool = True, progress: TrainingProgress | None = None
-) -> dict:
+def train(recipe: Recipe, run_dir: str | Path | None = None, force: bool = False, show_progress: bool = True, progress: TrainingProgress | None = None) -> dict:
     """Run (or resume) SFT + GRPO as the recipe says; return a summary."""
     return Trainer(recipe, run_dir, force=force, progress=progress).fit(show_progress=show_progress)

@@ -93,6 +93,8 @@ def answer_key(parsed) -> str | None:
 
 
 _BASE = re.compile(r"([0-9a-z]+)_([0-9]+)")
+
+
 def _compact(text: str) -> str:
     """Lower-case, without spaces, $, braces and \\text / \\mathrm wrappers (for the literal rules)."""
     text = re.sub(r"\\(?:text|mathrm|textbf)", "", text)

@@ -271,9 +271,7 @@ class GradingPool:
                         index = self._replace(worker, kinds, soft_timeout)
                         assert index is not None  # past its deadline, a ready worker has an item in flight
                         unfinished -= 1
-                        yield index, GradeResult(
-                            False, status="timeout", error=f"no verdict within {self.timeout:g}s; the worker was killed and replaced"
-                        )
+                        yield index, GradeResult(False, status="timeout", error=f"no verdict within {self.timeout:g}s; the worker was killed and replaced")
         except BaseException:
             # Interrupted mid-call (an error, Ctrl-C, or the caller stopped iterating): workers with
             # items in flight would answer for them later, so they are replaced on the next call.

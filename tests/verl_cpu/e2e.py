@@ -61,18 +61,33 @@ def save_model(out: Path) -> Path:
     return out
 
 
-def write_recipe(path: Path, model: Path, run_dir: Path, steps: int, rl_extra: dict | None = None,
-                 extra_overrides: list[str] = ()) -> Path:
+def write_recipe(path: Path, model: Path, run_dir: Path, steps: int, rl_extra: dict | None = None, extra_overrides: list[str] = ()) -> Path:
     recipe = {
         "backend": "verl",
         "model": {"path": str(model)},
         "task": {"name": "arithmetic", "digits": 1, "operators": ["+"], "n_train": 64, "n_test": 16, "seed": 0},
         "sft": {"enabled": False},
-        "grpo": {"num_generations": 4, "batch_size": 4, "lr": 5e-3, "epsilon": 0.2, "beta": 0.0,
-                 "max_new_tokens": 8, "temperature": 1.0, "steps": steps, "save_every": 2, "eval_every": 2, "seed": 0},
-        "verl": {"n_gpus_per_node": 1, "gpu_memory_utilization": 0.1, "max_prompt_length": 16,
-                 "micro_batch_size_per_gpu": 8, "logger": ["console"],
-                 "overrides": [*CPU_OVERRIDES, *extra_overrides]},
+        "grpo": {
+            "num_generations": 4,
+            "batch_size": 4,
+            "lr": 5e-3,
+            "epsilon": 0.2,
+            "beta": 0.0,
+            "max_new_tokens": 8,
+            "temperature": 1.0,
+            "steps": steps,
+            "save_every": 2,
+            "eval_every": 2,
+            "seed": 0,
+        },
+        "verl": {
+            "n_gpus_per_node": 1,
+            "gpu_memory_utilization": 0.1,
+            "max_prompt_length": 16,
+            "micro_batch_size_per_gpu": 8,
+            "logger": ["console"],
+            "overrides": [*CPU_OVERRIDES, *extra_overrides],
+        },
         "output": {"dir": str(run_dir)},
     }
     if rl_extra:
@@ -136,8 +151,7 @@ class _suppress:
         return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError, subprocess.TimeoutExpired))
 
 
-def run_rlvrx(args: list[str], log: Path, cwd: Path, timeout: float, stop_when=None, poll: float = 2.0,
-              env: dict[str, str] | None = None):
+def run_rlvrx(args: list[str], log: Path, cwd: Path, timeout: float, stop_when=None, poll: float = 2.0, env: dict[str, str] | None = None):
     """Run `python -m rlvrx ARGS` with the CPU environment, output to `log`.
 
     Returns (exit code or None when stopped, log text). `stop_when()` is polled; once true the run is
@@ -147,8 +161,7 @@ def run_rlvrx(args: list[str], log: Path, cwd: Path, timeout: float, stop_when=N
     env = {**environment(), **(env or {})}
     token = env[MARKER]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rlvrx", *args], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "rlvrx", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         code, stopped = None, False
         try:
@@ -160,8 +173,7 @@ def run_rlvrx(args: list[str], log: Path, cwd: Path, timeout: float, stop_when=N
                     stopped = True
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"`rlvrx {' '.join(args)}` still running after {timeout:.0f} s; log tail:\n"
-                                       + log_tail(log))
+                    raise TimeoutError(f"`rlvrx {' '.join(args)}` still running after {timeout:.0f} s; log tail:\n" + log_tail(log))
                 time.sleep(poll)
         finally:
             kill_run(proc, token)  # also reaps Ray daemons a finished job leaves behind

@@ -23,6 +23,4 @@ class TrajectoryCallback(CheckpointCallback):
         n = int(getattr(trainer, "rx_n", 0))
         grad_step = int(settings.get("step_offset", 0)) + int(global_step)
         effective = int(settings.get("effective_offset", 0)) + int(global_step) + jumps * n
-        register_step(
-            settings.run_dir, checkpoint_dir, step=effective, grad_step=grad_step, kind="rl", register_now=not async_save
-        )
+        register_step(settings.run_dir, checkpoint_dir, step=effective, grad_step=grad_step, kind="rl", register_now=not async_save)

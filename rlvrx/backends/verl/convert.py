@@ -57,8 +57,7 @@ def actor_dir(path: str | Path) -> Path:
         if (candidate / "fsdp_config.json").is_file() or _shard_files(candidate):
             return candidate
     raise UsageError(
-        f"{path}: not a verl FSDP checkpoint (no model_world_size_W_rank_R.pt here or in {path / 'actor'}); "
-        "pass a global_step_N dir or its actor/ dir"
+        f"{path}: not a verl FSDP checkpoint (no model_world_size_W_rank_R.pt here or in {path / 'actor'}); pass a global_step_N dir or its actor/ dir"
     )
 
 
@@ -98,9 +97,7 @@ def shard_paths(actor: Path) -> list[Path]:
         world = sizes[0]
     missing = [r for r in range(world) if (world, r) not in files]
     if missing:
-        raise CheckpointError(
-            f"{actor / f'model_world_size_{world}_rank_{missing[0]}.pt'}: missing ({len(missing)} of {world} rank files absent)"
-        )
+        raise CheckpointError(f"{actor / f'model_world_size_{world}_rank_{missing[0]}.pt'}: missing ({len(missing)} of {world} rank files absent)")
     return [files[world, r] for r in range(world)]
 
 
@@ -138,8 +135,9 @@ def _ranks_and_placement(key: str, dtensor):
         return mesh.tolist(), placements[0]
     if mesh.ndim == 2 and names and names[0] in ("dp", "ddp") and isinstance(placements[0], Replicate):
         return mesh[0].tolist(), placements[1]  # HSDP: the first replica holds every shard
-    raise CheckpointError(f"{key}: a DTensor on mesh {names} with placements {placements}; "
-                          "only FSDP (one sharded dim, optionally under a replicated dp dim) is supported")
+    raise CheckpointError(
+        f"{key}: a DTensor on mesh {names} with placements {placements}; only FSDP (one sharded dim, optionally under a replicated dp dim) is supported"
+    )
 
 
 def merge_entry(key: str, parts: list) -> torch.Tensor:
@@ -189,8 +187,7 @@ def expected_structure(hf_dir: Path) -> tuple[dict[str, tuple[tuple[int, ...], b
     except Exception as exc:  # any failure of transformers here is the config's
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{hf_dir / 'config.json'}: transformers cannot build this model ({first}); "
-            "pass --no-check to convert without checking names and shapes"
+            f"{hf_dir / 'config.json'}: transformers cannot build this model ({first}); pass --no-check to convert without checking names and shapes"
         ) from None
     expected = {name: (tuple(t.shape), t.is_floating_point()) for name, t in model.state_dict().items()}
     stored: dict[int, str] = {}

@@ -73,9 +73,7 @@ def hf_weights_dir(step_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def register_step(
-    run_dir, step_dir, step: int, grad_step: int | None = None, kind: str = "rl", register_now: bool = True
-) -> bool:
+def register_step(run_dir, step_dir, step: int, grad_step: int | None = None, kind: str = "rl", register_now: bool = True) -> bool:
     """Record a saved verl step (sidecar json) and register its HF weights if present; True if registered."""
     from rlvrx.trajectory import Trajectory
 
@@ -271,8 +269,10 @@ def _ray_note() -> str:
         return f"Ray cluster: {address} (RAY_ADDRESS)"
     slurm = slurm_env()
     if slurm and (slurm["nnodes"] or 1) > 1:
-        return (f"Ray cluster: a local one on this node only, though Slurm job {slurm['job_id']} has {slurm['nnodes']} nodes; "
-                "`rlvrx slurm RECIPE --nodes N` renders a job that starts Ray across them")
+        return (
+            f"Ray cluster: a local one on this node only, though Slurm job {slurm['job_id']} has {slurm['nnodes']} nodes; "
+            "`rlvrx slurm RECIPE --nodes N` renders a job that starts Ray across them"
+        )
     return "Ray cluster: a local one, started by verl"
 
 
@@ -293,8 +293,7 @@ def launch(recipe, run_dir, dry_run: bool = False) -> int:
     if note:
         print(f"# warning: {note}")
     if restart:
-        print(f"# RL-Extra restart loop: {recipe.rl_extra.iterations} jobs like this one, "
-              f"{recipe.rl_extra.m} steps each, each started from the previous jump")
+        print(f"# RL-Extra restart loop: {recipe.rl_extra.iterations} jobs like this one, {recipe.rl_extra.m} steps each, each started from the previous jump")
     print(f"# {_ray_note()}")
     return 0
 
@@ -308,8 +307,10 @@ def _launch(recipe, plan: Plan, restart: bool) -> int:
     checkpoints = run_paths(recipe, plan.run_dir)["checkpoints"]
     if not work_left:
         more = "rl_extra.iterations" if recipe.rl_extra is not None else "grpo.steps"
-        print(f"Nothing to train: {checkpoints / f'global_step_{saved}'} is step {saved}, and the job trains "
-              f"{total} steps; raise {more} to train further", flush=True)
+        print(
+            f"Nothing to train: {checkpoints / f'global_step_{saved}'} is step {saved}, and the job trains {total} steps; raise {more} to train further",
+            flush=True,
+        )
         register_run_checkpoints(recipe, plan.run_dir, plan.python)
         return 0
     if saved is not None:

@@ -73,9 +73,7 @@ def check_user_overrides(items: list[str]) -> None:
         if root in LEGACY_KEYS:
             rest = key.split(".", 1)[1] if "." in key else ""
             new = LEGACY_KEYS[root] + (f".{rest}" if rest else "")
-            raise UsageError(
-                f"verl.overrides: {key!r} is the pre-0.9 key, which verl 0.9 ignores silently; use {new!r}"
-            )
+            raise UsageError(f"verl.overrides: {key!r} is the pre-0.9 key, which verl 0.9 ignores silently; use {new!r}")
         if root == "rlvrx":
             raise UsageError(f"verl.overrides: {key!r}: the rlvrx group is set from the recipe, not by overrides")
 
@@ -101,8 +99,7 @@ def check_recipe(recipe) -> None:
     problems = []
     if recipe.sft.enabled and recipe.sft.steps > 0:
         problems.append(
-            "sft.enabled: the verl backend runs no SFT warm-up; set sft.enabled=false "
-            "(or warm up with the native backend and point model.path at the result)"
+            "sft.enabled: the verl backend runs no SFT warm-up; set sft.enabled=false (or warm up with the native backend and point model.path at the result)"
         )
     if recipe.grpo.scale_rewards == "batch":
         problems.append("grpo.scale_rewards=batch: verl's GRPO normalises per group (group) or not at all (none)")

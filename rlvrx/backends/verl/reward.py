@@ -53,7 +53,7 @@ def task_of(data_source: str, extra_info: dict | None, recipe_task: str | None =
                 f"data_source {data_source!r} is not an rlvrx task and the row has no extra_info.task; "
                 "write the data with `rlvrx train RECIPE --dry-run` (backend: verl)"
             )
-        name = str(data_source)[len(prefix):]
+        name = str(data_source)[len(prefix) :]
     if ":" in str(name) and str(name) != recipe_task:
         raise ValueError(
             f"the data names task {name!r}, code to import; a 'module:function' task is taken only from "

@@ -158,10 +158,7 @@ class RLExtraTrainer(PPOTrainerSync):
         start = k if r else k - 1  # the jump whose result anchors the cycle this step belongs to
         if start >= 1 and not window:
             if not self._jump_saved(start):
-                raise RuntimeError(
-                    f"cannot resume RL-Extra at step {step}: the anchor of its cycle, {self._jump_dir(start)}, "
-                    "is missing or incomplete"
-                )
+                raise RuntimeError(f"cannot resume RL-Extra at step {step}: the anchor of its cycle, {self._jump_dir(start)}, is missing or incomplete")
             step_dir = self._resumed_step_dir()
             self._load_actor(self._jump_dir(start))
             self.actor_rollout_wg.rlvrx_snapshot_anchor()
@@ -187,9 +184,7 @@ class RLExtraTrainer(PPOTrainerSync):
 
         k = self.rlvrx_jumps_done + 1
         factor = self.jump_factor(k)
-        stats = self.actor_rollout_wg.rlvrx_jump(
-            factor, self.rx_norms, self.rx_optimizer_state, self.rx_anchor != "window"
-        )
+        stats = self.actor_rollout_wg.rlvrx_jump(factor, self.rx_norms, self.rx_optimizer_state, self.rx_anchor != "window")
         self.rlvrx_jumps_done = k
         grad_step = int(self.config.rlvrx.get("step_offset", 0)) + self.global_steps
         effective = int(self.config.rlvrx.get("effective_offset", 0)) + self.global_steps + k * self.rx_n

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tinyqwen import VOCAB, tiny_qwen
 from clirun import run_cli
 
 from rlvrx.errors import UsageError
@@ -21,25 +21,7 @@ from rlvrx.generation import SamplingParams, combine_logits, generate
 from rlvrx.tasks.arithmetic import extract_integer
 from rlvrx.trajectory import Trajectory
 
-VOCAB = 40
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15]]
-
-
-def tiny_qwen(seed, vocab=VOCAB, max_position=64):
-    # initializer_range 0.3: peaked next-token distributions, so the two models disagree visibly.
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

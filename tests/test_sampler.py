@@ -3,30 +3,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tinyqwen import VOCAB, tiny_qwen
 
 from rlvrx.errors import UsageError
 from rlvrx.generation import ModelSource, SamplingParams, generate, process_logits
 
-VOCAB = 40
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15], [3, 3]]
-
-
-def tiny_qwen(seed=0, vocab=VOCAB, max_position=128):
-    # initializer_range 0.3 makes next-token distributions peaked, so greedy has no near-ties.
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

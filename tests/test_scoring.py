@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tinyqwen import VOCAB, tiny_qwen
 
 from rlvrx.errors import UsageError
 from rlvrx.generation import (
@@ -12,24 +12,6 @@ from rlvrx.generation import (
     score_responses,
     token_logprobs,
 )
-
-VOCAB = 40
-
-
-def tiny_qwen(seed=0, max_position=128):
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from rlvrx.extrapolate import (
     two_point_alpha,
 )
 from rlvrx.cli.args import parse_size, parse_window
-from rlvrx.extrapolate.weights import extrapolate_weights
+from rlvrx.extrapolate.request import extrapolate_weights
 from rlvrx.io.identity import input_fingerprint
 from rlvrx.trajectory import Trajectory
 

@@ -49,7 +49,7 @@ def test_cli_message_maps_parameters_to_flags():
 
 
 def test_weights_api_names_parameters_cli_names_flags(tmp_path):
-    from rlvrx.extrapolate.weights import extrapolate_weights
+    from rlvrx.extrapolate.request import extrapolate_weights
 
     with pytest.raises(ParameterError, match=r"^two model directories without steps need alpha \(or base=S0 second=S1 target=T\)$"):
         extrapolate_weights(base_path=tmp_path / "a", second_path=tmp_path / "b")

@@ -86,7 +86,7 @@ def weights(
     checkpoint with extrapolation.json provenance; norm and non-floating tensors come from the latest input.
     """
     from rlvrx.extrapolate.options import WeightsOptions
-    from rlvrx.extrapolate.weights import extrapolate_weights
+    from rlvrx.extrapolate.request import extrapolate_weights
     from rlvrx.formulas import DEFAULT_COPY_PATTERNS
     from rlvrx.io.dtypes import parse_dtype
 

@@ -47,10 +47,11 @@ CONFIGS: dict[str, dict] = {
     "lr1e-4": {"lr": 1e-4},
     "h128": {"hidden": 128},
     "h256": {"hidden": 256},
-    "d3": {"digits": 3},
-    "mul": {"ops": "*"},
+    "d3": {"digits": 3, "sft_steps": 800},
+    "mul": {"ops": "*", "sft_steps": 800},
     "lr1e-4-h128": {"lr": 1e-4, "hidden": 128},
     "lr1e-4-400": {"lr": 1e-4, "steps": 400, "save_every": 10},
+    "sft500": {"sft_steps": 500},
 }
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
 SPACINGS = (2, 4)  # extra weight-linearity passes on every 2nd / 4th checkpoint
@@ -297,6 +298,8 @@ COLUMNS = (
     ("weight R2 med x2 spacing", lambda r: next(iter(sorted((r.get("spacing") or {}).items(), key=lambda kv: int(kv[0]))), (None, {}))[1].get("weight_r2_median")),
     ("logprob R2 med", lambda r: r.get("logprob_r2_median")),
     ("tokens", lambda r: r.get("logprob_tokens")),
+    ("greedy start", lambda r: r.get("greedy_start")),
+    ("greedy end", lambda r: r.get("greedy_end")),
     ("real", lambda r: _get(r, "eval").get(next((k for k in _get(r, "eval") if k.startswith("real@")), ""), None) if r.get("eval") else None),
     ("W-extra - real", lambda r: _eval_gap(r, "weights-extrapolated", "real")),
     ("W-extra - second", lambda r: _eval_gap(r, "weights-extrapolated", "second")),

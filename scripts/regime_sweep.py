@@ -25,7 +25,6 @@ per configuration the median over seeds and the [min, max] spread.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -207,7 +206,7 @@ def run_one(name: str, seed: int, out: Path, rl_extra: bool) -> dict:
         times["rl_extra"] = timed(_rlvrx() + ["rl-extra", str(rx_recipe), "--no-progress", "--json", str(rx_dir / "summary.json")], log)
         result["rl_extra"] = speedup(curve(run_dir), curve(rx_dir))
     previous = _read(result_path).get("times", {}) if result_path.is_file() else {}
-    result["times"] = {**previous, **times}
+    result["times"] = {**times, **previous}  # a rerun skips finished work: keep the first measurement
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -116,10 +116,10 @@ def run_recipe(cfg: dict, seed: int, sft_dir: Path, out: Path) -> dict:
     return recipe
 
 
-def rl_extra_recipe(cfg: dict, seed: int, sft_dir: Path, out: Path) -> dict:
+def rl_extra_recipe(cfg: dict, seed: int, sft_dir: Path, out: Path, n: int = 20) -> dict:
     recipe = run_recipe(cfg, seed, sft_dir, out)
     recipe.pop("stages")
-    recipe["rl_extra"] = {"m": 20, "n": 20, "iterations": cfg["steps"] // 40}
+    recipe["rl_extra"] = {"m": 20, "n": n, "iterations": cfg["steps"] // 40}
     return recipe
 
 
@@ -177,14 +177,15 @@ def spacing_args(run_dir: Path, every: int) -> list[str]:
     return [arg for s in keep for arg in ("-c", f"{s}={run_dir / 'checkpoints' / f'step_{s:06d}'}")]
 
 
-def run_one(name: str, seed: int, out: Path, rl_extra: bool) -> dict:
+def run_one(name: str, seed: int, out: Path, rl_extra: bool, n: int = 20) -> dict:
+    """One configuration and seed; RL-Extra with a jump n other than 20 goes to its own key (rl_extra_nN)."""
+    key = "rl_extra" if n == 20 else f"rl_extra_n{n}"
     cfg = config(name)
     run_dir = out / "runs" / f"{name}-s{seed}"
     result_path = run_dir / "result.json"
-    if result_path.is_file():
-        result = _read(result_path)
-        if result.get("rl_extra") or not rl_extra:
-            return result
+    previous = _read(result_path) if result_path.is_file() else {}
+    if previous and (previous.get(key) or not rl_extra):
+        return previous
     sft_dir, sft_times = ensure_sft(cfg, out)
     log = out / "logs" / f"{name}-s{seed}.log"
     times = {}
@@ -198,15 +199,16 @@ def run_one(name: str, seed: int, out: Path, rl_extra: bool) -> dict:
                 _rlvrx() + ["linearity", "weights", *spacing_args(run_dir, every), "--out", str(run_dir / f"linearity-every{every}"),
                             "--json", str(js), "--no-plots"], log)
         spacing[every * cfg["save_every"]] = _read(js)
-    result = {"config": name, "seed": seed, "settings": cfg, "sft_key": sft_key(cfg), "sft_times": sft_times}
+    result = {**previous, "config": name, "seed": seed, "settings": cfg, "sft_key": sft_key(cfg),
+              "sft_times": previous.get("sft_times") or sft_times}
     result.update(collect(run_dir, spacing))
     if rl_extra:
-        rx_dir = out / "runs" / f"{name}-s{seed}-rlextra"
-        rx_recipe = _write_yaml(out / "recipes" / f"{name}-s{seed}-rlextra.yaml", rl_extra_recipe(cfg, seed, sft_dir, rx_dir))
-        times["rl_extra"] = timed(_rlvrx() + ["rl-extra", str(rx_recipe), "--no-progress", "--json", str(rx_dir / "summary.json")], log)
-        result["rl_extra"] = speedup(curve(run_dir), curve(rx_dir))
-    previous = _read(result_path).get("times", {}) if result_path.is_file() else {}
-    result["times"] = {**times, **previous}  # a rerun skips finished work: keep the first measurement
+        suffix = "rlextra" if n == 20 else f"rlextra-n{n}"
+        rx_dir = out / "runs" / f"{name}-s{seed}-{suffix}"
+        rx_recipe = _write_yaml(out / "recipes" / f"{name}-s{seed}-{suffix}.yaml", rl_extra_recipe(cfg, seed, sft_dir, rx_dir, n))
+        times[key] = timed(_rlvrx() + ["rl-extra", str(rx_recipe), "--no-progress", "--json", str(rx_dir / "summary.json")], log)
+        result[key] = speedup(curve(run_dir), curve(rx_dir))
+    result["times"] = {**times, **previous.get("times", {})}  # a rerun skips finished work: keep the first measurement
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--configs", required=True, help=f"comma-separated, from: {', '.join(CONFIGS)}")
     run.add_argument("--seeds", default="0")
     run.add_argument("--rl-extra", action="store_true", help="also run RL-Extra from the same start and measure its speed-up")
+    run.add_argument("--rl-extra-n", type=int, default=20, help="RL-Extra's jump n (m = 20); results other than 20 go to rl_extra_nN")
     table = sub.add_parser("table", help="aggregate the finished runs into a markdown table")
     table.add_argument("--out", type=Path, required=True)
     table.add_argument("--md", type=Path)
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 config(name)
                 t = time.strftime("%H:%M:%S")
                 print(f"[{t}] {name} seed {seed}", flush=True)
-                result = run_one(name, seed, args.out, args.rl_extra)
+                result = run_one(name, seed, args.out, args.rl_extra, args.rl_extra_n)
                 print(json.dumps({k: result.get(k) for k in ("weight_r2_median", "logprob_r2_median", "eval", "rl_extra", "times")}), flush=True)
         return 0
     text = markdown(aggregate(load_results(args.out)))

@@ -354,6 +354,24 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_run_markdown(results: list[dict]) -> str:
+    """One row per run: its own numbers and every command's wall / CPU seconds."""
+    lines = ["| run | weight R2 med | frac>0.7 | logprob R2 med (tokens) | RL-Extra speed-up n=20 | n=10 | commands: wall s / cpu s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["config"], r["seed"])):
+        def num(value, digits=2):
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        def speed(key, r=r):
+            x = r.get(key)
+            return "-" if not x else num(x["speedup"]) + (" (lower bound)" if x["lower_bound"] else "")
+
+        times = ", ".join(f"{k} {t['wall_s']:.0f}/{t['cpu_s']:.0f}" for k, t in (r.get("times") or {}).items())
+        lines.append(f"| {r['config']}-s{r['seed']} | {num(r.get('weight_r2_median'))} | {num(r.get('weight_frac_gt_0_7'))} | "
+                     f"{num(r.get('logprob_r2_median'))} ({r.get('logprob_tokens')}) | {speed('rl_extra')} | {speed('rl_extra_n10')} | {times} |")
+    return "\n".join(lines) + "\n"
+
+
 def load_results(out: Path) -> list[dict]:
     return [_read(p) for p in sorted((out / "runs").glob("*/result.json"))]
 
@@ -370,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     table = sub.add_parser("table", help="aggregate the finished runs into a markdown table")
     table.add_argument("--out", type=Path, required=True)
     table.add_argument("--md", type=Path)
+    table.add_argument("--per-run", action="store_true", help="one row per run instead of one per configuration")
     args = parser.parse_args(argv)
     if args.command == "run":
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -382,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_one(name, seed, args.out, args.rl_extra, args.rl_extra_n)
                 print(json.dumps({k: result.get(k) for k in ("weight_r2_median", "logprob_r2_median", "eval", "rl_extra", "times")}), flush=True)
         return 0
-    text = markdown(aggregate(load_results(args.out)))
+    results = load_results(args.out)
+    text = per_run_markdown(results) if args.per_run else markdown(aggregate(results))
     if args.md:
         args.md.write_text(text)
     print(text, end="")

@@ -51,6 +51,9 @@ CONFIGS: dict[str, dict] = {
     "lr1e-4-h128": {"lr": 1e-4, "hidden": 128},
     "lr1e-4-400": {"lr": 1e-4, "steps": 400, "save_every": 10},
     "sft500": {"sft_steps": 500},
+    "lr2e-5-sft500": {"lr": 2e-5, "sft_steps": 500},
+    "h128-sft800": {"hidden": 128, "sft_steps": 800},
+    "h256-sft800": {"hidden": 256, "sft_steps": 800},
 }
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
 SPACINGS = (2, 4)  # extra weight-linearity passes on every 2nd / 4th checkpoint

@@ -81,8 +81,7 @@ def _base_recipe(cfg: dict) -> dict:
     recipe["model"]["tiny"].update(hidden=cfg["hidden"], intermediate=4 * cfg["hidden"])
     recipe["task"].update(digits=cfg["digits"], operators=list(cfg["ops"]))
     recipe["sft"]["steps"] = cfg["sft_steps"]
-    recipe["grpo"].update(lr=cfg["lr"], steps=cfg["steps"], save_every=cfg["save_every"], eval_every=10,
-                          max_new_tokens=max_new_tokens(cfg))
+    recipe["grpo"].update(lr=cfg["lr"], steps=cfg["steps"], save_every=cfg["save_every"], eval_every=10, max_new_tokens=max_new_tokens(cfg))
     return recipe
 
 
@@ -114,8 +113,7 @@ def run_recipe(cfg: dict, seed: int, sft_dir: Path, out: Path) -> dict:
         elif kind == "eval":
             stage["args"] = [f"{{run}}:{base}", f"{{run}}:{second}", f"{{run}}:{steps}", f"{{run}}/extrapolated/step_{steps:06d}"]
             stage["options"]["generations"] = f"{{run}}/extrapolated/logits-s{base}-s{second}-t{steps}/arithmetic.jsonl"
-            stage["options"]["name"] = [f"base@{base}", f"second@{second}", f"real@{steps}",
-                                        f"weights-extrapolated@{steps}", f"logits-extrapolated@{steps}"]
+            stage["options"]["name"] = [f"base@{base}", f"second@{second}", f"real@{steps}", f"weights-extrapolated@{steps}", f"logits-extrapolated@{steps}"]
     return recipe
 
 
@@ -199,11 +197,12 @@ def run_one(name: str, seed: int, out: Path, rl_extra: bool, n: int = 20) -> dic
         js = run_dir / f"linearity-weights-every{every}.json"
         if not js.is_file():
             times[f"spacing{every}"] = timed(
-                _rlvrx() + ["linearity", "weights", *spacing_args(run_dir, every), "--out", str(run_dir / f"linearity-every{every}"),
-                            "--json", str(js), "--no-plots"], log)
+                _rlvrx()
+                + ["linearity", "weights", *spacing_args(run_dir, every), "--out", str(run_dir / f"linearity-every{every}"), "--json", str(js), "--no-plots"],
+                log,
+            )
         spacing[every * cfg["save_every"]] = _read(js)
-    result = {**previous, "config": name, "seed": seed, "settings": cfg, "sft_key": sft_key(cfg),
-              "sft_times": previous.get("sft_times") or sft_times}
+    result = {**previous, "config": name, "seed": seed, "settings": cfg, "sft_key": sft_key(cfg), "sft_times": previous.get("sft_times") or sft_times}
     result.update(collect(run_dir, spacing))
     if rl_extra:
         suffix = "rlextra" if n == 20 else f"rlextra-n{n}"
@@ -235,8 +234,11 @@ def speedup(plain: list[dict], extra: list[dict]) -> dict:
     reached = [p["grad_step"] for p in plain if p["accuracy"] >= goal]
     plain_steps = reached[0] if reached else plain[-1]["grad_step"]
     return {
-        "accuracy": goal, "grad_steps": extra_steps, "plain_grad_steps": plain_steps,
-        "speedup": plain_steps / extra_steps if extra_steps else None, "lower_bound": not reached,
+        "accuracy": goal,
+        "grad_steps": extra_steps,
+        "plain_grad_steps": plain_steps,
+        "speedup": plain_steps / extra_steps if extra_steps else None,
+        "lower_bound": not reached,
         "plain_accuracy_at_same_steps": max((p["accuracy"] for p in plain if p["grad_step"] <= extra_steps), default=None),
     }
 
@@ -247,8 +249,10 @@ def collect(run_dir: Path, spacing: dict) -> dict:
     logprobs = _read(stages / "linearity-logprobs.json")
     ev = _read(stages / "eval.json")
     metrics = {
-        "weight_r2_median": weights["median_r2"], "weight_frac_gt_0_7": weights["frac_r2_gt_0_7"],
-        "logprob_r2_median": logprobs["median_r2"], "logprob_tokens": logprobs["n_tokens"],
+        "weight_r2_median": weights["median_r2"],
+        "weight_frac_gt_0_7": weights["frac_r2_gt_0_7"],
+        "logprob_r2_median": logprobs["median_r2"],
+        "logprob_tokens": logprobs["n_tokens"],
         "spacing": {str(k): {"weight_r2_median": v["median_r2"], "weight_frac_gt_0_7": v["frac_r2_gt_0_7"]} for k, v in spacing.items()},
         "eval": {m["name"]: m["avg"] for m in eval_models(ev)},
         "eval_stderr": {m["name"]: m["avg_stderr"] for m in eval_models(ev)},
@@ -299,7 +303,10 @@ def _eval_gap(result: dict, prefix: str, reference: str):
 COLUMNS = (
     ("weight R2 med", lambda r: r.get("weight_r2_median")),
     ("frac>0.7", lambda r: r.get("weight_frac_gt_0_7")),
-    ("weight R2 med x2 spacing", lambda r: next(iter(sorted((r.get("spacing") or {}).items(), key=lambda kv: int(kv[0]))), (None, {}))[1].get("weight_r2_median")),
+    (
+        "weight R2 med x2 spacing",
+        lambda r: next(iter(sorted((r.get("spacing") or {}).items(), key=lambda kv: int(kv[0]))), (None, {}))[1].get("weight_r2_median"),
+    ),
     ("logprob R2 med", lambda r: r.get("logprob_r2_median")),
     ("tokens", lambda r: r.get("logprob_tokens")),
     ("greedy start", lambda r: r.get("greedy_start")),
@@ -359,9 +366,12 @@ def markdown(rows: list[dict]) -> str:
 
 def per_run_markdown(results: list[dict]) -> str:
     """One row per run: its own numbers and every command's wall / CPU seconds."""
-    lines = ["| run | weight R2 med | frac>0.7 | logprob R2 med (tokens) | RL-Extra speed-up n=20 | n=10 | commands: wall s / cpu s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | weight R2 med | frac>0.7 | logprob R2 med (tokens) | RL-Extra speed-up n=20 | n=10 | commands: wall s / cpu s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["config"], r["seed"])):
+
         def num(value, digits=2):
             return "-" if value is None else f"{value:.{digits}f}"
 
@@ -370,8 +380,10 @@ def per_run_markdown(results: list[dict]) -> str:
             return "-" if not x else num(x["speedup"]) + (" (lower bound)" if x["lower_bound"] else "")
 
         times = ", ".join(f"{k} {t['wall_s']:.0f}/{t['cpu_s']:.0f}" for k, t in (r.get("times") or {}).items())
-        lines.append(f"| {r['config']}-s{r['seed']} | {num(r.get('weight_r2_median'))} | {num(r.get('weight_frac_gt_0_7'))} | "
-                     f"{num(r.get('logprob_r2_median'))} ({r.get('logprob_tokens')}) | {speed('rl_extra')} | {speed('rl_extra_n10')} | {times} |")
+        lines.append(
+            f"| {r['config']}-s{r['seed']} | {num(r.get('weight_r2_median'))} | {num(r.get('weight_frac_gt_0_7'))} | "
+            f"{num(r.get('logprob_r2_median'))} ({r.get('logprob_tokens')}) | {speed('rl_extra')} | {speed('rl_extra_n10')} | {times} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -20,11 +20,30 @@ sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sweep)
 
 
-def fake(config: str, seed: int, w: float, frac: float, lp: float | None, tokens: int | None, real: float, wx: float,
-         second: float, lx: float, speed: float | None = None, bound: bool = False, wall: float = 10.0, cpu: float = 20.0) -> dict:
+def fake(
+    config: str,
+    seed: int,
+    w: float,
+    frac: float,
+    lp: float | None,
+    tokens: int | None,
+    real: float,
+    wx: float,
+    second: float,
+    lx: float,
+    speed: float | None = None,
+    bound: bool = False,
+    wall: float = 10.0,
+    cpu: float = 20.0,
+) -> dict:
     result = {
-        "config": config, "seed": seed, "settings": {**sweep.BASE},
-        "weight_r2_median": w, "weight_frac_gt_0_7": frac, "logprob_r2_median": lp, "logprob_tokens": tokens,
+        "config": config,
+        "seed": seed,
+        "settings": {**sweep.BASE},
+        "weight_r2_median": w,
+        "weight_frac_gt_0_7": frac,
+        "logprob_r2_median": lp,
+        "logprob_tokens": tokens,
         "spacing": {"10": {"weight_r2_median": w + 0.05, "weight_frac_gt_0_7": frac}, "20": {"weight_r2_median": 0.0, "weight_frac_gt_0_7": 0.0}},
         "eval": {"base@100": 0.1, "second@150": second, "real@200": real, "weights-extrapolated@200": wx, "logits-extrapolated@200": lx},
         "times": {"run": {"wall_s": wall, "cpu_s": cpu}, "spacing2": {"wall_s": 1.0, "cpu_s": 2.0}},
@@ -72,8 +91,11 @@ def test_aggregate_by_configuration_with_hand_computed_cells():
 
 
 def test_markdown_and_table_command_from_result_files(tmp_path):
-    for r in (fake("a", 0, 0.8, 0.7, 0.4, 300, 0.7, 0.65, 0.6, 0.75), fake("a", 1, 0.9, 0.9, 0.3, 200, 0.8, 0.8, 0.7, 0.8),
-              fake("a", 2, 0.6, 0.5, 0.2, 100, 0.6, 0.7, 0.5, 0.6, speed=2.0, bound=True)):
+    for r in (
+        fake("a", 0, 0.8, 0.7, 0.4, 300, 0.7, 0.65, 0.6, 0.75),
+        fake("a", 1, 0.9, 0.9, 0.3, 200, 0.8, 0.8, 0.7, 0.8),
+        fake("a", 2, 0.6, 0.5, 0.2, 100, 0.6, 0.7, 0.5, 0.6, speed=2.0, bound=True),
+    ):
         run = tmp_path / "runs" / f"a-s{r['seed']}"
         run.mkdir(parents=True)
         (run / "result.json").write_text(json.dumps(r))
@@ -109,8 +131,13 @@ def test_answer_length_and_generated_recipes_validate(tmp_path):
     assert sweep.max_new_tokens({"digits": 2, "ops": "*"}) == 5  # 9801
     for name in sweep.CONFIGS:
         cfg = sweep.config(name)
-        for i, data in enumerate((sweep.sft_recipe(cfg, tmp_path / "sft"), sweep.run_recipe(cfg, 1, tmp_path / "sft", tmp_path / "run"),
-                                  sweep.rl_extra_recipe(cfg, 1, tmp_path / "sft", tmp_path / "rx"))):
+        for i, data in enumerate(
+            (
+                sweep.sft_recipe(cfg, tmp_path / "sft"),
+                sweep.run_recipe(cfg, 1, tmp_path / "sft", tmp_path / "run"),
+                sweep.rl_extra_recipe(cfg, 1, tmp_path / "sft", tmp_path / "rx"),
+            )
+        ):
             path = tmp_path / f"{name}-{i}.yaml"
             path.write_text(yaml.safe_dump(data))
             recipe = load_recipe(path)

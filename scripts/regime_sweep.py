@@ -42,6 +42,7 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 BASE = {"hidden": 64, "digits": 2, "ops": "+", "lr": 5e-5, "steps": 200, "save_every": 5, "sft_steps": 200}
 CONFIGS: dict[str, dict] = {
     "base": {},
+    "lr1e-5": {"lr": 1e-5},
     "lr2e-5": {"lr": 2e-5},
     "lr1e-4": {"lr": 1e-4},
     "h128": {"hidden": 128},

@@ -288,6 +288,46 @@ def test_an_interrupted_run_resumed_longer_is_one_tracker_run_with_each_step_onc
     assert [(step, m["actor/pg_loss"]) for step, m in rows if "actor/pg_loss" in m] == want_loss
 
 
+PIPELINE = """stages:
+  - kind: train
+  - kind: linearity-weights
+  - kind: eval
+    options: {task: arithmetic, samples: 2, limit: 8}
+"""
+
+
+@pytest.mark.slow
+def test_rlvrx_run_adds_each_stages_summary_to_the_same_tracker_run(tmp_path, offline):
+    run = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("RUN", str(run)).replace("save_every: 3", "save_every: 1") + PIPELINE)
+    code, out, err = run_cli("run", recipe, "--logger", ",".join(TRACKERS))
+    assert code == 0, out + err
+    stages = {name: json.loads((run / "stages" / f"{name}.json").read_text()) for name in ("train", "linearity-weights", "eval")}
+    [model] = stages["eval"]  # the eval stage's one model, RUN:last
+    r2 = ("summary/linearity-weights/n_filtered", stages["linearity-weights"]["n_filtered"])  # 3 tiny steps: R² itself is null
+    pass1 = (f"summary/eval/{model}/arithmetic/pass@1", stages["eval"][model]["arithmetic"]["pass@1"])
+    end = ("summary/train/test_accuracy_end", stages["train"]["test_accuracy_end"])
+    state = json.loads((run / "tracking.json").read_text())["trackers"]
+
+    scalars = read_tensorboard(run / "tensorboard")
+    for key, value in (r2, pass1, end):
+        assert scalars[key] == [(3, pytest.approx(value))], key  # at the run's last training step
+    assert [s for s, _ in scalars["critic/score/mean"]] == [1, 2, 3]
+    [mlrun], client = read_mlflow(run)
+    for key, value in (r2, pass1, end):
+        assert mlrun.data.metrics[key.replace("@", "_at_").replace(":", "_")] == pytest.approx(value), key  # the model is named run:3
+    ids, history, summary = wandb_run(run / "wandb", state["wandb"]["id"])
+    assert set(ids) == {state["wandb"]["id"]}
+    for key, value in (r2, pass1, end):
+        assert summary[key] == pytest.approx(value), key
+    run_ids, rows = trackio_rows(run / "trackio" / "rlvrx.db", "run")
+    assert len(run_ids) == 1
+    logged = {k: (step, v) for step, m in rows for k, v in m.items()}
+    for key, value in (r2, pass1, end):
+        assert logged[key] == (3, pytest.approx(value)), key
+
+
 @pytest.mark.slow
 def test_rl_extra_logs_the_gradient_step_and_the_effective_step(tmp_path, offline):
     run = tmp_path / "run"

@@ -4,6 +4,7 @@ log of wandb.proto Record messages; wandb 0.31 ships no Python reader for it) an
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import struct
 import zlib
@@ -45,7 +46,10 @@ def wandb_records(path: Path) -> list:
 def wandb_run(store: Path, run_id: str) -> tuple[list[str], list[dict], dict]:
     """Every offline-run folder of `run_id` under RUN/wandb (one per process that opened the run), oldest first:
     (the folders' run ids as their run records give them, the history rows {key: value}, the summary)."""
-    folders = sorted(store.glob(f"offline-run-*-{run_id}"))
+    # offline-run-<YYYYmmdd_HHMMSS>-<id>, with -1, -2, ... when two processes start within one second
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    matches = [(m.group(1), int(m.group(2) or 0), folder) for folder in store.iterdir() if (m := pattern.fullmatch(folder.name))]
+    folders = [folder for _, _, folder in sorted(matches)]
     ids, history, summary = [], [], {}
     for folder in folders:
         for record in wandb_records(folder / f"run-{run_id}.wandb"):

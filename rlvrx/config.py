@@ -196,7 +196,7 @@ class Recipe(Strict):
     output: OutputConfig = OutputConfig()
     stages: list[StageConfig] = Field(default_factory=list)
     verl: VerlConfig = VerlConfig()
-    logger: list[Literal["console", "tensorboard", "mlflow"]] = Field(
+    logger: list[Literal["console", "tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=lambda: ["console"], description="trackers of a native run (metrics.jsonl is always written)"
     )
 

@@ -8,6 +8,8 @@
     linearity/{weights,logprobs}/   the linearity analyses (summary.json, PNGs, CSVs)
     extrapolated/  eval/  report/  compare.png
     verl_checkpoints/  verl_data/  base_model/   the verl backend's folders
+    tracking.json               the experiment trackers' run ids and last logged steps (rlvrx.train.tracking)
+    tensorboard/  mlflow.db  wandb/  trackio/     the trackers' local stores (`logger:`)
 
 The metrics log is appended as training goes. A process killed mid-append leaves a torn last line;
 the reader drops it (the step is recomputed on resume), while damage anywhere else is a one-line
@@ -128,6 +130,21 @@ class RunDir:
     @property
     def compare_png(self) -> Path:
         return self.root / COMPARE_PNG
+
+    # -- experiment trackers (rlvrx.train.tracking) --------------------------------------------
+
+    @property
+    def tracking(self) -> Path:
+        """RUN/tracking.json: each tracker's run id and last logged steps, so a resumed run continues the same tracker run."""
+        return self.root / "tracking.json"
+
+    def tracker_store(self, name: str) -> Path:
+        """Where a tracker writes inside the run directory: RUN/tensorboard, RUN/mlflow.db (its SQLite store),
+        RUN/wandb (wandb's offline-run-* folders) or RUN/trackio (its SQLite database)."""
+        stores = {"tensorboard": "tensorboard", "mlflow": "mlflow.db", "wandb": "wandb", "trackio": "trackio"}
+        if name not in stores:
+            raise ValueError(f"name must be one of {', '.join(stores)}, got {name!r}")
+        return self.root / stores[name]
 
     # -- the metrics log: the one reader and the one writer -------------------------------------
 

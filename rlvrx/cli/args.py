@@ -69,7 +69,11 @@ def parse_k_list(text: str | Sequence[int] | None) -> list[int] | None:
     return ks
 
 
-LOGGER_HELP = "Trackers, comma-separated: console, tensorboard (RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlflow.db); the recipe key `logger`. metrics.jsonl is always written."
+LOGGER_HELP = (
+    "Trackers, comma-separated: console, tensorboard (RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlflow.db),"
+    " wandb (offline in RUN/wandb unless WANDB_MODE or WANDB_API_KEY is set), trackio (RUN/trackio); the recipe key `logger`."
+    " A resumed run continues the same tracker run. metrics.jsonl is always written."
+)
 
 
 def logger_override(text: str | None) -> list[str]:

@@ -5,7 +5,8 @@ dashes or underscores) become the command line, with `{run}` replaced by the run
 `{recipe}` by the recipe file. An eval stage without `out` writes its results into RUN/eval, whatever
 the models (rlvrx.eval.runner.resolve_model names the folders). Every stage writes its JSON summary to RUN/stages/NAME.json; a marker
 RUN/stages/NAME.done records the exact command, so a rerun skips finished stages (and reruns one whose
-command changed). A failed stage stops the run with its error; everything done before stays.
+command changed). A failed stage stops the run with its error; everything done before stays. With trackers
+(`logger:`), each finished stage's summary numbers go to the run directory's tracker run (rlvrx.train.tracking).
 """
 
 from __future__ import annotations
@@ -208,5 +209,9 @@ def run_pipeline(
         if code:
             raise RlvrxError(f"stage {name} failed with exit code {code}; earlier stages' results are kept in {run_dir}")
         atomic_write_text(marker, json.dumps({"argv": argv, "kind": stage.kind}, indent=2) + "\n")
+        if json_path.is_file():
+            from rlvrx.train.tracking import log_stage_summary
+
+            log_stage_summary(recipe.logger, run_dir, name, read_json(json_path))
         results.append({"name": name, "kind": stage.kind, "status": "done", "argv": argv})
     return results

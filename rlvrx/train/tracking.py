@@ -3,21 +3,29 @@
 metrics.jsonl is always written (rlvrx.rundir, its own names); trackers receive each record under
 verl's metric names where one exists, so one dashboard serves both backends. Offline by default:
 tensorboard writes RUN/tensorboard, mlflow MLFLOW_TRACKING_URI when set, else the SQLite store RUN/mlflow.db
-(mlflow's own default backend; its file store is in maintenance mode).
+(mlflow's own default backend; its file store is in maintenance mode), wandb an offline run under RUN/wandb
+unless WANDB_MODE or WANDB_API_KEY says otherwise, trackio its SQLite store RUN/trackio (rlvrx.train.trackers).
 Each backend is imported only when named; a missing library is a one-line error naming the extra.
+
+One run directory is one tracker run: RUN/tracking.json keeps each tracker's run id, so a resumed
+`rlvrx train` / `rlvrx run` continues the same run, and the last step each tracker holds, so the steps a
+resume recomputes (those after the last checkpoint) are not sent twice. `rlvrx run` adds each stage's
+summary numbers (linearity, extrapolation, eval) to that run as summary/<stage>/<key>.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import time
 import typing
-from pathlib import Path
 from typing import Iterable
 
 from rlvrx.config import Recipe
 from rlvrx.errors import UsageError
+from rlvrx.io.atomic import atomic_write_text
+from rlvrx.io.jsonio import read_json
+from rlvrx.rundir import RunDir
 
 LOGGERS: tuple[str, ...] = typing.get_args(typing.get_args(Recipe.model_fields["logger"].annotation)[0])
 
@@ -82,75 +90,109 @@ def tracker_metrics(record: dict, task: str) -> dict[str, float]:
     return out
 
 
-class Tracker:
-    """The named backends of one run: log(record) per training record, close() at the end."""
+def summary_metrics(stage: str, summary: dict, limit: int = 200) -> dict[str, float]:
+    """A stage's JSON summary -> {summary/<stage>/<key path>: value}: its finite numbers, nested dicts joined
+    with '/', lists (per-step and per-tensor tables) left out; at most `limit` of them."""
+    out: dict[str, float] = {}
 
-    def __init__(self, names: list[str], run_dir: str | os.PathLike, project: str, run_name: str, task: str, config: dict | None = None):
+    def walk(value, path: str) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}/{key}")
+        elif not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
+            out[path] = float(value)
+
+    walk(summary, f"summary/{stage}")
+    return out
+
+
+class Tracker:
+    """The named backends of one run directory: log(record) per training record, log_summary(stage,
+    summary) for a stage's results, close() at the end. Reopens the tracker runs RUN/tracking.json names."""
+
+    def __init__(self, names: list[str], run_dir: str | os.PathLike, project: str, run_name: str, task: str = "", config: dict | None = None):
+        from rlvrx.train.trackers import BACKENDS
+
         self.task = task
-        self.backends: list = []
-        run_dir = Path(run_dir)
-        for name in names:
-            if name == "tensorboard":
-                self.backends.append(_TensorBoard(run_dir / "tensorboard"))
-            elif name == "mlflow":
-                self.backends.append(_MLflow(run_dir / "mlflow.db", project, run_name, config or {}))
+        self.rundir = RunDir(run_dir)
+        self.backends: dict = {}
+        self.last: dict[str, dict[str, int]] = {}
+        named = [name for name in names if name in BACKENDS]
+        self.state: dict = self._read_state() if named else {}
+        try:
+            for name in named:
+                saved = self.state.get(name, {})
+                self.backends[name] = BACKENDS[name](self.rundir, project, run_name, config or {}, saved)
+                self.last[name] = {axis: int(step) for axis, step in saved.get("last_step", {}).items()}
+        except BaseException:
+            self.close()
+            raise
+        if self.backends:
+            self._save()
+
+    def _read_state(self) -> dict:
+        path = self.rundir.tracking
+        if not path.is_file():
+            return {}
+        trackers = read_json(path, dict).get("trackers", {})
+        return trackers if isinstance(trackers, dict) else {}
+
+    def _save(self) -> None:
+        for name, backend in self.backends.items():
+            self.state[name] = {**backend.state, "last_step": self.last[name]}
+        self.rundir.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.rundir.tracking, json.dumps({"trackers": self.state}, indent=2) + "\n")
 
     def log(self, record: dict) -> None:
+        """One metrics.jsonl record, to every backend that does not hold its step yet (SFT and RL steps
+        are separate axes)."""
         if not self.backends:
             return
         metrics = tracker_metrics(record, self.task)
         step = tracker_step(record)
-        for backend in self.backends:
+        axis = "sft" if record.get("stage") == "sft" else "rl"
+        sent = False
+        for name, backend in self.backends.items():
+            last = self.last[name].get(axis)
+            if last is not None and step <= last:
+                continue  # logged before this resume
             backend.log(metrics, step)
+            self.last[name][axis] = step
+            sent = True
+        if sent:
+            self._save()
+
+    def log_summary(self, stage: str, summary: dict, step: int) -> dict[str, float]:
+        """A stage's summary numbers as summary metrics (wandb: run.summary; the others: points at `step`)."""
+        metrics = summary_metrics(stage, summary)
+        if metrics:
+            for backend in self.backends.values():
+                backend.log_summary(metrics, step)
+        return metrics
 
     def close(self) -> None:
-        for backend in self.backends:
+        backends, self.backends = self.backends, {}
+        for backend in backends.values():
             backend.close()
-        self.backends = []
 
 
-def _missing(library: str) -> UsageError:
-    return UsageError(f"logger needs {library}: pip install 'rlvrx[tracking]'")
+PROJECT = "rlvrx"
 
 
-class _TensorBoard:
-    def __init__(self, logdir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise _missing("tensorboard") from None
-        self.writer = SummaryWriter(log_dir=str(logdir))
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, global_step=step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
+def run_name(run_dir: str | os.PathLike) -> str:
+    """A run directory's tracker run name: its folder name (output.dir's)."""
+    return RunDir(run_dir).root.resolve().name
 
 
-class _MLflow:
-    def __init__(self, store: Path, project: str, run_name: str, config: dict):
-        try:
-            from mlflow import MlflowClient
-        except ImportError:
-            raise _missing("mlflow") from None
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.resolve()}"
-        self.client = MlflowClient(tracking_uri=uri)
-        experiment = self.client.get_experiment_by_name(project)
-        experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(project)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
-        for key, value in list(config.items())[:100]:
-            self.client.log_param(self.run_id, key, str(value)[:500])
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        # mlflow refuses '@' in names; verl's mlflow adapter writes it as '_at_' (mean@1 -> mean_at_1)
-        batch = [Metric(key=name.replace("@", "_at_"), value=value, timestamp=now, step=step) for name, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+def log_stage_summary(names: list[str], run_dir: str | os.PathLike, stage: str, summary: dict) -> dict[str, float]:
+    """Add one `rlvrx run` stage's summary numbers to the run directory's tracker run, at its last training step."""
+    if not any(name in LOGGERS and name != "console" for name in names):
+        return {}
+    steps = [int(r.get("step", 0)) for r in RunDir(run_dir).read_metrics() if r.get("stage") != "sft"]
+    tracker = Tracker(names, run_dir, PROJECT, run_name(run_dir))
+    try:
+        return tracker.log_summary(stage, summary, max(steps, default=0))
+    finally:
+        tracker.close()

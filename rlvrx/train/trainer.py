@@ -22,7 +22,7 @@ from rlvrx.config import Recipe, recipe_to_yaml
 from rlvrx import models
 from rlvrx.errors import ParameterError, RlvrxError, UsageError
 from rlvrx.hub import model_dir
-from rlvrx.train.tracking import Tracker
+from rlvrx.train.tracking import PROJECT, Tracker, run_name
 from rlvrx.generation import SamplingParams, generate
 from rlvrx.generation.decode import NonFiniteLogits
 from rlvrx.io.locks import run_locked
@@ -181,8 +181,8 @@ class Trainer:
         self.tracker: Tracker | None = Tracker(
             self.recipe.logger,
             self.run_dir,
-            project="rlvrx",
-            run_name=self.run_dir.resolve().name,
+            project=PROJECT,
+            run_name=run_name(self.run_dir),
             task=self.recipe.task.name,
             config={"recipe": recipe_text},
         )

@@ -55,6 +55,9 @@ CONFIGS: dict[str, dict] = {
     "lr2e-5-sft500": {"lr": 2e-5, "sft_steps": 500},
     "h128-sft800": {"hidden": 128, "sft_steps": 800},
     "h256-sft800": {"hidden": 256, "sft_steps": 800},
+    "lr1e-5-sft500": {"lr": 1e-5, "sft_steps": 500},
+    "d3-sft4000": {"digits": 3, "sft_steps": 4000},
+    "mul-sft4000": {"ops": "*", "sft_steps": 4000},
 }
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
 SPACINGS = (2, 4)  # extra weight-linearity passes on every 2nd / 4th checkpoint

@@ -39,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
-BASE = {"hidden": 64, "digits": 2, "ops": "+", "lr": 5e-5, "steps": 200, "save_every": 5, "sft_steps": 200}
+BASE = {"hidden": 64, "digits": 2, "ops": "+", "lr": 5e-5, "steps": 200, "save_every": 5, "sft_steps": 200, "sft_lr": 3e-3}
 CONFIGS: dict[str, dict] = {
     "base": {},
     "lr1e-5": {"lr": 1e-5},
@@ -58,6 +58,8 @@ CONFIGS: dict[str, dict] = {
     "lr1e-5-sft500": {"lr": 1e-5, "sft_steps": 500},
     "d3-sft4000": {"digits": 3, "sft_steps": 4000},
     "mul-sft4000": {"ops": "*", "sft_steps": 4000},
+    "h128-sft400-lr1e-3": {"hidden": 128, "sft_steps": 400, "sft_lr": 1e-3},
+    "h256-sft400-lr1e-3": {"hidden": 256, "sft_steps": 400, "sft_lr": 1e-3},
 }
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
 SPACINGS = (2, 4)  # extra weight-linearity passes on every 2nd / 4th checkpoint
@@ -77,14 +79,15 @@ def max_new_tokens(cfg: dict) -> int:
 
 
 def sft_key(cfg: dict) -> str:
-    return f"h{cfg['hidden']}-d{cfg['digits']}-{''.join(OP_NAMES[o] for o in cfg['ops'])}-sft{cfg['sft_steps']}"
+    key = f"h{cfg['hidden']}-d{cfg['digits']}-{''.join(OP_NAMES[o] for o in cfg['ops'])}-sft{cfg['sft_steps']}"
+    return key if cfg.get("sft_lr", 3e-3) == 3e-3 else f"{key}-lr{cfg['sft_lr']:g}"
 
 
 def _base_recipe(cfg: dict) -> dict:
     recipe = yaml.safe_load(QUICKSTART.read_text())
     recipe["model"]["tiny"].update(hidden=cfg["hidden"], intermediate=4 * cfg["hidden"])
     recipe["task"].update(digits=cfg["digits"], operators=list(cfg["ops"]))
-    recipe["sft"]["steps"] = cfg["sft_steps"]
+    recipe["sft"].update(steps=cfg["sft_steps"], lr=cfg.get("sft_lr", 3e-3))
     recipe["grpo"].update(lr=cfg["lr"], steps=cfg["steps"], save_every=cfg["save_every"], eval_every=10, max_new_tokens=max_new_tokens(cfg))
     return recipe
 
@@ -304,13 +307,17 @@ def _eval_gap(result: dict, prefix: str, reference: str):
     return None if a is None or b is None else a - b
 
 
+def _spaced(result: dict, index: int):
+    """Weight R² median of the index-th extra spacing pass (0: every 2nd checkpoint, 1: every 4th)."""
+    passes = sorted((result.get("spacing") or {}).items(), key=lambda kv: int(kv[0]))
+    return passes[index][1].get("weight_r2_median") if index < len(passes) else None
+
+
 COLUMNS = (
     ("weight R2 med", lambda r: r.get("weight_r2_median")),
     ("frac>0.7", lambda r: r.get("weight_frac_gt_0_7")),
-    (
-        "weight R2 med x2 spacing",
-        lambda r: next(iter(sorted((r.get("spacing") or {}).items(), key=lambda kv: int(kv[0]))), (None, {}))[1].get("weight_r2_median"),
-    ),
+    ("weight R2 med x2 spacing", lambda r: _spaced(r, 0)),
+    ("weight R2 med x4 spacing", lambda r: _spaced(r, 1)),
     ("logprob R2 med", lambda r: r.get("logprob_r2_median")),
     ("tokens", lambda r: r.get("logprob_tokens")),
     ("greedy start", lambda r: r.get("greedy_start")),
@@ -391,6 +398,17 @@ def per_run_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sft_markdown(out: Path) -> str:
+    """One row per shared SFT warm-up: its greedy test accuracy (GRPO's starting point) and its time."""
+    lines = ["| SFT warm-up | greedy test accuracy after SFT | wall s | cpu s |", "|---|---|---|---|"]
+    for times_path in sorted((out / "sft").glob("*/sft-times.json")):
+        times = _read(times_path)
+        start = next((r["accuracy"] for r in curve(times_path.parent) if r["grad_step"] == 0), None)
+        acc = "-" if start is None else f"{start:.3f}"
+        lines.append(f"| {times_path.parent.name} | {acc} | {times['wall_s']:.0f} | {times['cpu_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def load_results(out: Path) -> list[dict]:
     return [_read(p) for p in sorted((out / "runs").glob("*/result.json"))]
 
@@ -408,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--out", type=Path, required=True)
     table.add_argument("--md", type=Path)
     table.add_argument("--per-run", action="store_true", help="one row per run instead of one per configuration")
+    table.add_argument("--sft", action="store_true", help="one row per shared SFT warm-up instead")
     args = parser.parse_args(argv)
     if args.command == "run":
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -421,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: result.get(k) for k in ("weight_r2_median", "logprob_r2_median", "eval", "rl_extra", "times")}), flush=True)
         return 0
     results = load_results(args.out)
-    text = per_run_markdown(results) if args.per_run else markdown(aggregate(results))
+    text = sft_markdown(args.out) if args.sft else per_run_markdown(results) if args.per_run else markdown(aggregate(results))
     if args.md:
         args.md.write_text(text)
     print(text, end="")

@@ -74,6 +74,7 @@ def test_aggregate_by_configuration_with_hand_computed_cells():
     assert a["weight R2 med"] == {"median": 0.8, "min": 0.6, "max": 0.9, "n": 3}
     assert a["frac>0.7"] == {"median": 0.7, "min": 0.5, "max": 0.9, "n": 3}
     assert a["weight R2 med x2 spacing"]["median"] == pytest.approx(0.85)  # the finer of the two extra spacings
+    assert a["weight R2 med x4 spacing"] == {"median": 0.0, "min": 0.0, "max": 0.0, "n": 3}
     assert a["logprob R2 med"] == {"median": pytest.approx(0.35), "min": 0.3, "max": 0.4, "n": 2}
     assert a["tokens"]["median"] == 250
     # weights-extrapolated minus real, seeds 0, 1, 2: 0.65-0.70, 0.80-0.80, 0.70-0.60
@@ -143,6 +144,7 @@ def test_answer_length_and_generated_recipes_validate(tmp_path):
             recipe = load_recipe(path)
             assert check_stages(recipe) == []
             assert recipe.grpo.lr == cfg["lr"]
+            assert recipe.sft.lr == cfg["sft_lr"]
     run = load_recipe(tmp_path / "base-1.yaml")
     assert run.grpo.seed == 1 and run.sft.enabled is False and run.model.path.endswith("step_000000")
     window = {s.kind: s.options for s in run.stages}["extrapolate-weights"]
@@ -153,3 +155,14 @@ def test_reproduce_recipe_validates():
     code, out, err = run_cli("recipe", "validate", str(ROOT / "recipes" / "reproduce.yaml"))
     assert code == 0, err
     assert "ok" in out
+
+
+def test_sft_key_names_a_non_default_sft_lr_and_the_sft_table_reads_the_warm_ups(tmp_path):
+    assert sweep.sft_key(sweep.config("base")) == "h64-d2-add-sft200"  # the default SFT lr keeps the old name
+    assert sweep.sft_key(sweep.config("h128-sft400-lr1e-3")) == "h128-d2-add-sft400-lr0.001"
+    sft = tmp_path / "sft" / "h64-d2-add-sft200"
+    sft.mkdir(parents=True)
+    (sft / "sft-times.json").write_text(json.dumps({"wall_s": 22.4, "cpu_s": 8.6}))
+    records = [{"stage": "sft", "sft_step": 200, "loss": 0.5}, {"stage": "grpo", "step": 0, "grad_step": 0, "test_accuracy": 0.225}]
+    (sft / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert sweep.sft_markdown(tmp_path).splitlines()[2] == "| h64-d2-add-sft200 | 0.225 | 22 | 9 |"

@@ -140,6 +140,27 @@ def test_stage_command_line(tmp_path):
     assert argv[argv.index("--json") + 1] == str(tmp_path / "stages/eval.json")
 
 
+def test_stages_on_the_recipes_task_get_its_settings_unless_they_set_their_own(tmp_path):
+    # the quickstart's task is arithmetic's defaults (n_train is training-only): its command lines stay as they were
+    quickstart = load_recipe(QUICKSTART, [f"output.dir={tmp_path}"])
+    for st in quickstart.stages:
+        assert "--task-option" not in stage_argv(st, tmp_path, Path("r.yaml"), [], tmp_path / "s.json", quickstart.task)
+    harder = load_recipe(QUICKSTART, [f"output.dir={tmp_path}", "task.digits=3", "task.operators=['*']", "task.seed=7", "task.n_train=900"])
+    argv = stage_argv(harder.stages[stage_index("eval")], tmp_path, Path("r.yaml"), [], tmp_path / "s.json", harder.task)
+    pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--task-option"]
+    assert pairs == ["digits=3", 'operators=["*"]', "seed=7"]
+    from rlvrx.cli.common import task_options
+    from rlvrx.tasks.registry import get_task
+
+    task = get_task("arithmetic", **task_options(pairs))  # the stage's command builds the recipe's test set
+    assert (task.digits, task.operators, task.seed) == (3, ("*",), 7)
+    for kind in ("extrapolate-logits", "linearity-logprobs"):
+        assert "--task-option" in stage_argv(harder.stages[stage_index(kind)], tmp_path, Path("r.yaml"), [], tmp_path / "s.json", harder.task)
+    own = harder.stages[stage_index("eval")].model_copy(update={"options": {**harder.stages[stage_index("eval")].options, "task_option": ["digits=2"]}})
+    argv = stage_argv(own, tmp_path, Path("r.yaml"), [], tmp_path / "s.json", harder.task)
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--task-option"] == ["digits=2"]  # the stage's own choice wins
+
+
 def test_every_stage_kind_has_a_command_and_default_arguments():
     from rlvrx.cli.pipeline import COMMANDS, DEFAULT_ARGS
     from rlvrx.config import STAGE_KINDS

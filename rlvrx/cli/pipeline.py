@@ -5,7 +5,7 @@ dashes or underscores) become the command line, with `{run}` replaced by the run
 `{recipe}` by the recipe file. An eval stage without `out` writes its results into RUN/eval, whatever
 the models (rlvrx.eval.runner.resolve_model names the folders). Every stage writes its JSON summary to RUN/stages/NAME.json; a marker
 RUN/stages/NAME.done records the exact command, so a rerun skips finished stages (and reruns one whose
-command changed). A failed stage stops the run with its error; everything done before stays. With trackers
+command changed). A stage whose `task` is the recipe's task gets the recipe's task settings (recipe_task_options). A failed stage stops the run with its error; everything done before stays. With trackers
 (`logger:`), each finished stage's summary numbers go to the run directory's tracker run (rlvrx.train.tracking).
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from rlvrx.cli.common import message
 from rlvrx.io.atomic import atomic_write_text
-from rlvrx.config import Recipe, StageConfig, find_recipe
+from rlvrx.config import Recipe, StageConfig, TaskConfig, find_recipe
 from rlvrx.errors import RlvrxError, UsageError
 from rlvrx.io.jsonio import read_json
 from rlvrx.rundir import RunDir
@@ -104,8 +104,34 @@ def _task_problems(value) -> list[str]:
     return [problem for problem in map(unknown_task, names) if problem is not None]
 
 
-def stage_argv(stage: StageConfig, run_dir: Path, recipe_path: Path, overrides: Sequence[str], json_path: Path) -> list[str]:
-    """The full command line of one stage (what a user would type after `rlvrx`)."""
+# Task settings that do not define the problems a stage sees (its name, the training set).
+_NOT_CARRIED = ("name", "n_train", "limit")
+
+
+def recipe_task_options(stage: StageConfig, task: TaskConfig | None) -> list[str]:
+    """`--task-option` values that carry the recipe's task settings (digits, operators, seed, data_dir, ...)
+    to a stage whose `task` is the recipe's task and that sets no `task_option` itself, so the stage sees
+    the problems the model was trained on. Only settings that differ from the defaults are passed."""
+    from rlvrx.tasks.registry import task_options
+
+    options = {key.replace("_", "-"): value for key, value in stage.options.items()}
+    named = options.get("task")
+    names = [part.strip() for item in (named if isinstance(named, list) else [named]) for part in str(item).split(",")]
+    if task is None or "task-option" in options or task.name not in names:
+        return []
+    accepted = task_options(task.name)
+    defaults = TaskConfig()
+    pairs = []
+    for key, value in task.model_dump().items():
+        if key in _NOT_CARRIED or value == getattr(defaults, key) or (accepted is not None and key not in accepted):
+            continue
+        pairs.append(f"{key}={json.dumps(value)}")  # JSON is YAML: `operators=["*"]` reads back as a list
+    return pairs
+
+
+def stage_argv(stage: StageConfig, run_dir: Path, recipe_path: Path, overrides: Sequence[str], json_path: Path, task: TaskConfig | None = None) -> list[str]:
+    """The full command line of one stage (what a user would type after `rlvrx`); `task`: the recipe's task
+    (rlvrx.cli.pipeline.recipe_task_options)."""
 
     def fill(value: str) -> str:
         return str(value).replace("{run}", str(run_dir)).replace("{recipe}", str(recipe_path))
@@ -125,6 +151,9 @@ def stage_argv(stage: StageConfig, run_dir: Path, recipe_path: Path, overrides: 
             continue
         for item in values:
             argv += [f"--{flag}", fill(item)]
+    if "task-option" in flags:
+        for pair in recipe_task_options(stage, task):
+            argv += ["--task-option", pair]
     if stage.kind == "eval" and "out" not in {key.replace("_", "-") for key in stage.options}:
         argv += ["--out", str(RunDir(run_dir).eval)]
     argv += ["--json", str(json_path)]
@@ -194,7 +223,7 @@ def run_pipeline(
         if not started or (only is not None and name != only):
             continue
         json_path = rd.stage_summary(name)
-        argv = stage_argv(stage, run_dir, recipe_path, overrides, json_path)
+        argv = stage_argv(stage, run_dir, recipe_path, overrides, json_path, recipe.task)
         marker = rd.stage_marker(name)
         if marker.is_file() and read_json(marker, dict).get("argv") == argv and json_path.is_file() and only is None:
             echo(f"[skip] {name}: finished earlier ({marker})")

@@ -199,7 +199,7 @@ def main() -> None:
         trl_script.write_text(TRL_CHILD)
         hf_script = work / "hf_loop_child.py"
         hf_script.write_text(HF_LOOP_CHILD)
-        overrides = [f"grpo.batch_size={batch_size}"]
+        overrides = [f"grpo.batch_size={batch_size}", "grpo.lr=5e-5"]  # the lr of the TRL and hf-loop children
         contestants = {
             "rlvrx": lambda r: [sys.executable, rlvrx_script, work / f"run-{r}", steps, *overrides],
             "hf-loop": lambda r: [sys.executable, hf_script, model_dir, data_file, steps, batch_size],

@@ -31,6 +31,7 @@ def stage(name: str) -> str:
 SMALL = [
     "sft.steps=150",
     "grpo.steps=12",
+    "grpo.lr=5e-5",  # 12 steps at the quickstart's 1e-5 move many weights less than linearity's 1e-4 filter
     "grpo.batch_size=16",
     "grpo.save_every=2",
     "grpo.eval_every=6",
@@ -166,3 +167,18 @@ def test_every_stage_kind_has_a_command_and_default_arguments():
     from rlvrx.config import STAGE_KINDS
 
     assert tuple(COMMANDS) == STAGE_KINDS and tuple(DEFAULT_ARGS) == STAGE_KINDS
+
+
+@pytest.mark.slow
+def test_a_stage_whose_command_changed_reruns_and_replaces_its_outputs(quickstart_run):
+    run, overrides, _ = quickstart_run
+    generations = run / "extrapolated/logits-s6-s10-t12/arithmetic.jsonl"
+    assert {len(json.loads(line)["completions"]) for line in generations.read_text().splitlines()} == {2}
+    changed = overrides + [f"{stage('extrapolate-logits')}.options.samples=3"]
+    trained = (run / "metrics.jsonl").read_text()
+    results = {r["name"]: r["status"] for r in run_pipeline(QUICKSTART, changed, echo=lambda line: None)}
+    assert results["extrapolate-logits"] == "done" and results["linearity-weights"] == "skipped"
+    assert (run / "metrics.jsonl").read_text() == trained  # train's command took the new override: it resumed a finished run
+    assert {len(json.loads(line)["completions"]) for line in generations.read_text().splitlines()} == {3}
+    again = run_pipeline(QUICKSTART, changed, echo=lambda line: None)
+    assert {r["name"]: r["status"] for r in again}["extrapolate-logits"] == "skipped"

@@ -105,6 +105,10 @@ def test_rerun_of_finished_run_does_nothing_and_other_recipe_is_refused(tmp_path
     other = recipe(tmp_path, grpo={"lr": 2e-3})
     with pytest.raises(UsageError, match="different recipe"):
         Trainer(other).fit(show_progress=False)
+    # what does not change training (the `rlvrx run` stages, the description) is not a different recipe
+    staged = recipe(tmp_path, description="with stages", stages=[{"kind": "linearity-weights"}])
+    Trainer(staged).fit(show_progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
 def test_bad_batch_shapes_and_empty_task(tmp_path):

@@ -5,7 +5,7 @@ dashes or underscores) become the command line, with `{run}` replaced by the run
 `{recipe}` by the recipe file. An eval stage without `out` writes its results into RUN/eval, whatever
 the models (rlvrx.eval.runner.resolve_model names the folders). Every stage writes its JSON summary to RUN/stages/NAME.json; a marker
 RUN/stages/NAME.done records the exact command, so a rerun skips finished stages (and reruns one whose
-command changed). A stage whose `task` is the recipe's task gets the recipe's task settings (recipe_task_options). A failed stage stops the run with its error; everything done before stays. With trackers
+command changed, replacing its outputs). A stage whose `task` is the recipe's task gets the recipe's task settings (recipe_task_options). A failed stage stops the run with its error; everything done before stays. With trackers
 (`logger:`), each finished stage's summary numbers go to the run directory's tracker run (rlvrx.train.tracking).
 """
 
@@ -225,13 +225,18 @@ def run_pipeline(
         json_path = rd.stage_summary(name)
         argv = stage_argv(stage, run_dir, recipe_path, overrides, json_path, recipe.task)
         marker = rd.stage_marker(name)
-        if marker.is_file() and read_json(marker, dict).get("argv") == argv and json_path.is_file() and only is None:
+        previous = read_json(marker, dict).get("argv") if marker.is_file() else None
+        if previous == argv and json_path.is_file() and only is None:
             echo(f"[skip] {name}: finished earlier ({marker})")
             results.append({"name": name, "kind": stage.kind, "status": "skipped", "argv": argv})
             continue
-        echo(f"[stage] {name}: rlvrx {' '.join(argv)}")
+        run_argv = argv
+        if previous is not None and previous != argv and "--overwrite" not in argv and "overwrite" in _option_flags(stage.kind):
+            run_argv = argv + ["--overwrite"]  # the marker keeps argv, so the next run skips the stage
+            echo(f"[stage] {name}: its command changed since it finished; its outputs are replaced")
+        echo(f"[stage] {name}: rlvrx {' '.join(run_argv)}")
         try:
-            code = invoke(argv)
+            code = invoke(run_argv)
         except RlvrxError as exc:  # worded as the stage's command words it (flags, not parameters)
             cls = type(exc) if type(exc).__init__ is RlvrxError.__init__ else UsageError if exc.exit_code == 2 else RlvrxError
             raise cls(f"stage {name} failed: {message(exc)}") from None

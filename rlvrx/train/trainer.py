@@ -40,13 +40,15 @@ def resolve_device(name: str) -> torch.device:
     return models.resolve_device(name, "model.device")
 
 
-def _without_logger(recipe_text: str):
-    """The recipe minus its `logger` key: trackers may change between the runs of one run directory."""
+def _training_part(recipe_text: str):
+    """The recipe minus what does not change training: trackers (`logger`), the `stages` of `rlvrx run`
+    and the description may change between the runs of one run directory."""
     import yaml
 
     data = yaml.safe_load(recipe_text)
     if isinstance(data, dict):
-        data.pop("logger", None)
+        for key in ("logger", "stages", "description"):
+            data.pop(key, None)
     return data
 
 
@@ -150,7 +152,7 @@ class Trainer:
         text = recipe_to_yaml(self.recipe)
         if saved.is_file() and not self.force:
             try:
-                same = saved.read_bytes() == text.encode() or _without_logger(saved.read_text()) == _without_logger(text)
+                same = saved.read_bytes() == text.encode() or _training_part(saved.read_text()) == _training_part(text)
             except OSError as exc:
                 raise UsageError(f"{saved}: cannot read: {exc.strerror or exc}") from None
             if not same:

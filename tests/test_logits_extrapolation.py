@@ -1,29 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlvrx.errors import UsageError
 from rlvrx.generation import ExtrapolatedSource, SamplingParams, generate, left_pad, process_logits
+from tinyqwen import tiny_qwen
 
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15]]
 PAPER = dict(temperature=0.6, top_p=0.95)  # the paper's decoding defaults
-
-
-def tiny_qwen(seed, vocab=40):
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

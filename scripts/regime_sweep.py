@@ -363,7 +363,12 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         s = row["settings"] or {}
-        settings = f"h{s.get('hidden')} {s.get('digits')}d {s.get('ops')} lr {s.get('lr'):g} {s.get('steps')} steps /{s.get('save_every')}" if s else ""
+        settings = (
+            f"h{s.get('hidden')} {s.get('digits')}d {OP_NAMES.get(s.get('ops'), s.get('ops'))} SFT {s.get('sft_steps')} (lr {s.get('sft_lr', 3e-3):g}) "
+            f"GRPO lr {s.get('lr'):g} {s.get('steps')} steps /{s.get('save_every')}"
+            if s
+            else ""
+        )
         cells = [row["config"], settings, ",".join(map(str, row["seeds"]))]
         for label, _ in COLUMNS:
             digits = 0 if label in ("tokens", "wall s", "cpu s") else 2

@@ -111,7 +111,7 @@ def test_markdown_and_table_command_from_result_files(tmp_path):
     assert row["weight R2 med"] == "0.80 [0.60, 0.90]"
     assert row["tokens"] == "200 [100, 300]"
     assert row["RL-Extra speed-up"] == "2.00 (1 lower bound)"
-    assert row["settings"] == "h64 2d + lr 5e-05 200 steps /5"
+    assert row["settings"] == "h64 2d add SFT 200 (lr 0.003) GRPO lr 5e-05 200 steps /5"
     assert sweep.main(["table", "--out", str(tmp_path), "--md", str(md), "--per-run"]) == 0
     runs = md.read_text().splitlines()[2:]
     assert runs[2] == "| a-s2 | 0.60 | 0.50 | 0.20 (100) | 2.00 (lower bound) | - | run 10/20, spacing2 1/2 |"

@@ -142,19 +142,21 @@ def test_stage_command_line(tmp_path):
 
 
 def test_stages_on_the_recipes_task_get_its_settings_unless_they_set_their_own(tmp_path):
-    # the quickstart's task is arithmetic's defaults (n_train is training-only): its command lines stay as they were
+    # only what differs from arithmetic's defaults: the quickstart's n_train; no option on stages without a task
     quickstart = load_recipe(QUICKSTART, [f"output.dir={tmp_path}"])
     for st in quickstart.stages:
-        assert "--task-option" not in stage_argv(st, tmp_path, Path("r.yaml"), [], tmp_path / "s.json", quickstart.task)
-    harder = load_recipe(QUICKSTART, [f"output.dir={tmp_path}", "task.digits=3", "task.operators=['*']", "task.seed=7", "task.n_train=900"])
+        argv = stage_argv(st, tmp_path, Path("r.yaml"), [], tmp_path / "s.json", quickstart.task)
+        pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--task-option"]
+        assert pairs == (["n_train=4000"] if "task" in st.options else [])
+    harder = load_recipe(QUICKSTART, [f"output.dir={tmp_path}", "task.digits=1", "task.operators=['*']", "task.seed=7", "task.n_train=80", "task.n_test=20"])
     argv = stage_argv(harder.stages[stage_index("eval")], tmp_path, Path("r.yaml"), [], tmp_path / "s.json", harder.task)
     pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--task-option"]
-    assert pairs == ["digits=3", 'operators=["*"]', "seed=7"]
+    assert pairs == ["digits=1", 'operators=["*"]', "n_train=80", "n_test=20", "seed=7"]
     from rlvrx.cli.common import task_options
     from rlvrx.tasks.registry import get_task
 
-    task = get_task("arithmetic", **task_options(pairs))  # the stage's command builds the recipe's test set
-    assert (task.digits, task.operators, task.seed) == (3, ("*",), 7)
+    task = get_task("arithmetic", **task_options(pairs))  # the stage's command builds the recipe's test set (100 problems in all)
+    assert (task.digits, task.operators, task.seed, len(list(task.test_examples()))) == (1, ("*",), 7, 20)
     for kind in ("extrapolate-logits", "linearity-logprobs"):
         assert "--task-option" in stage_argv(harder.stages[stage_index(kind)], tmp_path, Path("r.yaml"), [], tmp_path / "s.json", harder.task)
     own = harder.stages[stage_index("eval")].model_copy(update={"options": {**harder.stages[stage_index("eval")].options, "task_option": ["digits=2"]}})

@@ -104,8 +104,8 @@ def _task_problems(value) -> list[str]:
     return [problem for problem in map(unknown_task, names) if problem is not None]
 
 
-# Task settings that do not define the problems a stage sees (its name, the training set).
-_NOT_CARRIED = ("name", "n_train", "limit")
+# Task settings a stage does not take from the recipe: the task's name, and a math task's cap on its training problems.
+_NOT_CARRIED = ("name", "limit")
 
 
 def recipe_task_options(stage: StageConfig, task: TaskConfig | None) -> list[str]:

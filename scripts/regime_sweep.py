@@ -299,11 +299,14 @@ def _get(result: dict, path: str):
     return node
 
 
+def _eval_avg(result: dict, prefix: str):
+    """avg of the run's `prefix@...` model (None when it has none)."""
+    return next((v for k, v in (result.get("eval") or {}).items() if k.startswith(prefix + "@")), None)
+
+
 def _eval_gap(result: dict, prefix: str, reference: str):
     """avg of the `prefix@...` model minus the `reference@...` one."""
-    ev = result.get("eval") or {}
-    a = next((v for k, v in ev.items() if k.startswith(prefix + "@")), None)
-    b = next((v for k, v in ev.items() if k.startswith(reference + "@")), None)
+    a, b = _eval_avg(result, prefix), _eval_avg(result, reference)
     return None if a is None or b is None else a - b
 
 
@@ -322,7 +325,7 @@ COLUMNS = (
     ("tokens", lambda r: r.get("logprob_tokens")),
     ("greedy start", lambda r: r.get("greedy_start")),
     ("greedy end", lambda r: r.get("greedy_end")),
-    ("real", lambda r: _get(r, "eval").get(next((k for k in _get(r, "eval") if k.startswith("real@")), ""), None) if r.get("eval") else None),
+    ("real", lambda r: _eval_avg(r, "real")),
     ("W-extra - real", lambda r: _eval_gap(r, "weights-extrapolated", "real")),
     ("W-extra - second", lambda r: _eval_gap(r, "weights-extrapolated", "second")),
     ("L-extra - real", lambda r: _eval_gap(r, "logits-extrapolated", "real")),

@@ -69,6 +69,11 @@ def tracker_step(record: dict) -> int:
     return int(record["sft_step"] if record.get("stage") == "sft" else record.get("step", 0))
 
 
+def _finite_number(value) -> bool:
+    """A value a tracker can plot: an int or float (not a bool), finite."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def tracker_metrics(record: dict, task: str) -> dict[str, float]:
     """A metrics.jsonl record -> {verl name: value}: finite numbers only; test_accuracy is the greedy
     eval, verl's val-core/<task>/acc/mean@1; keys without a verl name keep theirs under rlvrx/. An SFT
@@ -76,7 +81,7 @@ def tracker_metrics(record: dict, task: str) -> dict[str, float]:
     out: dict[str, float] = {}
     sft = record.get("stage") == "sft"
     for key, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite_number(value):
             continue
         if sft:
             if key not in ("step", "sft_step"):
@@ -101,7 +106,7 @@ def summary_metrics(stage: str, summary: dict, limit: int = 200) -> dict[str, fl
         if isinstance(value, dict):
             for key, item in value.items():
                 walk(item, f"{path}/{key}")
-        elif not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
+        elif _finite_number(value):
             out[path] = float(value)
 
     walk(summary, f"summary/{stage}")
